@@ -1,0 +1,336 @@
+"""Live neuron steering: one forward pre-hook per steered `down_proj`, driven by in-place tensors.
+
+The input of `down_proj` is the coefficient vector `m = act(gate_proj(x)) * up_proj(x)`; steering rewrites
+chosen coefficients before `down_proj` runs, so nothing is computed twice. Each hooked layer owns four
+fixed-size buffers (clamp mask, clamp value, gain, offset) and the Steerer only ever updates them with
+`copy_`: a knob change takes effect at the next forward and never re-traces or recompiles a
+`torch.compile`d model (Python numbers and index lists would be baked into the graph; tensors are not).
+
+    m' = where(clamp_mask, value, m * gain + offset)      at the selected token positions
+
+Modes per concept: `clamp` (the paper's: set the neurons to `sign * strength`), `add` (`+= sign * strength`),
+`scale` (`*= strength`). With every concept disabled the buffers are (False, 0, 1, 0) and the output is
+bit-identical to the unhooked model; `remove()` takes the hooks out entirely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vla_steer.backbone import Backbone
+
+MODES = ("clamp", "add", "scale")
+POSITIONS = ("all", "last")
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """One FFN neuron; `sign` is the polarity its concept is expressed with (+1 top tokens, -1 bottom)."""
+
+    layer: int
+    index: int
+    sign: float = 1.0
+
+
+@dataclass
+class ConceptState:
+    name: str
+    neurons: tuple[Neuron, ...]
+    mode: str
+    strength: float
+    enabled: bool
+
+
+class _LayerBuffers:
+    """The fixed-size state one hook reads. Only ever written in place."""
+
+    def __init__(self, d_mlp: int, device: torch.device, dtype: torch.dtype):
+        self.clamp = torch.zeros(d_mlp, dtype=torch.bool, device=device)
+        self.value = torch.zeros(d_mlp, dtype=dtype, device=device)
+        self.gain = torch.ones(d_mlp, dtype=dtype, device=device)
+        self.offset = torch.zeros(d_mlp, dtype=dtype, device=device)
+        self.last_only = torch.zeros((), dtype=torch.bool, device=device)
+
+    def hook(self, module: nn.Module, args: tuple) -> tuple:
+        m = args[0]
+        steered = torch.where(self.clamp, self.value, m * self.gain + self.offset)
+        if m.dim() >= 2:
+            # Token positions on dim -2; with last_only, only the final one (a 1-token decode step is "last").
+            t = m.shape[-2]
+            selected = torch.arange(t, device=m.device) >= (t - 1) * self.last_only
+            steered = torch.where(selected[:, None], steered, m)
+        return (steered, *args[1:])
+
+
+class Steerer:
+    """Steer named concepts (sets of neurons) of a backbone, live and thread-safe.
+
+        steerer = Steerer(backbone)
+        steerer.add("fast", direction.neurons, mode="clamp", strength=4.0)
+        steerer.set("fast", 8.0)          # from any thread; next forward sees it
+        with steerer.apply(fast=6.0): ... # temporary settings, restored on exit
+        steerer.remove()                  # unhooked, exactly
+
+    Consistency: every forward of `backbone.root` holds the steerer's lock, so a `set` from another
+    thread lands between two forwards, never inside one (no forward mixes old and new settings).
+    """
+
+    def __init__(self, backbone: Backbone, *, positions: str = "all"):
+        self.backbone = backbone
+        self._concepts: dict[str, ConceptState] = {}
+        self._buffers: dict[int, _LayerBuffers] = {}
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._guard_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._lock = threading.RLock()
+        self._positions = "all"
+        self.set_positions(positions)
+
+    # -- concepts ----------------------------------------------------------------------------------
+
+    def add(
+        self,
+        name: str,
+        neurons: Iterable[Neuron | tuple[int, int] | tuple[int, int, float]],
+        *,
+        mode: str = "clamp",
+        strength: float = 0.0,
+        enabled: bool = True,
+    ) -> None:
+        """Register a concept and hook its layers (once per layer, whatever the number of concepts)."""
+        _check_mode(mode)
+        parsed = tuple(n if isinstance(n, Neuron) else Neuron(*n) for n in neurons)
+        if not parsed:
+            raise ValueError(f"concept {name!r} has no neurons")
+        for n in parsed:
+            if not 0 <= n.layer < self.backbone.n_layers:
+                raise ValueError(
+                    f"concept {name!r}: layer {n.layer} out of range 0..{self.backbone.n_layers - 1}"
+                )
+            if not 0 <= n.index < self.backbone.d_mlp:
+                raise ValueError(
+                    f"concept {name!r}: neuron {n.index} out of range 0..{self.backbone.d_mlp - 1}"
+                )
+        with self._lock:
+            if name in self._concepts:
+                raise ValueError(f"concept {name!r} is already registered; discard it first")
+            self._concepts[name] = ConceptState(name, parsed, mode, float(strength), enabled)
+            for layer in sorted({n.layer for n in parsed}):
+                self._hook_layer(layer)
+            self._refresh()
+
+    def add_direction(
+        self,
+        direction,
+        *,
+        mode: str = "clamp",
+        strength: float = 0.0,
+        enabled: bool = True,
+        name: str | None = None,
+    ) -> None:
+        """Register a discovered `Direction` under its name."""
+        self.add(
+            name or direction.name, direction.steer_neurons(), mode=mode, strength=strength, enabled=enabled
+        )
+
+    def discard(self, name: str) -> None:
+        with self._lock:
+            self._get(name)
+            del self._concepts[name]
+            self._refresh()
+
+    def set(
+        self, name: str, strength: float, *, mode: str | None = None, enabled: bool | None = None
+    ) -> None:
+        """Change a concept's strength (and optionally mode / enabled); takes effect at the next forward."""
+        strength = float(strength)
+        if strength != strength or strength in (float("inf"), float("-inf")):
+            raise ValueError(f"strength for {name!r} must be finite, got {strength}")
+        if mode is not None:
+            _check_mode(mode)
+        with self._lock:
+            c = self._get(name)
+            c.strength = strength
+            if mode is not None:
+                c.mode = mode
+            if enabled is not None:
+                c.enabled = enabled
+            self._refresh()
+
+    def update(self, strengths: Mapping[str, float]) -> None:
+        """Set several strengths at once: no forward ever sees some of them changed and not others."""
+        with self._lock:
+            for name in strengths:
+                self._get(name)
+            for name, strength in strengths.items():
+                self.set(name, strength)
+
+    def enable(self, name: str) -> None:
+        with self._lock:
+            self._get(name).enabled = True
+            self._refresh()
+
+    def disable(self, name: str) -> None:
+        with self._lock:
+            self._get(name).enabled = False
+            self._refresh()
+
+    def off(self) -> None:
+        """Disable every concept: outputs equal the unhooked model's until something is enabled."""
+        with self._lock:
+            for c in self._concepts.values():
+                c.enabled = False
+            self._refresh()
+
+    def set_positions(self, positions: str) -> None:
+        """Steer every token position ('all') or only the last one of each forward ('last')."""
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        with self._lock:
+            self._positions = positions
+            for buf in self._buffers.values():
+                buf.last_only.fill_(positions == "last")
+
+    @property
+    def concepts(self) -> list[str]:
+        return list(self._concepts)
+
+    def state(self) -> dict[str, dict]:
+        """A snapshot of every concept's settings (what telemetry and the knobs UI show)."""
+        with self._lock:
+            return {
+                c.name: {
+                    "mode": c.mode,
+                    "strength": c.strength,
+                    "enabled": c.enabled,
+                    "n_neurons": len(c.neurons),
+                    "layers": sorted({n.layer for n in c.neurons}),
+                }
+                for c in self._concepts.values()
+            }
+
+    @property
+    def positions(self) -> str:
+        return self._positions
+
+    @contextlib.contextmanager
+    def apply(self, settings: Mapping[str, float] | None = None, /, **strengths: float) -> Iterator[Steerer]:
+        """Enable the named concepts at the given strengths for the block; restore everything after."""
+        settings = {**(settings or {}), **strengths}
+        with self._lock:
+            saved = {n: (c.strength, c.mode, c.enabled) for n, c in self._concepts.items()}
+            for name, strength in settings.items():
+                self.set(name, strength, enabled=True)
+        try:
+            yield self
+        finally:
+            with self._lock:
+                for name, (strength, mode, enabled) in saved.items():
+                    if name in self._concepts:
+                        c = self._concepts[name]
+                        c.strength, c.mode, c.enabled = strength, mode, enabled
+                self._refresh()
+
+    # -- hooks -------------------------------------------------------------------------------------
+
+    @property
+    def hooked_layers(self) -> list[int]:
+        return sorted(self._handles)
+
+    def remove(self) -> None:
+        """Take every hook out; the model is exactly as it was. Concepts are kept for `attach()`."""
+        with self._lock:
+            for h in [*self._handles.values(), *self._guard_handles]:
+                h.remove()
+            self._handles.clear()
+            self._guard_handles.clear()
+
+    def attach(self) -> None:
+        """Re-install hooks for the registered concepts after `remove()`."""
+        with self._lock:
+            for layer in sorted({n.layer for c in self._concepts.values() for n in c.neurons}):
+                self._hook_layer(layer)
+            self._refresh()
+
+    def __enter__(self) -> Steerer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _hook_layer(self, layer: int) -> None:
+        if layer in self._handles:
+            return
+        down = self.backbone.down_proj(layer)
+        if layer not in self._buffers:
+            buf = _LayerBuffers(down.in_features, down.weight.device, down.weight.dtype)
+            buf.last_only.fill_(self._positions == "last")
+            self._buffers[layer] = buf
+        self._handles[layer] = down.register_forward_pre_hook(self._buffers[layer].hook)
+        if not self._guard_handles:
+            root = self.backbone.root
+            self._guard_handles = [
+                root.register_forward_pre_hook(self._enter_forward),
+                root.register_forward_hook(self._exit_forward, always_call=True),
+            ]
+
+    @torch.compiler.disable
+    def _enter_forward(self, module, args) -> None:
+        self._lock.acquire()
+
+    @torch.compiler.disable
+    def _exit_forward(self, module, args, output) -> None:
+        self._lock.release()
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _get(self, name: str) -> ConceptState:
+        try:
+            return self._concepts[name]
+        except KeyError:
+            known = ", ".join(self._concepts) or "none registered"
+            raise KeyError(f"unknown concept {name!r} (known: {known})") from None
+
+    def _refresh(self) -> None:
+        """Recompute every hooked layer's buffers from the concepts, and copy them in place."""
+        d_mlp = self.backbone.d_mlp
+        fresh = {
+            layer: (
+                torch.zeros(d_mlp, dtype=torch.bool),
+                torch.zeros(d_mlp),
+                torch.ones(d_mlp),
+                torch.zeros(d_mlp),
+            )
+            for layer in self._buffers
+        }
+        # Registration order decides overlaps: a later clamp wins; offsets add; gains multiply.
+        for c in self._concepts.values():
+            if not c.enabled:
+                continue
+            for n in c.neurons:
+                if n.layer not in fresh:
+                    continue
+                clamp, value, gain, offset = fresh[n.layer]
+                if c.mode == "clamp":
+                    clamp[n.index] = True
+                    value[n.index] = n.sign * c.strength
+                elif c.mode == "add":
+                    offset[n.index] += n.sign * c.strength
+                else:
+                    gain[n.index] *= c.strength
+        for layer, (clamp, value, gain, offset) in fresh.items():
+            buf = self._buffers[layer]
+            buf.clamp.copy_(clamp)
+            buf.value.copy_(value)
+            buf.gain.copy_(gain)
+            buf.offset.copy_(offset)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
