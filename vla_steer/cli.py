@@ -182,6 +182,160 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# -- serve, knobs, keys --------------------------------------------------------------------------
+
+
+def _add_security(p, server: bool) -> None:
+    g = p.add_argument_group("CURVE encryption (see `vla-steer keys`)")
+    if server:
+        g.add_argument("--keypair", type=Path, help="this server's .key_secret file")
+        g.add_argument("--allow-clients", type=Path, help="directory of allowed client public .key files")
+        g.add_argument(
+            "--allow-insecure",
+            action="store_true",
+            help="bind a non-loopback address without keys (anyone on the network can drive the policy)",
+        )
+    else:
+        g.add_argument("--server-key", type=Path, help="the server's public .key file")
+        g.add_argument("--keypair", type=Path, help="this client's .key_secret file")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a policy and its steering knobs over ZeroMQ",
+        description="Load a policy, register its directions as knobs (all off), and serve infer / reset / "
+        "knobs requests until interrupted. Binds loopback only unless keys (or --allow-insecure) are given.",
+    )
+    p.add_argument("--policy", type=Path, required=True, help="policy config YAML (configs/policies/*.yaml)")
+    p.add_argument("--directions", type=Path, help="directory of direction JSON files to offer as knobs")
+    p.add_argument(
+        "--bind", default="tcp://127.0.0.1:5555", help="request socket (default tcp://127.0.0.1:5555)"
+    )
+    p.add_argument("--telemetry", help="telemetry PUB socket, e.g. tcp://127.0.0.1:5556 (default: none)")
+    p.add_argument(
+        "--mode", choices=("clamp", "add", "scale"), default="clamp", help="steering mode of every knob"
+    )
+    p.add_argument("--positions", choices=("all", "last"), default="all", help="token positions to steer")
+    _add_security(p, server=True)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from policies import load_policy
+    from vla_steer.discovery.direction import load_directions
+    from vla_steer.node import PolicyNode
+    from vla_steer.transport import Server
+
+    policy = load_policy(args.policy)
+    directions = list(load_directions(args.directions).values()) if args.directions else []
+    node = PolicyNode(policy, directions, mode=args.mode, positions=args.positions)
+    server = Server(
+        node,
+        args.bind,
+        telemetry_address=args.telemetry,
+        keypair=args.keypair,
+        allowed_clients=args.allow_clients,
+        allow_insecure=args.allow_insecure,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with server.start():
+        concepts = ", ".join(node.steerer.concepts) or "none"
+        print(f"serving {policy.spec.name} on {server.address} (knobs: {concepts})", flush=True)
+        if server.telemetry_address:
+            print(f"telemetry on {server.telemetry_address}", flush=True)
+        stop.wait()
+    print("stopped", flush=True)
+    return 0
+
+
+def _add_knobs(sub) -> None:
+    p = sub.add_parser(
+        "knobs",
+        help="list, read and turn the steering knobs of a running policy node",
+        description="Examples: `vla-steer knobs list`, `vla-steer knobs set fast=4 up=2`, "
+        "`vla-steer knobs disable fast`, `vla-steer knobs off`.",
+    )
+    p.add_argument("op", choices=("list", "get", "set", "enable", "disable", "off"))
+    p.add_argument("args", nargs="*", help="set: NAME=STRENGTH ...; get/enable/disable: NAME ...")
+    p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the node's address")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the node")
+    _add_security(p, server=False)
+    p.set_defaults(func=_cmd_knobs)
+
+
+def parse_strengths(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"knob settings look like fast=4 or up=-2.5, got {item!r}") from None
+    return out
+
+
+def _cmd_knobs(args) -> int:
+    from vla_steer.protocol import KnobsRequest
+    from vla_steer.transport import Client, RemoteError, RequestTimeout
+
+    if args.op == "set":
+        if not args.args:
+            raise ValueError("knobs set needs NAME=STRENGTH arguments")
+        req = KnobsRequest("set", strengths=parse_strengths(args.args))
+    elif args.op in ("enable", "disable") and not args.args:
+        raise ValueError(f"knobs {args.op} needs concept names")
+    else:
+        req = KnobsRequest(args.op, tuple(args.args) if args.args else None)
+    try:
+        with Client(args.server, timeout=args.timeout, retries=0, heartbeat_interval=None,
+                    server_key=args.server_key, keypair=args.keypair) as client:  # fmt: skip
+            state = client.knobs(req)
+    except RequestTimeout:
+        print(f"error: no policy node answered at {args.server} within {args.timeout:g} s", file=sys.stderr)
+        return 3
+    except RemoteError as e:
+        print(f"error: the node refused: {e}", file=sys.stderr)
+        return 2
+    print(format_knobs(state))
+    return 0
+
+
+def format_knobs(state: dict) -> str:
+    if not state:
+        return "(no knobs: the node was started without --directions)"
+    lines = [f"{'knob':<14} {'on':<3} {'mode':<6} {'strength':>9} {'neurons':>8}  layers"]
+    for name, s in state.items():
+        layers = s.get("layers", [])
+        span = f"{min(layers)}-{max(layers)}" if layers else "-"
+        lines.append(
+            f"{name:<14} {'on' if s['enabled'] else '-':<3} {s['mode']:<6} {s['strength']:>9g} {s['n_neurons']:>8}  {span}"
+        )
+    return "\n".join(lines)
+
+
+def _add_keys(sub) -> None:
+    p = sub.add_parser("keys", help="generate a CURVE key pair (NAME.key to share, NAME.key_secret to keep)")
+    p.add_argument("directory", type=Path)
+    p.add_argument("name", help="e.g. server, sim, robot, operator")
+    p.set_defaults(func=_cmd_keys)
+
+
+def _cmd_keys(args) -> int:
+    from vla_steer.transport import generate_keypair
+
+    public, secret = generate_keypair(args.directory, args.name)
+    print(f"public key (give it to peers): {public}\nsecret key (keep it here, mode 0600): {secret}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-steer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **kw: add_parser(*a, parents=[common, *kw.pop("parents", [])], **kw)
     _add_discover(sub)
     _add_paper(sub)
+    _add_serve(sub)
+    _add_knobs(sub)
+    _add_keys(sub)
     _add_demo(sub)
     return parser
 

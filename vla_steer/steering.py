@@ -200,6 +200,9 @@ class Steerer:
     def concepts(self) -> list[str]:
         return list(self._concepts)
 
+    def neurons(self, name: str) -> tuple[Neuron, ...]:
+        return self._get(name).neurons
+
     def state(self) -> dict[str, dict]:
         """A snapshot of every concept's settings (what telemetry and the knobs UI show)."""
         with self._lock:
@@ -235,6 +238,13 @@ class Steerer:
                         c = self._concepts[name]
                         c.strength, c.mode, c.enabled = strength, mode, enabled
                 self._refresh()
+
+    @contextlib.contextmanager
+    def consistent(self) -> Iterator[Steerer]:
+        """Hold every knob change back for the block: a whole inference (prefill and each decoded
+        token) runs under one setting. Forwards inside still see the settings in force at entry."""
+        with self._lock:
+            yield self
 
     # -- hooks -------------------------------------------------------------------------------------
 

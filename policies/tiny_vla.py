@@ -1,0 +1,223 @@
+"""A small VLA in the OpenVLA mould: image patches -> projector -> Llama -> 7 action-bin tokens.
+
+It is a real policy, not a stub: a ViT-style image encoder whose patch embeddings are projected into the
+language model's input space and placed after BOS, before the prompt
+`In: What action should the robot take to {instruction}?\\nOut:`; greedy decoding of `action_dim` tokens
+with the KV cache; each token id decoded as its bin centre with OpenVLA's rule (`vocab - id - 1`, top 256
+ids of the tokenizer vocabulary), then optionally un-normalised with q01/q99 statistics.
+Built random by `build()` for tests, loaded with `TinyVLA.load(dir)` from its directory:
+
+    policy_config.json   this module's config (image size, patches, action dim, chunk, stats)
+    vision.safetensors   image encoder + projector weights
+    language/            the Llama (`save_pretrained`) and its tokenizer
+
+Decoding is restricted to action-bin tokens (`constrain_to_bins`, default on), since a small model
+has no pretraining that keeps it from emitting words where actions belong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from policies.base import ActionChunk, Observation, Policy, PolicySpec
+from vla_steer import tiny
+from vla_steer.backbone import Backbone
+from vla_steer.tokens import ActionBins, TokenLabeler
+
+PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
+CONFIG_FILE = "policy_config.json"
+
+
+@dataclass
+class TinyVLAConfig:
+    name: str = "tiny-vla"
+    image_key: str = "agentview"
+    image_size: int = 32
+    patch_size: int = 8
+    vision_dim: int = 32
+    vision_layers: int = 1
+    action_dim: int = 7
+    n_bins: int = 256
+    chunk_length: int = 1
+    control_hz: float = 10.0
+    constrain_to_bins: bool = True
+    # Per action dimension: un-normalise [-1, 1] to [q01, q99] where mask is true (OpenVLA's rule).
+    action_q01: list[float] | None = None
+    action_q99: list[float] | None = None
+    action_mask: list[bool] | None = None
+    action_space: str = "ee_delta"
+
+    @classmethod
+    def from_file(cls, path: Path) -> TinyVLAConfig:
+        data = json.loads(path.read_text())
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}")
+        return cls(**data)
+
+
+class ImageEncoder(nn.Module):
+    """Patchify, add positions, a few transformer layers: [B, 3, H, W] -> [B, patches, vision_dim]."""
+
+    def __init__(self, cfg: TinyVLAConfig):
+        super().__init__()
+        n = (cfg.image_size // cfg.patch_size) ** 2
+        self.patch = nn.Conv2d(3, cfg.vision_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.pos = nn.Parameter(torch.randn(1, n, cfg.vision_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            cfg.vision_dim, 4, 2 * cfg.vision_dim, dropout=0.0, batch_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, cfg.vision_layers, enable_nested_tensor=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch(pixels).flatten(2).transpose(1, 2) + self.pos
+        return self.blocks(x)
+
+
+class TinyVLA(nn.Module, Policy):
+    def __init__(self, cfg: TinyVLAConfig, language_model: LlamaForCausalLM, tokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = ImageEncoder(cfg)
+        d = language_model.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(cfg.vision_dim, d), nn.GELU(), nn.Linear(d, d))
+        # Image tokens on the scale of the word embeddings, so neither drowns the other at init.
+        nn.init.normal_(self.projector[2].weight, std=language_model.config.initializer_range)
+        self.language_model = language_model
+        self.tokenizer = tokenizer
+        self.bins = ActionBins(vocab_size=len(tokenizer), n_bins=cfg.n_bins)
+        shape = (cfg.image_size, cfg.image_size, 3)
+        self.spec = PolicySpec(
+            cfg.name,
+            cfg.action_dim,
+            cfg.chunk_length,
+            cfg.control_hz,
+            {cfg.image_key: shape},
+            None,
+            cfg.action_space,
+        )
+        labeler = TokenLabeler.from_tokenizer(
+            tokenizer, vocab_size=language_model.config.vocab_size, action_bins=self.bins
+        )
+        self._backbone = Backbone.from_model(language_model, tokenizer, labeler=labeler, name=cfg.name)
+        self.eval()
+
+    # -- construction and persistence --------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        cfg: TinyVLAConfig | None = None,
+        *,
+        hidden: int = 48,
+        layers: int = 4,
+        intermediate: int = 96,
+        seed: int = 0,
+        words=(),
+    ) -> TinyVLA:
+        """A randomly initialised TinyVLA with a freshly trained tokenizer."""
+        cfg = cfg or TinyVLAConfig()
+        tokenizer = tiny.build_tokenizer(vocab_size=768, extra_words=words, action_bins=cfg.n_bins)
+        lm = tiny.build_llama(
+            tokenizer,
+            hidden=hidden,
+            layers=layers,
+            intermediate=intermediate,
+            action_bins=cfg.n_bins,
+            seed=seed,
+        )
+        torch.manual_seed(seed)
+        return cls(cfg, lm, tokenizer)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.language_model.save_pretrained(directory / "language")
+        self.tokenizer.save_pretrained(directory / "language")
+        weights = {f"vision.{k}": v for k, v in self.vision.state_dict().items()}
+        weights |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "vision.safetensors"))
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str = "cpu") -> TinyVLA:
+        directory = Path(directory)
+        for required in (CONFIG_FILE, "vision.safetensors", "language/config.json"):
+            if not (directory / required).exists():
+                raise FileNotFoundError(f"{directory} is not a TinyVLA checkpoint: {required} is missing")
+        cfg = TinyVLAConfig.from_file(directory / CONFIG_FILE)
+        lm = LlamaForCausalLM.from_pretrained(directory / "language")
+        tokenizer = AutoTokenizer.from_pretrained(directory / "language")
+        policy = cls(cfg, lm, tokenizer)
+        state = load_file(str(directory / "vision.safetensors"))
+        for prefix, module in (("vision.", policy.vision), ("projector.", policy.projector)):
+            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        return policy.to(device).eval()
+
+    # -- Policy ------------------------------------------------------------------------------------
+
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbone
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 [H, W, 3] -> float [1, 3, H, W] in [-1, 1]."""
+        x = torch.tensor(image, dtype=torch.float32, device=self.device)  # copies: wire arrays are read-only
+        return (x.permute(2, 0, 1)[None] / 127.5) - 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector[0].weight.device
+
+    @torch.no_grad()
+    def action_token_ids(self, obs: Observation) -> torch.Tensor:
+        """Greedy decoding of `action_dim` tokens, prefill once then one token per step with the KV cache."""
+        lm = self.language_model
+        embed = lm.get_input_embeddings()
+        image = self.projector(self.vision(self.preprocess(obs.images[self.cfg.image_key])))
+        prompt = self.tokenizer(
+            PROMPT.format(instruction=obs.instruction.strip().lower()),
+            add_special_tokens=False,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        bos = torch.tensor([[self.tokenizer.bos_token_id]], device=self.device)
+        inputs = torch.cat([embed(bos), image, embed(prompt)], dim=1)
+        bin_mask = torch.full((lm.config.vocab_size,), float("-inf"), device=self.device)
+        bin_mask[self.bins.first_id : self.bins.vocab_size] = 0.0
+        out = lm(inputs_embeds=inputs, use_cache=True)
+        tokens = []
+        for step in range(self.cfg.action_dim):
+            logits = out.logits[:, -1]
+            if self.cfg.constrain_to_bins:
+                logits = logits + bin_mask
+            token = logits.argmax(-1, keepdim=True)
+            tokens.append(token)
+            if step + 1 < self.cfg.action_dim:
+                out = lm(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        return torch.cat(tokens, dim=1)[0]
+
+    def decode_actions(self, token_ids: np.ndarray) -> np.ndarray:
+        """Token ids -> bin centres in [-1, 1] -> un-normalised actions where stats say so."""
+        actions = np.asarray(self.bins.value(token_ids), dtype=np.float64)
+        cfg = self.cfg
+        if cfg.action_q01 is not None and cfg.action_q99 is not None:
+            q01, q99 = np.asarray(cfg.action_q01), np.asarray(cfg.action_q99)
+            mask = np.asarray(cfg.action_mask if cfg.action_mask is not None else [True] * len(q01))
+            actions = np.where(mask, 0.5 * (actions + 1.0) * (q99 - q01) + q01, actions)
+        return actions.astype(np.float32)
+
+    def infer(self, obs: Observation) -> ActionChunk:
+        ids = self.action_token_ids(obs).cpu().numpy()
+        actions = self.decode_actions(ids)
+        return ActionChunk(
+            actions=np.tile(actions, (self.cfg.chunk_length, 1)), info={"action_tokens": ids.tolist()}
+        )

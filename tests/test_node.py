@@ -1,0 +1,203 @@
+"""The policy node over real ZeroMQ sockets with a real (tiny, random) VLA: knobs, activations, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from policies import load_policy
+from policies.tiny_vla import TinyVLA
+from vla_steer.discovery import discover, load_directions
+from vla_steer.node import PolicyNode
+from vla_steer.transport import Client, RemoteError, Server, TelemetrySubscriber
+
+IMAGE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+OBS = {"instruction": "pick up the red block", "images": {"agentview": IMAGE}}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, poles):
+    """A TinyVLA saved in its checkpoint layout, with directions discovered on it."""
+    root = tmp_path_factory.mktemp("tiny_vla")
+    words = sorted({w for p in poles.values() for w in p.words})
+    TinyVLA.build(words=words, seed=3).save(root / "policy")
+    (root / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
+    policy = load_policy(root / "policy.yaml")
+    for d in discover(policy.backbone, poles, size=8, progress=False, device="cpu").values():
+        d.save(root / "directions")
+    return root
+
+
+@pytest.fixture
+def node(checkpoint):
+    policy = load_policy(checkpoint / "policy.yaml")
+    return PolicyNode(policy, load_directions(checkpoint / "directions").values())
+
+
+@pytest.fixture
+def served(node):
+    with Server(node, "tcp://127.0.0.1:0", telemetry_address="tcp://127.0.0.1:0").start() as server:
+        yield server
+
+
+def test_hello_describes_policy_and_knobs(served, node):
+    with Client(served.address) as c:
+        info = c.hello()
+    assert info.policy == "tiny-vla" and info.action_dim == 7 and info.chunk_length == 1
+    assert dict(info.image_keys) == {"agentview": (32, 32, 3)}
+    assert {"fast", "slow", "up", "down"} <= set(info.concepts)
+
+
+def test_knobs_over_the_socket_show_in_the_next_inference(served):
+    with Client(served.address) as c:
+        base = c.infer(OBS).actions.copy()
+        assert base.shape == (1, 7) and np.all(np.abs(base) <= 1)
+        state = c.set_knobs({"fast": 60.0, "up": 60.0})
+        assert state["fast"]["enabled"] and state["fast"]["strength"] == 60.0
+        steered = c.infer(OBS)
+        assert not np.array_equal(steered.actions, base)
+        assert steered.info["steering"]["fast"]["strength"] == 60.0
+        c.disable(["fast", "up"])
+        assert np.array_equal(c.infer(OBS).actions, base)  # off is exactly the unsteered policy
+        c.knobs_off()
+        assert not any(s["enabled"] for s in c.list_knobs().values())
+        assert np.array_equal(c.infer(OBS).actions, base)
+
+
+def test_requested_activations_come_back_bounded_and_named(served, node):
+    with Client(served.address) as c:
+        plain = c.infer(OBS).actions.copy()
+        res = c.infer(OBS, activations=["fast", "layer:1"])
+    n_fast = len(node.steerer.neurons("fast"))
+    # One row per forward: the prefill and 6 decoded tokens.
+    assert res.activations["fast"].shape == (7, n_fast)
+    assert res.activations["layer:1"].shape == (7, node.policy.backbone.d_mlp)
+    assert all(np.all(np.isfinite(a)) for a in res.activations.values())
+    assert np.array_equal(res.actions, plain)  # recording does not change the policy
+    with Client(served.address) as c, pytest.raises(RemoteError, match="unknown activation 'speedy'"):
+        c.infer(OBS, activations=["speedy"])
+
+
+@pytest.mark.parametrize(
+    ("obs", "message"),
+    [
+        ({"instruction": "go", "images": {}}, "missing \\['agentview'\\]"),
+        (
+            {"instruction": "go", "images": {"agentview": IMAGE[:16]}},
+            "uint8\\[32, 32, 3\\], got uint8\\[16, 32, 3\\]",
+        ),
+        ({"instruction": "go", "images": {"agentview": IMAGE.astype(np.float32)}}, "got float32"),
+        ({"instruction": "", "images": {"agentview": IMAGE}}, "instruction must be a non-empty string"),
+    ],
+)
+def test_bad_observations_get_a_clear_error_and_the_node_keeps_serving(served, obs, message):
+    with Client(served.address, retries=0) as c:
+        with pytest.raises(RemoteError, match=message):
+            c.infer(obs)
+        assert c.infer(OBS).actions.shape == (1, 7)
+
+
+def test_unknown_knob_is_an_error_naming_it(served):
+    with Client(served.address, retries=0) as c, pytest.raises(RemoteError, match="unknown concept 'turbo'"):
+        c.set_knobs({"turbo": 1.0})
+
+
+def test_telemetry_carries_actions_and_steering_state(served):
+    sub = TelemetrySubscriber(served.telemetry_address)
+    try:
+        time.sleep(0.3)  # PUB/SUB: a subscription takes a moment to reach the publisher
+        with Client(served.address) as c:
+            c.set_knobs({"slow": 5.0})
+            c.infer(OBS)
+        records = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(r.kind == "infer" for r in records):
+            r = sub.recv(timeout=0.5)
+            if r is not None:
+                records.append(r)
+        infer = next(r for r in records if r.kind == "infer")
+        assert infer.ok and len(infer.telemetry["actions"][0]) == 7
+        assert infer.telemetry["steering"]["slow"] == {
+            **infer.telemetry["steering"]["slow"],
+            "strength": 5.0,
+            "enabled": True,
+        }
+        assert {"handler", "total"} <= set(infer.latency_ms)
+    finally:
+        sub.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(checkpoint, address):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vla_steer.cli", "serve", "--policy", str(checkpoint / "policy.yaml"),
+         "--directions", str(checkpoint / "directions"), "--bind", address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    line = proc.stdout.readline()
+    assert "serving tiny-vla on" in line, proc.stderr.read() if proc.poll() is not None else line
+    return proc
+
+
+def _knobs(address, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "vla_steer.cli", "knobs", *args, "--server", address],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_cli_serve_and_knobs_then_sigkill_and_restart(checkpoint):
+    """`vla-steer serve` as a process: knobs from the CLI, then SIGKILL, detection, restart, recovery."""
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    proc = _serve(checkpoint, address)
+    try:
+        with Client(address, timeout=3.0, liveness=1.0) as c:
+            assert c.wait_alive(10.0)
+            base = c.infer(OBS).actions.copy()
+            r = _knobs(address, "set", "fast=60", "up=60")
+            assert r.returncode == 0, r.stderr
+            assert "fast" in r.stdout and "60" in r.stdout
+            assert not np.array_equal(c.infer(OBS).actions, base)
+            listed = _knobs(address, "list")
+            assert listed.returncode == 0 and "slow" in listed.stdout
+            assert _knobs(address, "off").returncode == 0
+            assert np.array_equal(c.infer(OBS).actions, base)
+
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            t0 = time.monotonic()
+            while c.alive and time.monotonic() - t0 < 5:
+                time.sleep(0.02)
+            assert not c.alive, "the client did not notice the dead node"
+            assert time.monotonic() - t0 <= 1.5  # the liveness window (1 s) plus a heartbeat and slack
+            with pytest.raises(TimeoutError):
+                c.infer(OBS, timeout=0.3, retries=0)
+
+            proc = _serve(checkpoint, address)  # same address, fresh process, knobs all off again
+            assert c.wait_alive(10.0)
+            assert np.array_equal(c.infer(OBS).actions, base)
+        bad = _knobs(address, "set", "fast")
+        assert bad.returncode == 2 and "fast=4" in bad.stderr
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_knobs_cli_reports_a_missing_node():
+    r = subprocess.run(
+        [sys.executable, "-m", "vla_steer.cli", "knobs", "list", "--server", f"tcp://127.0.0.1:{_free_port()}", "--timeout", "0.5"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 3 and "no policy node answered" in r.stderr
