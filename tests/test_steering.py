@@ -245,3 +245,27 @@ def test_strength_changes_never_recompile_with_inductor(llama, ids):
     assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"]
     steerer.remove()
     torch._dynamo.reset()
+
+
+def test_gemma_backbone_steers_exactly_and_turns_off_exactly(gemma):
+    ids = gemma.tokenizer("lift the cube high", return_tensors="pt").input_ids
+    neurons = [Neuron(0, 1), Neuron(2, 7, -1.0)]
+    base = logits(gemma, ids)
+
+    def hook(module, args, output, idx):
+        m = args[0].clone()
+        m[..., idx] = 4.0 if idx == 1 else -4.0
+        return F.linear(m, module.weight, module.bias)
+
+    handles = [
+        gemma.down_proj(n.layer).register_forward_hook(lambda mod, a, o, i=n.index: hook(mod, a, o, i))
+        for n in neurons
+    ]
+    expected = logits(gemma, ids)
+    for h in handles:
+        h.remove()
+    with Steerer(gemma) as steerer:
+        steerer.add("c", neurons, strength=4.0)
+        torch.testing.assert_close(logits(gemma, ids), expected, rtol=1e-5, atol=1e-5)
+        steerer.off()
+        assert torch.equal(logits(gemma, ids), base)
