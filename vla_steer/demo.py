@@ -1,10 +1,11 @@
-"""`make demo`: discovery and steering, end to end, on a small model built on the spot.
+"""`make demo`: discovery, steering and the policy node, end to end, on a small VLA built on the spot.
 
-No VLA checkpoint can be downloaded here, so the demo builds a small Llama with a real (trained BPE)
-tokenizer whose vocabulary ends in 256 OpenVLA-style action bins, saves it, loads it back through the
-same loader a real checkpoint takes, discovers the concept neurons of every lexicon pole, and measures
-what steering them does to the model's next-token distribution: the probability mass on the pole's
-own words, against the unsteered model and against random neurons of the same number and layers.
+No VLA checkpoint can be downloaded here, so the demo builds a small OpenVLA-style policy (image patches
+-> projector -> Llama whose trained BPE vocabulary ends in 256 action bins), saves it, loads it back
+through the policy loader, discovers the concept neurons of every lexicon pole, and measures what steering
+them does to the language model's next-token distribution (the probability mass on the pole's own words,
+against the unsteered model and against random neurons of the same number and layers). Then it serves the
+policy over ZeroMQ and turns its knobs from a client, as a simulator or robot node would.
 The weights are random, so the neurons are whatever the projection finds; the numbers are real.
 """
 
@@ -13,15 +14,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from vla_steer import tiny
+from policies import load_policy
+from policies.tiny_vla import TinyVLA, TinyVLAConfig
 from vla_steer.backbone import Backbone
 from vla_steer.cli import default_concepts_dir
 from vla_steer.discovery import Direction, discover, format_direction, load_lexicons
 from vla_steer.discovery.lexicon import Pole, token_match_weights
-from vla_steer.loading import load_backbone
+from vla_steer.node import PolicyNode
 from vla_steer.steering import Neuron, Steerer
+from vla_steer.transport import Client, Server
 
 PROMPT = "In: What action should the robot take to pick up the red block and move it?\nOut:"
 STRENGTHS = (2.0, 5.0, 10.0)
@@ -53,14 +57,13 @@ def run_demo(out: Path, seed: int = 0) -> dict:
     poles = load_lexicons(default_concepts_dir())
     words = sorted({w for p in poles.values() for w in p.words})
 
-    print("1. building a small Llama with a trained BPE tokenizer and 256 action-bin tokens ...")
-    tokenizer = tiny.build_tokenizer(vocab_size=1024, extra_words=words, action_bins=256)
-    model = tiny.build_llama(
-        tokenizer, hidden=128, layers=8, intermediate=512, heads=4, action_bins=256, seed=seed
-    )
-    tiny.save(model, tokenizer, out / "model")
-    backbone = load_backbone(out / "model")
-    n_params = sum(p.numel() for p in backbone.root.parameters())
+    print("1. building a small OpenVLA-style policy: image patches -> projector -> Llama -> action bins ...")
+    vla = TinyVLA.build(TinyVLAConfig(), hidden=128, layers=8, intermediate=512, seed=seed, words=words)
+    vla.save(out / "tiny_vla")
+    (out / "policy.yaml").write_text("kind: tiny_vla\npath: tiny_vla\ndevice: cpu\n")
+    policy = load_policy(out / "policy.yaml")  # through the loader, as `vla-steer serve` does
+    backbone = policy.backbone
+    n_params = sum(p.numel() for p in policy.parameters())
     print(f"   {n_params / 1e6:.1f}M parameters, {backbone.n_layers} layers x {backbone.d_mlp} neurons, "
           f"vocab {backbone.vocab_size} (fingerprint {backbone.fingerprint()})")  # fmt: skip
 
@@ -113,5 +116,37 @@ def run_demo(out: Path, seed: int = 0) -> dict:
     print(f"   strongest effect: '{top}' raises its words' probability from {results[top]['baseline']:.2%} "
           f"to {results[top][STRENGTHS[-1]]:.2%} at alpha={STRENGTHS[-1]:g} "
           f"(random neurons: {results[top]['random']:.2%})")  # fmt: skip
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s; model, neuron index and directions are in {out}/")
-    return {"results": results, "off_identical": unchanged}
+
+    print("\n4. serving the policy over ZeroMQ and turning its knobs from a client")
+    served = serve_and_steer(policy, directions)
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s; policy, neuron index and directions are in {out}/")
+    print(f"serve it yourself: vla-steer serve --policy {out}/policy.yaml --directions {out}/directions")
+    return {"results": results, "off_identical": unchanged, "served": served}
+
+
+def serve_and_steer(policy, directions: dict[str, Direction], strength: float = 20.0) -> dict:
+    """Actions for one observation with each knob on in turn, fetched over a real loopback socket."""
+    node = PolicyNode(policy, directions.values())
+    image = np.random.default_rng(0).integers(0, 256, (*policy.spec.image_keys["agentview"],), dtype=np.uint8)
+    obs = {"instruction": "pick up the red block", "images": {"agentview": image}}
+    rows = {}
+    with Server(node, "tcp://127.0.0.1:0").start() as server, Client(server.address) as client:
+        info = client.hello()
+        print(
+            f"   {info.policy} at {server.address}: action_dim {info.action_dim}, knobs {', '.join(info.concepts)}"
+        )
+        rows["baseline"] = client.infer(obs).actions[0]
+        print(
+            f"   {'knobs off':<14} actions {np.array2string(rows['baseline'], precision=2, suppress_small=True)}"
+        )
+        for name in info.concepts:
+            client.set_knobs({name: strength})
+            rows[name] = client.infer(obs).actions[0]
+            client.knobs_off()
+            print(
+                f"   {name + '=' + format(strength, 'g'):<14} actions {np.array2string(rows[name], precision=2, suppress_small=True)}"
+            )
+        again = client.infer(obs).actions[0]
+    identical = bool(np.array_equal(again, rows["baseline"]))
+    print(f"   knobs off again -> identical actions: {identical}")
+    return {"actions": {k: v.tolist() for k, v in rows.items()}, "off_identical": identical}
