@@ -27,10 +27,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow
 
-# Each benchmark writes benchmarks/results/<name>.json. BENCH_ARGS=--quick for a smoke run.
+# Each benchmark writes benchmarks/results/<name>.json (or under --out DIR). BENCH_ARGS=--quick for a smoke run;
+# transport_rtt builds a side venv for openpi-client (it needs numpy < 2) on first use.
 bench: $(STAMP)
 	$(PY) benchmarks/steering_overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/projection_throughput.py $(BENCH_ARGS)
+	$(PY) benchmarks/transport_rtt.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

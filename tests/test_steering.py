@@ -113,7 +113,10 @@ def test_last_position_only(llama, ids):
     with Steerer(llama, positions="all") as steerer:
         steerer.add("c", NEURONS, strength=6.0)
         everywhere = logits(llama, ids)
-    assert not torch.allclose(everywhere[:, 0], base[:, 0])
+        assert not torch.allclose(everywhere[:, 0], base[:, 0])
+        steerer.set_positions("last")  # switched live: the hooks are re-installed, one per layer
+        assert torch.equal(logits(llama, ids), last)
+        assert all(len(llama.down_proj(n.layer)._forward_pre_hooks) == 1 for n in NEURONS)
 
 
 def test_steering_applies_to_every_decoded_token(llama, ids):

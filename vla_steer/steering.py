@@ -1,16 +1,18 @@
 """Live neuron steering: one forward pre-hook per steered `down_proj`, driven by in-place tensors.
 
 The input of `down_proj` is the coefficient vector `m = act(gate_proj(x)) * up_proj(x)`; steering rewrites
-chosen coefficients before `down_proj` runs, so nothing is computed twice. Each hooked layer owns four
-fixed-size buffers (clamp mask, clamp value, gain, offset) and the Steerer only ever updates them with
+chosen coefficients before `down_proj` runs, so nothing is computed twice. Each hooked layer owns two
+fixed-size buffers that fold its clamp mask, clamp value, gain and offset into one fused multiply-add
+(a NaN or inf coefficient at a clamped neuron stays NaN), and the Steerer only ever updates them with
 `copy_`: a knob change takes effect at the next forward and never re-traces or recompiles a
 `torch.compile`d model (Python numbers and index lists would be baked into the graph; tensors are not).
 
-    m' = where(clamp_mask, value, m * gain + offset)      at the selected token positions
+    m' = where(clamp_mask, value, m * gain + offset)  ==  fill + m * keep      at the steered positions
 
 Modes per concept: `clamp` (the paper's: set the neurons to `sign * strength`), `add` (`+= sign * strength`),
-`scale` (`*= strength`). With every concept disabled the buffers are (False, 0, 1, 0) and the output is
-bit-identical to the unhooked model; `remove()` takes the hooks out entirely.
+`scale` (`*= strength`). With every concept disabled the buffers are (keep 1, fill 0) and the output is
+bit-identical to the unhooked model; `remove()` takes the hooks out entirely. Changing `positions`
+re-installs the hooks (one recompile), since the position rule is code, not data.
 """
 
 from __future__ import annotations
@@ -48,24 +50,25 @@ class ConceptState:
 
 
 class _LayerBuffers:
-    """The fixed-size state one hook reads. Only ever written in place."""
+    """The fixed-size state one hook reads, only ever written in place.
+
+    `keep` and `fill` fold the four settings into one fused op, `m' = fill + m * keep`:
+    clamped neurons get (keep 0, fill value), the others (keep gain, fill offset).
+    """
 
     def __init__(self, d_mlp: int, device: torch.device, dtype: torch.dtype):
-        self.clamp = torch.zeros(d_mlp, dtype=torch.bool, device=device)
-        self.value = torch.zeros(d_mlp, dtype=dtype, device=device)
-        self.gain = torch.ones(d_mlp, dtype=dtype, device=device)
-        self.offset = torch.zeros(d_mlp, dtype=dtype, device=device)
-        self.last_only = torch.zeros((), dtype=torch.bool, device=device)
+        self.keep = torch.ones(d_mlp, dtype=dtype, device=device)
+        self.fill = torch.zeros(d_mlp, dtype=dtype, device=device)
 
-    def hook(self, module: nn.Module, args: tuple) -> tuple:
+    def hook_all(self, module: nn.Module, args: tuple) -> tuple:
+        return (torch.addcmul(self.fill, args[0], self.keep), *args[1:])
+
+    def hook_last(self, module: nn.Module, args: tuple) -> tuple:
+        # Token positions are on dim -2; a one-token decode step is its own last position.
         m = args[0]
-        steered = torch.where(self.clamp, self.value, m * self.gain + self.offset)
-        if m.dim() >= 2:
-            # Token positions on dim -2; with last_only, only the final one (a 1-token decode step is "last").
-            t = m.shape[-2]
-            selected = torch.arange(t, device=m.device) >= (t - 1) * self.last_only
-            steered = torch.where(selected[:, None], steered, m)
-        return (steered, *args[1:])
+        out = m.clone()
+        out[..., -1, :] = torch.addcmul(self.fill, m[..., -1, :], self.keep)
+        return (out, *args[1:])
 
 
 class Steerer:
@@ -88,8 +91,9 @@ class Steerer:
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._guard_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._lock = threading.RLock()
-        self._positions = "all"
-        self.set_positions(positions)
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        self._positions = positions
 
     # -- concepts ----------------------------------------------------------------------------------
 
@@ -192,9 +196,11 @@ class Steerer:
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         with self._lock:
-            self._positions = positions
-            for buf in self._buffers.values():
-                buf.last_only.fill_(positions == "last")
+            if positions != self._positions:
+                self._positions = positions
+                for layer in list(self._handles):
+                    self._handles.pop(layer).remove()
+                    self._hook_layer(layer)
 
     @property
     def concepts(self) -> list[str]:
@@ -278,10 +284,11 @@ class Steerer:
             return
         down = self.backbone.down_proj(layer)
         if layer not in self._buffers:
-            buf = _LayerBuffers(down.in_features, down.weight.device, down.weight.dtype)
-            buf.last_only.fill_(self._positions == "last")
-            self._buffers[layer] = buf
-        self._handles[layer] = down.register_forward_pre_hook(self._buffers[layer].hook)
+            self._buffers[layer] = _LayerBuffers(down.in_features, down.weight.device, down.weight.dtype)
+        buf = self._buffers[layer]
+        self._handles[layer] = down.register_forward_pre_hook(
+            buf.hook_last if self._positions == "last" else buf.hook_all
+        )
         if not self._guard_handles:
             root = self.backbone.root
             self._guard_handles = [
@@ -335,10 +342,8 @@ class Steerer:
                     gain[n.index] *= c.strength
         for layer, (clamp, value, gain, offset) in fresh.items():
             buf = self._buffers[layer]
-            buf.clamp.copy_(clamp)
-            buf.value.copy_(value)
-            buf.gain.copy_(gain)
-            buf.offset.copy_(offset)
+            buf.keep.copy_(torch.where(clamp, 0.0, gain))
+            buf.fill.copy_(torch.where(clamp, value, offset))
 
 
 def _check_mode(mode: str) -> None:

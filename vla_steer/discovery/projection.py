@@ -36,7 +36,8 @@ class Tiling:
     @classmethod
     def for_budget(cls, vocab: int, d_model: int, d_mlp: int, k: int, budget: int) -> Tiling:
         # Half the budget holds the float32 unembedding tile; the other half one logit block
-        # plus the per-chunk value vectors and merge buffers.
+        # plus the per-chunk value vectors and merge buffers. (The per-neuron running top-k lists,
+        # [layers, d_mlp, k], are the output, not scratch.)
         vocab_tile = max(1, min(vocab, (budget // 2) // (d_model * _F32)))
         per_neuron = (vocab_tile + d_model + 8 * k) * _F32
         neuron_chunk = max(1, min(d_mlp, (budget - vocab_tile * d_model * _F32) // per_neuron))
@@ -132,14 +133,21 @@ def project(
                         if not largest:
                             vals = -vals  # keep every running list "larger is better"
                         _merge(best[side], row, n0, n1, vals, ids + t0, k)
+                    del block, vals, ids  # before the next block is allocated: one block alive at a time
                     bar.update(1)
             del w
     bar.close()
 
+    # Each kept score gives the other: cosine = logit / (|w_t| |v_i|); zero-norm rows score 0 in both.
     out: dict[str, torch.Tensor] = {}
-    for side in ("top", "bottom"):
-        ids = best[side][1]
-        logit, cos = _exact_scores(backbone, layers, ids, w_norm, v_norm, tiling, dev)
+    for side, sign in (("top", 1.0), ("bottom", -1.0)):
+        score, ids = best[side]
+        score = score * sign
+        norms = w_norm[ids] * v_norm[:, :, None]
+        if rank_by == "logit":
+            logit, cos = score, score / norms.clamp_min(1e-12)
+        else:
+            logit, cos = score * norms, score
         out[f"{side}_ids"], out[f"{side}_logit"], out[f"{side}_cos"] = ids.cpu(), logit.cpu(), cos.cpu()
     return Projection(**out, layers=layers, rank_by=rank_by, k=k)
 
@@ -151,24 +159,3 @@ def _merge(state: tuple[torch.Tensor, torch.Tensor], row: int, n0: int, n1: int,
     top_v, pos = torch.topk(cat_v, k, dim=1)
     best_v[row, n0:n1] = top_v
     best_i[row, n0:n1] = torch.gather(cat_i, 1, pos)
-
-
-def _exact_scores(backbone, layers, ids, w_norm, v_norm, tiling, dev):
-    """Raw and cosine scores of the chosen tokens, recomputed exactly from the gathered rows."""
-    _, d_mlp, k = ids.shape
-    logit = torch.empty(ids.shape, device=dev)
-    # Gathering k rows of d_model per neuron: size chunks to the same budget as the projection.
-    chunk = max(1, min(d_mlp, tiling.peak_bytes(backbone.d_model, k) // max(1, k * backbone.d_model * _F32)))
-    gain = backbone.norm_gain.to(dev) if backbone.norm_gain is not None else None
-    unembed = backbone.unembedding.detach()
-    for row, layer in enumerate(layers):
-        weight = backbone.value_vectors(layer)
-        for n0 in range(0, d_mlp, chunk):
-            n1 = min(d_mlp, n0 + chunk)
-            rows = unembed[ids[row, n0:n1].to(unembed.device)].to(dev, torch.float32)  # [Tn, k, d]
-            if gain is not None:
-                rows = rows * gain
-            v = weight[:, n0:n1].to(dev, torch.float32)  # [d, Tn]
-            logit[row, n0:n1] = torch.einsum("nkd,dn->nk", rows, v)
-    cos = logit / (w_norm[ids].clamp_min(1e-12) * v_norm[:, :, None].clamp_min(1e-12))
-    return logit, cos
