@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -201,3 +202,42 @@ def test_knobs_cli_reports_a_missing_node():
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 3 and "no policy node answered" in r.stderr
+
+
+class GatedPolicy:
+    """The real policy, held at the start of each inference until the test opens the gate."""
+
+    def __init__(self, policy):
+        self.inner, self.spec, self.backbone = policy, policy.spec, policy.backbone
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def reset(self):
+        self.inner.reset()
+
+    def infer(self, obs):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.inner.infer(obs)
+
+
+def test_knobs_and_liveness_are_answered_while_an_inference_runs(checkpoint):
+    policy = GatedPolicy(load_policy(checkpoint / "policy.yaml"))
+    node = PolicyNode(policy, load_directions(checkpoint / "directions").values())
+    with (
+        Server(node, "tcp://127.0.0.1:0").start() as server,
+        Client(server.address) as sim,
+        Client(server.address) as ui,
+    ):
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("reply", sim.infer(OBS, timeout=30)))
+        t.start()
+        try:
+            assert policy.entered.wait(30)
+            state = ui.set_knobs({"fast": 60.0})  # answered while the inference is held
+            assert state["fast"]["enabled"] and ui.ping() is not None and sim.alive
+        finally:
+            policy.gate.set()
+            t.join(30)
+        # The running inference kept the setting it started with; the next one is steered.
+        assert result["reply"].info["steering"]["fast"]["enabled"] is False
+        assert sim.infer(OBS).info["steering"]["fast"]["strength"] == 60.0

@@ -272,3 +272,33 @@ def test_gemma_backbone_steers_exactly_and_turns_off_exactly(gemma):
         torch.testing.assert_close(logits(gemma, ids), expected, rtol=1e-5, atol=1e-5)
         steerer.off()
         assert torch.equal(logits(gemma, ids), base)
+
+
+def test_a_knob_change_never_waits_for_a_running_inference(llama, ids):
+    """An inference holds one setting from start to end; a change made meanwhile returns at once
+    and applies at the next forward."""
+    steerer = Steerer(llama)
+    steerer.add("c", NEURONS, strength=5.0)
+    before = logits(llama, ids)
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def inference():
+        with steerer.consistent():
+            inside.set()
+            assert release.wait(30)
+            seen["during"] = logits(llama, ids)  # a forward after the change was made
+
+    t = threading.Thread(target=inference)
+    t.start()
+    try:
+        assert inside.wait(30)
+        steerer.set("c", -5.0)  # would deadlock here if set() waited for the inference
+        assert steerer.state()["c"]["strength"] == -5.0
+        assert steerer.applied_state()["c"]["strength"] == 5.0
+    finally:
+        release.set()
+        t.join(30)
+    assert torch.equal(seen["during"], before)  # the running inference kept its setting
+    after = logits(llama, ids)
+    assert not torch.equal(after, before) and steerer.applied_state()["c"]["strength"] == -5.0
+    steerer.remove()

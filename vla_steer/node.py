@@ -79,7 +79,7 @@ class PolicyNode:
         t0 = time.perf_counter()
         # One inference, one steering setting: a knob change waits for the chunk to finish.
         with self.steerer.consistent():
-            steering = self.steerer.state()
+            steering = self.steerer.applied_state()
             if selection:
                 with ActivationRecorder(self.policy.backbone, [n for _, ns in selection for n in ns]) as rec:
                     chunk = self.policy.infer(obs)
@@ -115,20 +115,8 @@ class PolicyNode:
         k: KnobsRequest = req.knobs
         names = list(k.concepts) if k.concepts is not None else None
         try:
-            if k.op == "set":
-                self.steerer.update(k.strengths)
-                if names is None:  # setting a knob turns it on, unless the request says which to enable
-                    names = list(k.strengths)
-                for n in names:
-                    self.steerer.enable(n)
-            elif k.op == "enable":
-                for n in names:
-                    self.steerer.enable(n)
-            elif k.op == "disable":
-                for n in names:
-                    self.steerer.disable(n)
-            elif k.op == "off":
-                self.steerer.off()
+            with self.steerer.batch():  # a multi-knob change lands whole, between two inferences
+                self._apply_knobs(k, names)
         except KeyError as e:
             raise ProtocolError(Code.BAD_PAYLOAD, str(e).strip("'\""), "concepts") from None
         except ValueError as e:
@@ -142,6 +130,23 @@ class PolicyNode:
                 )
             state = {n: state[n] for n in names}
         return {"knobs": state}
+
+    def _apply_knobs(self, k: KnobsRequest, names: list[str] | None) -> None:
+        """Apply one knobs op. Never waits for a running inference: it lands at the next one."""
+        for name in [*(names or []), *k.strengths]:
+            if name not in self.steerer.concepts:
+                known = ", ".join(self.steerer.concepts) or "none"
+                raise KeyError(f"unknown concept {name!r} (known: {known})")
+        if k.op == "set":
+            self.steerer.update(k.strengths)
+            # Setting a knob turns it on, unless the request names which concepts to enable.
+            for n in names if names is not None else k.strengths:
+                self.steerer.enable(n)
+        elif k.op in ("enable", "disable"):
+            for n in names:
+                (self.steerer.enable if k.op == "enable" else self.steerer.disable)(n)
+        elif k.op == "off":
+            self.steerer.off()
 
     # -- activations -------------------------------------------------------------------------------
 

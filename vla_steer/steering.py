@@ -18,6 +18,7 @@ re-installs the hooks (one recompile), since the position rule is code, not data
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ class Steerer:
 
     Consistency: every forward of `backbone.root` holds the steerer's lock, so a `set` from another
     thread lands between two forwards, never inside one (no forward mixes old and new settings).
+    Under `torch.compile`, register concepts first: a concept on a layer not yet hooked adds a hook
+    (one recompile); strengths, modes and on/off never recompile.
     """
 
     def __init__(self, backbone: Backbone, *, positions: str = "all"):
@@ -90,7 +93,14 @@ class Steerer:
         self._buffers: dict[int, _LayerBuffers] = {}
         self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
         self._guard_handles: list[torch.utils.hooks.RemovableHandle] = []
+        # Two locks, so a knob change never waits for an inference: `_lock` guards the settings (held
+        # briefly), `_forward` is held for a whole forward or `consistent()` block, and the hook buffers
+        # are written only under it. A change made while a forward runs is applied when the next starts.
         self._lock = threading.RLock()
+        self._forward = threading.RLock()
+        self._frozen = 0  # depth of consistent() blocks, touched only by the thread holding _forward
+        self._dirty = False
+        self._applied: dict[str, dict] = {}
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         self._positions = positions
@@ -108,6 +118,7 @@ class Steerer:
     ) -> None:
         """Register a concept and hook its layers (once per layer, whatever the number of concepts)."""
         _check_mode(mode)
+        _check_strength(name, strength)
         parsed = tuple(n if isinstance(n, Neuron) else Neuron(*n) for n in neurons)
         if not parsed:
             raise ValueError(f"concept {name!r} has no neurons")
@@ -120,7 +131,7 @@ class Steerer:
                 raise ValueError(
                     f"concept {name!r}: neuron {n.index} out of range 0..{self.backbone.d_mlp - 1}"
                 )
-        with self._lock:
+        with self._forward, self._lock:  # waits for a running forward
             if name in self._concepts:
                 raise ValueError(f"concept {name!r} is already registered; discard it first")
             self._concepts[name] = ConceptState(name, parsed, mode, float(strength), enabled)
@@ -143,7 +154,7 @@ class Steerer:
         )
 
     def discard(self, name: str) -> None:
-        with self._lock:
+        with self._forward, self._lock:  # waits for a running forward
             self._get(name)
             del self._concepts[name]
             self._refresh()
@@ -152,9 +163,7 @@ class Steerer:
         self, name: str, strength: float, *, mode: str | None = None, enabled: bool | None = None
     ) -> None:
         """Change a concept's strength (and optionally mode / enabled); takes effect at the next forward."""
-        strength = float(strength)
-        if strength != strength or strength in (float("inf"), float("-inf")):
-            raise ValueError(f"strength for {name!r} must be finite, got {strength}")
+        strength = _check_strength(name, strength)
         if mode is not None:
             _check_mode(mode)
         with self._lock:
@@ -195,7 +204,7 @@ class Steerer:
         """Steer every token position ('all') or only the last one of each forward ('last')."""
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-        with self._lock:
+        with self._forward, self._lock:  # waits for a running forward
             if positions != self._positions:
                 self._positions = positions
                 for layer in list(self._handles):
@@ -246,11 +255,28 @@ class Steerer:
                 self._refresh()
 
     @contextlib.contextmanager
-    def consistent(self) -> Iterator[Steerer]:
-        """Hold every knob change back for the block: a whole inference (prefill and each decoded
-        token) runs under one setting. Forwards inside still see the settings in force at entry."""
+    def batch(self) -> Iterator[Steerer]:
+        """Make several changes land together: no forward starts with only some of them applied."""
         with self._lock:
             yield self
+
+    def applied_state(self) -> dict[str, dict]:
+        """The settings the hooks hold now (`state()` may be newer, until the next forward starts)."""
+        with self._lock:
+            return {name: dict(s) for name, s in self._applied.items()}
+
+    @contextlib.contextmanager
+    def consistent(self) -> Iterator[Steerer]:
+        """Run a block under one setting: a whole inference (prefill and every decoded token) sees the
+        settings in force at entry; changes made meanwhile are applied when the next forward starts."""
+        with self._forward:
+            if not self._frozen:
+                self._sync()
+            self._frozen += 1
+            try:
+                yield self
+            finally:
+                self._frozen -= 1
 
     # -- hooks -------------------------------------------------------------------------------------
 
@@ -260,7 +286,7 @@ class Steerer:
 
     def remove(self) -> None:
         """Take every hook out; the model is exactly as it was. Concepts are kept for `attach()`."""
-        with self._lock:
+        with self._forward, self._lock:  # waits for a running forward
             for h in [*self._handles.values(), *self._guard_handles]:
                 h.remove()
             self._handles.clear()
@@ -268,7 +294,7 @@ class Steerer:
 
     def attach(self) -> None:
         """Re-install hooks for the registered concepts after `remove()`."""
-        with self._lock:
+        with self._forward, self._lock:  # waits for a running forward
             for layer in sorted({n.layer for c in self._concepts.values() for n in c.neurons}):
                 self._hook_layer(layer)
             self._refresh()
@@ -298,11 +324,13 @@ class Steerer:
 
     @torch.compiler.disable
     def _enter_forward(self, module, args) -> None:
-        self._lock.acquire()
+        self._forward.acquire()
+        if not self._frozen:
+            self._sync()
 
     @torch.compiler.disable
     def _exit_forward(self, module, args, output) -> None:
-        self._lock.release()
+        self._forward.release()
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -314,36 +342,56 @@ class Steerer:
             raise KeyError(f"unknown concept {name!r} (known: {known})") from None
 
     def _refresh(self) -> None:
-        """Recompute every hooked layer's buffers from the concepts, and copy them in place."""
-        d_mlp = self.backbone.d_mlp
-        fresh = {
-            layer: (
-                torch.zeros(d_mlp, dtype=torch.bool),
-                torch.zeros(d_mlp),
-                torch.ones(d_mlp),
-                torch.zeros(d_mlp),
-            )
-            for layer in self._buffers
-        }
-        # Registration order decides overlaps: a later clamp wins; offsets add; gains multiply.
-        for c in self._concepts.values():
-            if not c.enabled:
-                continue
-            for n in c.neurons:
-                if n.layer not in fresh:
+        """The settings changed: apply them now if no forward is running, else when the next one starts."""
+        self._dirty = True
+        if self._forward.acquire(blocking=False):
+            try:
+                if not self._frozen:
+                    self._sync()
+            finally:
+                self._forward.release()
+
+    def _sync(self) -> None:
+        """Recompute every hooked layer's buffers from the settings and copy them in. Needs `_forward`."""
+        with self._lock:
+            if not self._dirty:
+                return
+            d_mlp = self.backbone.d_mlp
+            fresh = {
+                layer: (
+                    torch.zeros(d_mlp, dtype=torch.bool),
+                    torch.zeros(d_mlp),
+                    torch.ones(d_mlp),
+                    torch.zeros(d_mlp),
+                )
+                for layer in self._buffers
+            }
+            # Registration order decides overlaps: a later clamp wins; offsets add; gains multiply.
+            for c in self._concepts.values():
+                if not c.enabled:
                     continue
-                clamp, value, gain, offset = fresh[n.layer]
-                if c.mode == "clamp":
-                    clamp[n.index] = True
-                    value[n.index] = n.sign * c.strength
-                elif c.mode == "add":
-                    offset[n.index] += n.sign * c.strength
-                else:
-                    gain[n.index] *= c.strength
-        for layer, (clamp, value, gain, offset) in fresh.items():
-            buf = self._buffers[layer]
-            buf.keep.copy_(torch.where(clamp, 0.0, gain))
-            buf.fill.copy_(torch.where(clamp, value, offset))
+                for n in c.neurons:
+                    clamp, value, gain, offset = fresh[n.layer]
+                    if c.mode == "clamp":
+                        clamp[n.index] = True
+                        value[n.index] = n.sign * c.strength
+                    elif c.mode == "add":
+                        offset[n.index] += n.sign * c.strength
+                    else:
+                        gain[n.index] *= c.strength
+            for layer, (clamp, value, gain, offset) in fresh.items():
+                buf = self._buffers[layer]
+                buf.keep.copy_(torch.where(clamp, 0.0, gain))
+                buf.fill.copy_(torch.where(clamp, value, offset))
+            self._applied = self.state()
+            self._dirty = False
+
+
+def _check_strength(name: str, strength: float) -> float:
+    strength = float(strength)
+    if not math.isfinite(strength):
+        raise ValueError(f"strength for {name!r} must be finite, got {strength}")
+    return strength
 
 
 def _check_mode(mode: str) -> None:
