@@ -15,6 +15,8 @@ import numpy as np
 
 from vla_steer.backbone import Backbone
 
+MAX_INSTRUCTION_CHARS = 2000  # a task instruction, not a document: bounds tokenizer and attention cost
+
 
 @dataclass(frozen=True)
 class PolicySpec:
@@ -41,6 +43,10 @@ class Observation:
         instruction = payload.get("instruction")
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError("observation.instruction must be a non-empty string")
+        if len(instruction) > MAX_INSTRUCTION_CHARS:
+            raise ValueError(
+                f"observation.instruction is {len(instruction)} characters; at most {MAX_INSTRUCTION_CHARS}"
+            )
         images = payload.get("images")
         if not isinstance(images, dict):
             raise ValueError(f"observation.images must be a dict with keys {sorted(spec.image_keys)}")

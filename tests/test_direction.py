@@ -75,3 +75,27 @@ def test_direction_save_load_and_bad_files(tmp_path):
         Direction.from_dict({"format_version": 1, "name": "x", "concept": "y"})
     with pytest.raises(FileNotFoundError):
         load_directions(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    ("neuron", "message"),
+    [
+        ({"layer": 1.0, "index": 2}, "non-negative integers"),
+        ({"layer": 1, "index": 2, "sign": "1"}, "sign must be 1 or -1"),
+        ({"layer": 1, "index": 2, "tokens": "up"}, "list of strings"),
+        ({"layer": 1, "index": 2, "colour": "red"}, "unknown keys"),
+    ],
+)
+def test_malformed_direction_files_name_the_neuron(neuron, message):
+    data = {"format_version": 1, "name": "up", "concept": "height", "neurons": [neuron]}
+    with pytest.raises(ValueError, match=rf"up.json: neurons\[0\].*{message}"):
+        Direction.from_dict(data, source="up.json")
+
+
+def test_names_that_would_escape_the_directory_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="no paths"):
+        import_paper_yaml("../escape:\n  5: [up]\n", d_mlp=10)
+    with pytest.raises(ValueError, match="list of tokens"):
+        import_paper_yaml("up:\n  5: fast\n", d_mlp=10)
+    with pytest.raises(ValueError, match="no paths"):
+        Direction("a/b", "c", []).save(tmp_path)

@@ -144,3 +144,11 @@ def test_lexicon_errors_name_file_and_key(tmp_path):
         load_lexicons(tmp_path)
     with pytest.raises(FileNotFoundError, match="no concept lexicons"):
         load_lexicons(tmp_path / "nowhere")
+
+
+def test_layer_range_is_a_hard_limit_whatever_the_threshold(llama, poles):
+    p = project(llama, k=10, device="cpu", progress=False)
+    d = select_direction(p, llama.labeler, poles["fast"], size=10_000, layers=(1, 2), min_score=1e-9)
+    assert d.neurons and all(1 <= n.layer <= 2 and n.score > 0 for n in d.neurons)
+    with pytest.raises(ValueError, match="min_score > 0"):
+        select_direction(p, llama.labeler, poles["fast"], min_score=0.0)

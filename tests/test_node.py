@@ -84,6 +84,12 @@ def test_requested_activations_come_back_bounded_and_named(served, node):
     assert np.array_equal(res.actions, plain)  # recording does not change the policy
     with Client(served.address) as c, pytest.raises(RemoteError, match="unknown activation 'speedy'"):
         c.infer(OBS, activations=["speedy"])
+    # Repeated names are recorded once; a selection over the node's bound is refused as too large.
+    node.max_recorded_neurons = node.policy.backbone.d_mlp
+    with Client(served.address, retries=0) as c:
+        assert set(c.infer(OBS, activations=["layer:0", "layer:0"]).activations) == {"layer:0"}
+        with pytest.raises(RemoteError, match="too_large"):
+            c.infer(OBS, activations=["layer:0", "layer:1"])
 
 
 @pytest.mark.parametrize(
@@ -194,6 +200,14 @@ def test_cli_serve_and_knobs_then_sigkill_and_restart(checkpoint):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_knobs_cli_reports_a_bad_address():
+    r = subprocess.run(
+        [sys.executable, "-m", "vla_steer.cli", "knobs", "list", "--server", "foo"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "tcp://127.0.0.1:5555" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_knobs_cli_reports_a_missing_node():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
 from vla_steer.backbone import Backbone, BackboneError
@@ -185,6 +185,21 @@ def test_lora_errors_name_the_problem(llama_dir, tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
     with pytest.raises(ValueError, match="lora_alpha"):
         load_backbone(llama_dir, lora=tmp_path / "a")
+
+
+def test_adapters_that_cannot_be_merged_fully_are_refused(llama_dir, tmp_path):
+    base = load_backbone(llama_dir)
+    _write_lora(tmp_path / "dora", base.root, ["model.layers.0.mlp.down_proj"])
+    cfg = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
+    with pytest.raises(ValueError, match="DoRA"):
+        load_backbone(llama_dir, lora=tmp_path / "dora")
+    _write_lora(tmp_path / "extra", base.root, ["model.layers.0.mlp.down_proj"])
+    weights = load_file(str(tmp_path / "extra" / "adapter_model.safetensors"))
+    weights["base_model.model.lm_head.modules_to_save.default.weight"] = base.unembedding.detach().clone()
+    save_file(weights, str(tmp_path / "extra" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="cannot merge.*modules_to_save"):
+        load_backbone(llama_dir, lora=tmp_path / "extra")
 
 
 def test_bad_arguments_are_rejected(llama):

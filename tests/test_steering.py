@@ -302,3 +302,33 @@ def test_a_knob_change_never_waits_for_a_running_inference(llama, ids):
     after = logits(llama, ids)
     assert not torch.equal(after, before) and steerer.applied_state()["c"]["strength"] == -5.0
     steerer.remove()
+
+
+def test_settings_change_all_or_nothing(llama):
+    steerer = Steerer(llama)
+    steerer.add("a", [(0, 1)], strength=1.0, enabled=False)
+    steerer.add("b", [(1, 1)], strength=2.0, enabled=False)
+    before = steerer.state()
+    with pytest.raises(ValueError, match="finite"):
+        steerer.update({"a": 5.0, "b": float("nan")})
+    with pytest.raises(KeyError, match="nope"), steerer.apply(a=9.0, nope=1.0):
+        pass
+    assert steerer.state() == before  # nothing half-applied, nothing left enabled
+    with steerer.batch():
+        steerer.set("a", 3.0)
+        steerer.enable("b")
+        with pytest.raises(RuntimeError, match="inside Steerer.batch"):
+            steerer.add("c", [(2, 2)])  # would wait for a forward while holding the settings lock
+    assert steerer.state()["a"]["strength"] == 3.0 and steerer.state()["b"]["enabled"]
+    steerer.remove()
+
+
+@pytest.mark.parametrize(
+    ("neuron", "message"),
+    [((1.0, 2), "integer layer and index"), ((1, 2, "1"), "finite, non-zero sign"), ((True, 2), "integer")],
+)
+def test_malformed_neurons_are_refused_before_anything_is_registered(llama, neuron, message):
+    steerer = Steerer(llama)
+    with pytest.raises(ValueError, match=message):
+        steerer.add("c", [(0, 1), neuron])
+    assert steerer.concepts == [] and steerer.hooked_layers == []

@@ -360,9 +360,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        import zmq  # a bad address or a port in use: say which, without a traceback
+
+        if isinstance(e, zmq.ZMQError):
+            print(
+                f"error: ZeroMQ refused the address ({e}); addresses look like tcp://127.0.0.1:5555",
+                file=sys.stderr,
+            )
+            return 2
+        raise
 
 
 if __name__ == "__main__":

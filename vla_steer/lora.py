@@ -32,6 +32,8 @@ def merge_lora(model: nn.Module, adapter_dir: str | Path) -> list[str]:
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     if cfg.get("fan_in_fan_out"):
         raise ValueError(f"{cfg_path}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
+    if cfg.get("use_dora"):
+        raise ValueError(f"{cfg_path}: DoRA adapters (use_dora) are not supported; merge with peft first")
     if "r" not in cfg or "lora_alpha" not in cfg:
         raise ValueError(f"{cfg_path}: missing 'r' or 'lora_alpha'")
     weights_path = adapter_dir / "adapter_model.safetensors"
@@ -41,7 +43,9 @@ def merge_lora(model: nn.Module, adapter_dir: str | Path) -> list[str]:
     for key, tensor in load_file(str(weights_path)).items():
         m = _KEY.match(key)
         if m is None:
-            continue  # modules_to_save and the like are not low-rank deltas
+            # Full replacement weights (modules_to_save), embedding LoRA or LoRA biases change the model
+            # too; merging only part of an adapter would project the wrong weights.
+            raise ValueError(f"{weights_path}: cannot merge {key!r} (only lora_A/lora_B of Linear layers)")
         pairs.setdefault(m["module"], {})[m["ab"]] = tensor
     modules = dict(model.named_modules())
     merged = []

@@ -81,7 +81,10 @@ class PolicyNode:
         with self.steerer.consistent():
             steering = self.steerer.applied_state()
             if selection:
-                with ActivationRecorder(self.policy.backbone, [n for _, ns in selection for n in ns]) as rec:
+                neurons = [n for _, ns in selection for n in ns]
+                with ActivationRecorder(
+                    self.policy.backbone, neurons, max_neurons=self.max_recorded_neurons
+                ) as rec:
                     chunk = self.policy.infer(obs)
                 activations = _split(rec.result(), selection)
             else:
@@ -154,7 +157,7 @@ class PolicyNode:
         bb = self.policy.backbone
         out = []
         concepts = set(self.steerer.concepts)
-        for name in names:
+        for name in dict.fromkeys(names):  # each name once, in order
             m = _LAYER.match(name)
             if m:
                 layer = int(m.group(1))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -84,7 +85,9 @@ class Steerer:
     Consistency: every forward of `backbone.root` holds the steerer's lock, so a `set` from another
     thread lands between two forwards, never inside one (no forward mixes old and new settings).
     Under `torch.compile`, register concepts first: a concept on a layer not yet hooked adds a hook
-    (one recompile); strengths, modes and on/off never recompile.
+    (one recompile); strengths, modes and on/off never recompile. Known limit: torch runs the
+    releasing post-hook only for `Exception`s, so a KeyboardInterrupt inside a forward leaves the
+    forward lock with that thread (knob changes still work; other threads' forwards then wait).
     """
 
     def __init__(self, backbone: Backbone, *, positions: str = "all"):
@@ -101,6 +104,7 @@ class Steerer:
         self._frozen = 0  # depth of consistent() blocks, touched only by the thread holding _forward
         self._dirty = False
         self._applied: dict[str, dict] = {}
+        self._batch_owner: int | None = None
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         self._positions = positions
@@ -119,7 +123,7 @@ class Steerer:
         """Register a concept and hook its layers (once per layer, whatever the number of concepts)."""
         _check_mode(mode)
         _check_strength(name, strength)
-        parsed = tuple(n if isinstance(n, Neuron) else Neuron(*n) for n in neurons)
+        parsed = tuple(_parse_neuron(name, n) for n in neurons)
         if not parsed:
             raise ValueError(f"concept {name!r} has no neurons")
         for n in parsed:
@@ -131,7 +135,7 @@ class Steerer:
                 raise ValueError(
                     f"concept {name!r}: neuron {n.index} out of range 0..{self.backbone.d_mlp - 1}"
                 )
-        with self._forward, self._lock:  # waits for a running forward
+        with self._structural():
             if name in self._concepts:
                 raise ValueError(f"concept {name!r} is already registered; discard it first")
             self._concepts[name] = ConceptState(name, parsed, mode, float(strength), enabled)
@@ -154,7 +158,7 @@ class Steerer:
         )
 
     def discard(self, name: str) -> None:
-        with self._forward, self._lock:  # waits for a running forward
+        with self._structural():
             self._get(name)
             del self._concepts[name]
             self._refresh()
@@ -175,13 +179,19 @@ class Steerer:
                 c.enabled = enabled
             self._refresh()
 
-    def update(self, strengths: Mapping[str, float]) -> None:
-        """Set several strengths at once: no forward ever sees some of them changed and not others."""
+    def update(self, strengths: Mapping[str, float], *, enable: bool = False) -> None:
+        """Set several strengths at once (and enable them, with `enable`): all or nothing, and no
+        forward ever sees some of them changed and not others."""
         with self._lock:
-            for name in strengths:
+            checked = {name: _check_strength(name, strength) for name, strength in strengths.items()}
+            for name in checked:
                 self._get(name)
-            for name, strength in strengths.items():
-                self.set(name, strength)
+            for name, strength in checked.items():
+                c = self._concepts[name]
+                c.strength = strength
+                if enable:
+                    c.enabled = True
+            self._refresh()
 
     def enable(self, name: str) -> None:
         with self._lock:
@@ -204,7 +214,7 @@ class Steerer:
         """Steer every token position ('all') or only the last one of each forward ('last')."""
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-        with self._forward, self._lock:  # waits for a running forward
+        with self._structural():
             if positions != self._positions:
                 self._positions = positions
                 for layer in list(self._handles):
@@ -242,9 +252,8 @@ class Steerer:
         settings = {**(settings or {}), **strengths}
         with self._lock:
             saved = {n: (c.strength, c.mode, c.enabled) for n, c in self._concepts.items()}
-            for name, strength in settings.items():
-                self.set(name, strength, enabled=True)
         try:
+            self.update(settings, enable=True)
             yield self
         finally:
             with self._lock:
@@ -256,9 +265,14 @@ class Steerer:
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[Steerer]:
-        """Make several changes land together: no forward starts with only some of them applied."""
+        """Make several setting changes (set, update, enable, disable, off) land together: no forward
+        starts with only some of them applied. Adding or removing concepts inside is an error."""
         with self._lock:
-            yield self
+            self._batch_owner = threading.get_ident()
+            try:
+                yield self
+            finally:
+                self._batch_owner = None
 
     def applied_state(self) -> dict[str, dict]:
         """The settings the hooks hold now (`state()` may be newer, until the next forward starts)."""
@@ -286,7 +300,7 @@ class Steerer:
 
     def remove(self) -> None:
         """Take every hook out; the model is exactly as it was. Concepts are kept for `attach()`."""
-        with self._forward, self._lock:  # waits for a running forward
+        with self._structural():
             for h in [*self._handles.values(), *self._guard_handles]:
                 h.remove()
             self._handles.clear()
@@ -294,7 +308,7 @@ class Steerer:
 
     def attach(self) -> None:
         """Re-install hooks for the registered concepts after `remove()`."""
-        with self._forward, self._lock:  # waits for a running forward
+        with self._structural():
             for layer in sorted({n.layer for c in self._concepts.values() for n in c.neurons}):
                 self._hook_layer(layer)
             self._refresh()
@@ -333,6 +347,16 @@ class Steerer:
         self._forward.release()
 
     # -- state -------------------------------------------------------------------------------------
+
+    def _structural(self) -> contextlib.AbstractContextManager:
+        """Locks for adding/removing hooks or concepts: waits for a running forward to finish."""
+        if self._batch_owner == threading.get_ident():
+            # We hold the settings lock; a forward holding the forward lock may be waiting for it.
+            raise RuntimeError("add/discard/remove/attach/set_positions cannot run inside Steerer.batch()")
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._forward)
+        stack.enter_context(self._lock)
+        return stack
 
     def _get(self, name: str) -> ConceptState:
         try:
@@ -385,6 +409,16 @@ class Steerer:
                 buf.fill.copy_(torch.where(clamp, value, offset))
             self._applied = self.state()
             self._dirty = False
+
+
+def _parse_neuron(concept: str, n) -> Neuron:
+    """A Neuron from a Neuron or a (layer, index[, sign]) tuple, with integer indices and a finite sign."""
+    layer, index, sign = (n.layer, n.index, n.sign) if isinstance(n, Neuron) else (*n, 1.0)[:3]
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (layer, index)):
+        raise ValueError(f"concept {concept!r}: neuron {n!r} needs integer layer and index")
+    if not isinstance(sign, numbers.Real) or isinstance(sign, bool) or not math.isfinite(sign) or sign == 0:
+        raise ValueError(f"concept {concept!r}: neuron {n!r} needs a finite, non-zero sign")
+    return Neuron(int(layer), int(index), float(sign))
 
 
 def _check_strength(name: str, strength: float) -> float:

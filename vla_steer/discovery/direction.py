@@ -8,6 +8,7 @@ including the model fingerprint). The paper repo's dictionary YAML
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,13 +65,14 @@ class Direction:
         missing = [k for k in ("name", "concept", "neurons") if k not in data]
         if missing:
             raise ValueError(f"{source}: missing keys {missing}")
-        try:
-            neurons = [DirectionNeuron(**n) for n in data["neurons"]]
-        except TypeError as e:
-            raise ValueError(f"{source}: bad neuron entry ({e})") from None
-        return cls(data["name"], data["concept"], neurons, data.get("provenance", {}))
+        if not isinstance(data["neurons"], list):
+            raise ValueError(f"{source}: 'neurons' must be a list")
+        neurons = [_neuron_from_dict(n, f"{source}: neurons[{i}]") for i, n in enumerate(data["neurons"])]
+        _check_name(data["name"], source)
+        return cls(data["name"], str(data["concept"]), neurons, data.get("provenance", {}))
 
     def save(self, directory: str | Path) -> Path:
+        _check_name(self.name, "direction")
         path = Path(directory) / f"{self.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
@@ -80,6 +82,31 @@ class Direction:
     def load(cls, path: str | Path) -> Direction:
         path = Path(path)
         return cls.from_dict(json.loads(path.read_text()), source=str(path))
+
+
+def _neuron_from_dict(n, where: str) -> DirectionNeuron:
+    if not isinstance(n, dict):
+        raise ValueError(f"{where} must be a map with layer, index, sign, score, tokens")
+    unknown = sorted(set(n) - set(DirectionNeuron.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}")
+    layer, index, sign = n.get("layer"), n.get("index"), n.get("sign", 1.0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (layer, index)):
+        raise ValueError(f"{where}: layer and index must be non-negative integers, got {layer!r}, {index!r}")
+    if sign not in (1, -1, 1.0, -1.0):
+        raise ValueError(f"{where}: sign must be 1 or -1, got {sign!r}")
+    tokens = n.get("tokens", [])
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"{where}: tokens must be a list of strings")
+    return DirectionNeuron(layer, index, float(sign), float(n.get("score", 0.0)), tokens)
+
+
+def _check_name(name, source: str) -> None:
+    """A direction name becomes a file name and a knob name: no paths, nothing empty."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:+-]*", name) or ".." in name:
+        raise ValueError(
+            f"{source}: direction name {name!r} must be letters, digits and _ . : + - (no paths)"
+        )
 
 
 def load_directions(directory: str | Path) -> dict[str, Direction]:
@@ -126,6 +153,8 @@ def import_paper_yaml(
     source: str | Path, d_mlp: int, *, concept: str | None = None, names: list[str] | None = None
 ) -> dict[str, Direction]:
     """Read the paper's dictionaries YAML (a path or YAML text) into Directions (sign +1, as the paper clamps)."""
+    if d_mlp < 1:
+        raise ValueError(f"d_mlp must be a positive number of neurons per layer, got {d_mlp}")
     text = Path(source).read_text(encoding="utf-8") if _is_path(source) else str(source)
     doc = yaml.safe_load(text) or {}
     if not isinstance(doc, dict):
@@ -140,6 +169,7 @@ def import_paper_yaml(
                 f"dictionary {name!r}: expected {{flat_index: [tokens]}}, got {type(entries).__name__}"
             )
         neurons = []
+        _check_name(str(name), "paper dictionary")
         for flat, tokens in entries.items():
             try:
                 flat = int(flat)
@@ -147,6 +177,8 @@ def import_paper_yaml(
                 raise ValueError(f"dictionary {name!r}: key {flat!r} is not a flat neuron index") from None
             if flat < 0:
                 raise ValueError(f"dictionary {name!r}: negative flat index {flat}")
+            if tokens is not None and not isinstance(tokens, list):
+                raise ValueError(f"dictionary {name!r}: neuron {flat} must map to a list of tokens")
             neurons.append(
                 DirectionNeuron(flat // d_mlp, flat % d_mlp, 1.0, 0.0, [str(t) for t in tokens or []])
             )

@@ -16,15 +16,20 @@ from vla_steer.backbone import Backbone
 from vla_steer.discovery.direction import Direction, DirectionNeuron
 from vla_steer.discovery.lexicon import rank_weights
 from vla_steer.discovery.projection import Projection
+from vla_steer.tokens import normalize_token
+
+_CHUNK = 1024  # neurons embedded at a time
 
 
-def word_vector(backbone: Backbone, words: list[str]) -> torch.Tensor:
+def word_vector(backbone: Backbone, words: list[str], emb: torch.Tensor | None = None) -> torch.Tensor:
     """Mean unit embedding of the tokens of `words` (each tokenised as a word start)."""
     if backbone.tokenizer is None:
         raise ValueError("automatic grouping needs the backbone's tokenizer")
-    emb = _embedding(backbone)
+    emb = _embedding(backbone) if emb is None else emb
     ids = [i for w in words for i in backbone.tokenizer.encode(" " + w, add_special_tokens=False)]
-    ids = [i for i in ids if i < emb.shape[0]]
+    # Drop ids past the embedding and bare markers (SentencePiece may emit a lone "▁" before a word).
+    pieces = backbone.tokenizer.convert_ids_to_tokens(ids)
+    ids = [i for i, p in zip(ids, pieces, strict=True) if i < emb.shape[0] and normalize_token(p or "")]
     if not ids:
         raise ValueError(f"none of {words} tokenises to a known id")
     return F.normalize(emb[ids].mean(0), dim=0)
@@ -78,8 +83,8 @@ def group_direction(
     seed: int = 0,
 ) -> Direction:
     """The `size` neurons of the embedding cluster nearest `words` (e.g. ["fast"]), best first."""
-    target = word_vector(backbone, words)
     emb = _embedding(backbone)
+    target = word_vector(backbone, words, emb)
     labeler = backbone.labeler
     special = torch.zeros(emb.shape[0], dtype=torch.bool)
     if labeler is not None:
@@ -95,7 +100,8 @@ def group_direction(
         if layers is not None and not layers[0] <= layer <= layers[1]:
             continue
         for side, ids in enumerate((projection.top_ids[row], projection.bottom_ids[row])):
-            v = neuron_vectors(emb, ids, special)
+            # Chunks of neurons: the gathered embeddings are [chunk, k, d_model], not [d_mlp, k, d_model].
+            v = torch.cat([neuron_vectors(emb, c, special) for c in ids.split(_CHUNK)])
             sim = v @ target
             keep = torch.topk(sim, min(candidates, sim.numel())).indices
             key = torch.stack([torch.full_like(keep, side), torch.full_like(keep, row), keep], dim=1)
@@ -112,12 +118,14 @@ def group_direction(
     centroids, assign = spherical_kmeans(x, n_clusters, seed=seed)
     best = int((centroids @ target).argmax())
     members = (assign == best).nonzero().flatten()
-    members = members[torch.argsort(x[members] @ target, descending=True, stable=True)][:size]
+    members = members[torch.argsort(x[members] @ target, descending=True, stable=True)]
     neurons, seen = [], set()
     for m in members.tolist():
         s, r, i = cand_key[m].tolist()
-        if (r, i) in seen:
+        if (r, i) in seen:  # a neuron can be a candidate by its top and by its bottom tokens
             continue
+        if len(neurons) == size:
+            break
         seen.add((r, i))
         ids = (projection.top_ids if s == 0 else projection.bottom_ids)[r, i, :n_tokens]
         tokens = [labeler.label(int(t)).strip() for t in ids] if labeler else [str(int(t)) for t in ids]

@@ -162,12 +162,14 @@ def select_direction(
     A neuron that expresses the opposite pole more strongly is never chosen. Fewer than `size`
     neurons come back when fewer clear `min_score`.
     """
+    if size < 1 or not min_score > 0:
+        raise ValueError(f"size must be >= 1 and min_score > 0, got size={size}, min_score={min_score}")
     score, sign = score_pole(projection, labeler, pole)
     if pole.opposite is not None:
         opp_score, _ = score_pole(projection, labeler, pole.opposite.with_opposite(pole))
-        score = torch.where(opp_score > score, torch.zeros_like(score), score)
+        score = torch.where(opp_score > score, torch.full_like(score, -1.0), score)
     allowed = torch.tensor([layers is None or layers[0] <= layer <= layers[1] for layer in projection.layers])
-    score = torch.where(allowed[:, None], score, torch.zeros_like(score))
+    score = torch.where(allowed[:, None], score, torch.full_like(score, -1.0))  # never selected
     flat = score.flatten()
     order = torch.argsort(flat, descending=True, stable=True)[:size]
     neurons = []

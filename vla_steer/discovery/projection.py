@@ -123,10 +123,9 @@ def project(
                     v = weight[:, n0:n1].to(dev, torch.float32)  # [d, Tn]
                     block = v.T @ w.T  # [Tn, Tv]
                     if rank_by == "cosine":
-                        block /= (
-                            w_norm[t0:t1].clamp_min(1e-12)[None, :]
-                            * v_norm[row, n0:n1].clamp_min(1e-12)[:, None]
-                        )
+                        # In place, one factor at a time: no second [Tn, Tv] tensor.
+                        block.div_(w_norm[t0:t1].clamp_min(1e-12)[None, :])
+                        block.div_(v_norm[row, n0:n1].clamp_min(1e-12)[:, None])
                     kk = min(k, t1 - t0)
                     for side, largest in (("top", True), ("bottom", False)):
                         vals, ids = torch.topk(block, kk, dim=1, largest=largest)
