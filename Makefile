@@ -12,10 +12,14 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,sim]"
+	$(PY) -m pip install --quiet --no-deps "robosuite==1.5.2"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# MuJoCo renders headless through EGL (Mesa on the CPU when there is no GPU).
+export MUJOCO_GL ?= egl
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vla-steer demo --out demo_out

@@ -1,0 +1,315 @@
+"""robosuite (MuJoCo) as an environment for the policy node: Lift, Stack, PickPlace*, ... with Panda or UR5e.
+
+Conventions (what a policy served to this env must mean by its inputs and outputs):
+
+Action (7 floats, OpenVLA/LIBERO style): `dx dy dz droll dpitch dyaw gripper`.
+    The first six go to robosuite's OSC_POSE controller in delta mode (`input_type: delta`, robot base
+    frame): each is clipped to [-1, 1] after `action_scale` and mapped linearly to +-`max_delta_pos`
+    metres / +-`max_delta_rot` radians (axis-angle) per control step (robosuite's defaults, 0.05 / 0.5;
+    LIBERO records its actions in exactly these normalised units, so LIBERO-finetuned checkpoints apply
+    as they are). The gripper value is mapped to robosuite's convention (-1 open, +1 closed) by
+    `gripper`: "open_positive" (default: OpenVLA's RLDS convention rescaled to [-1, 1], +1 = open, so
+    robosuite gets -g), "close_positive" (already robosuite's, +1 = close), or "open_unit" (raw
+    OpenVLA output in [0, 1], 1 = open: robosuite gets 1 - 2g). `binarize_gripper` sends only the sign.
+
+State (8 floats, `state: eef_pos_axisangle_gripper`, what openpi's LIBERO example feeds pi0):
+    `robot0_eef_pos` (3, world frame, m) + `robot0_eef_quat` (x, y, z, w) as axis-angle (3, no sign
+    canonicalisation, like openpi's `_quat2axisangle`) + the gripper's finger joint positions (2; a
+    Robotiq85 has 6 gripper joints: its two driver joints, the first of each finger, are used).
+    Sent only when the policy's hello reply announces `state_dim` (8; any other size is an error).
+
+Images: one robosuite camera per policy image key (`cameras`), rendered at the policy's resolution (the
+hello reply's image_keys), uint8, right side up. robosuite renders in the OpenGL convention (bottom row
+first); the env flips according to `robosuite.macros.IMAGE_CONVENTION` as it was when the env was
+built, so it never changes that process-wide macro. `rotate_images_180` reproduces the 180-degree rotation
+LIBERO datasets were recorded with (set it for LIBERO-trained checkpoints).
+
+Rendering is headless through EGL (Mesa's llvmpipe on a CPU machine): `MUJOCO_GL=egl` is the default
+here. `MUJOCO_GL=osmesa` also works (`apt-get install libosmesa6`) but is ~8x slower.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sim.base import SimObservation, StepResult
+
+# Default instruction per robosuite task (override with `instruction:` in the config).
+INSTRUCTIONS: dict[str, str] = {
+    "Lift": "pick up the red cube",
+    "Stack": "stack the red cube on top of the green cube",
+    "PickPlace": "put each object into its matching bin",
+    "PickPlaceSingle": "put the object into its matching bin",
+    "PickPlaceCan": "pick up the can and put it in the bin",
+    "PickPlaceMilk": "pick up the milk carton and put it in the bin",
+    "PickPlaceBread": "pick up the bread and put it in the bin",
+    "PickPlaceCereal": "pick up the cereal box and put it in the bin",
+    "NutAssemblySquare": "put the square nut on the square peg",
+    "NutAssemblyRound": "put the round nut on the round peg",
+    "Door": "open the door",
+}
+STATE_DIMS = {"eef_pos_axisangle_gripper": 8}
+DEFAULT_IMAGE_SHAPE = (224, 224, 3)
+
+
+class RobosuiteConfig(BaseModel):
+    """A robosuite sim config (`configs/sims/robosuite_*.yaml`); see the module docstring for conventions."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["robosuite"] = "robosuite"
+    task: str = "Lift"  # a robosuite environment name
+    robot: str = "Panda"
+    # policy image key -> robosuite camera
+    cameras: dict[str, str] = Field(default_factory=lambda: {"agentview": "agentview"})
+    image_size: tuple[int, int] | None = None  # (H, W); None: the policy's (hello reply), else 224x224
+    rotate_images_180: bool = False
+    instruction: str | None = None  # None: INSTRUCTIONS[task]
+    state: Literal["eef_pos_axisangle_gripper"] = "eef_pos_axisangle_gripper"
+    control_freq: float = 20.0
+    max_delta_pos: float = Field(0.05, gt=0)  # metres per control step at action 1.0
+    max_delta_rot: float = Field(0.5, gt=0)  # radians per control step at action 1.0
+    action_scale: float = Field(1.0, gt=0)
+    gripper: Literal["open_positive", "close_positive", "open_unit"] = "open_positive"
+    binarize_gripper: bool = False
+    reward_shaping: bool = False
+    initialization_noise: bool = True  # robosuite's default joint noise at reset (seeded)
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed on to robosuite.make
+
+    @field_validator("cameras")
+    @classmethod
+    def _cameras(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("needs at least one policy image key -> robosuite camera")
+        return v
+
+    def instruction_text(self) -> str:
+        if self.instruction is not None:
+            return self.instruction
+        try:
+            return INSTRUCTIONS[self.task]
+        except KeyError:
+            raise ValueError(
+                f"no default instruction for task {self.task!r} (known: {sorted(INSTRUCTIONS)}); "
+                "set `instruction:` in the sim config"
+            ) from None
+
+
+def load_sim_config(path: str | Path) -> RobosuiteConfig:
+    """Parse and validate a sim config; errors name the file, the key and what is allowed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sim config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return RobosuiteConfig.model_validate(raw if raw is not None else {})
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()
+        )
+        raise ValueError(f"{path}: {problems}") from None
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) -> axis * angle, as robosuite's and openpi's LIBERO code compute it (no sign flip)."""
+    w = float(np.clip(quat[3], -1.0, 1.0))
+    den = math.sqrt(1.0 - w * w)
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return np.asarray(quat[:3], dtype=np.float64) * 2.0 * math.acos(w) / den
+
+
+class RobosuiteEnv:
+    """A robosuite task driven by 7-d end-effector delta actions, observed as a policy expects.
+
+    `info` is the policy node's hello reply (`ServerInfo`): its image keys and shapes set the cameras'
+    resolution and its `info["state_dim"]` whether a state is sent. Without it, `config.cameras` and
+    `config.image_size` (default 224x224) decide and no state is sent.
+    """
+
+    action_dim = 7
+
+    def __init__(self, config: RobosuiteConfig, info: Any | None = None):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported: headless by default
+        import robosuite
+        import robosuite.macros as macros
+        from robosuite.controllers import load_composite_controller_config
+
+        self.config = config
+        self.instruction = config.instruction_text()
+        self.image_shapes = _image_shapes(config, info)
+        self.cameras = _camera_map(config, self.image_shapes)
+        state_dim = (info.info or {}).get("state_dim") if info is not None else None
+        if state_dim is not None and state_dim != STATE_DIMS[config.state]:
+            raise ValueError(
+                f"the policy expects a state of {state_dim} floats; sim state {config.state!r} has "
+                f"{STATE_DIMS[config.state]}"
+            )
+        self.send_state = state_dim is not None
+        if info is not None and info.action_dim != self.action_dim:
+            raise ValueError(f"the policy's actions have {info.action_dim} dims; this env takes 7 (see docs)")
+
+        controller = load_composite_controller_config(robot=config.robot)
+        arm = controller["body_parts"].get("right") or controller["body_parts"].get("arms", {}).get("right")
+        if arm is None:
+            raise ValueError(f"robot {config.robot!r}: no single right arm in its default controller")
+        pos, rot = config.max_delta_pos, config.max_delta_rot
+        arm.update(
+            type="OSC_POSE",
+            input_type="delta",
+            input_max=1,
+            input_min=-1,
+            output_max=[pos] * 3 + [rot] * 3,
+            output_min=[-pos] * 3 + [-rot] * 3,
+        )
+        kwargs: dict[str, Any] = dict(
+            robots=config.robot,
+            controller_configs=controller,
+            has_renderer=False,
+            has_offscreen_renderer=True,
+            use_camera_obs=True,
+            camera_names=list(self.cameras.values()),
+            camera_heights=[self.image_shapes[k][0] for k in self.cameras],
+            camera_widths=[self.image_shapes[k][1] for k in self.cameras],
+            control_freq=config.control_freq,
+            reward_shaping=config.reward_shaping,
+            ignore_done=True,  # the runner decides when an episode ends
+            hard_reset=False,  # rebuilding the model each reset costs seconds and recreates the sensors
+            initialization_noise="default" if config.initialization_noise else None,
+        )
+        kwargs.update(config.env_kwargs)
+        # The camera sensors capture the convention when they are created, i.e. now.
+        self._flip_rows = macros.IMAGE_CONVENTION == "opengl"
+        self.env = robosuite.make(config.task, **kwargs)
+        if self.env.action_dim != self.action_dim:
+            self.env.close()
+            raise ValueError(
+                f"{config.task} with {config.robot} takes {self.env.action_dim}-d actions, not 7 "
+                "(one arm with OSC_POSE plus one gripper value)"
+            )
+        self._robot = self.env.robots[0]
+        self._eef_site = self._robot.gripper["right"].important_sites["grip_site"]
+        self._obs: dict[str, Any] | None = None
+
+    # -- the SimEnv interface -------------------------------------------------------------------
+
+    def reset(self, seed: int | None = None) -> SimObservation:
+        """New episode. With a seed, object placement and joint noise are reproducible."""
+        if seed is not None:
+            # robosuite's placement samplers and robots hold this very Generator: reseed it in place.
+            self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        self._obs = self.env.reset()
+        return self.observation()
+
+    def step(self, action: np.ndarray) -> StepResult:
+        """Execute one policy action (7 floats, see the module docstring for the mapping)."""
+        if self._obs is None:
+            raise RuntimeError("call reset() before step()")
+        env_action = self.to_env_action(action)
+        self._obs, reward, _, info = self.env.step(env_action)
+        return StepResult(self.observation(), float(reward), {"env_action": env_action, **info})
+
+    def success(self) -> bool:
+        return bool(self.env._check_success())
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> RobosuiteEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- conversions ----------------------------------------------------------------------------
+
+    def to_env_action(self, action: np.ndarray) -> np.ndarray:
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (self.action_dim,) or not np.all(np.isfinite(a)):
+            raise ValueError(f"action must be {self.action_dim} finite floats, got {a.tolist()}")
+        out = np.empty(self.action_dim)
+        out[:6] = np.clip(a[:6] * self.config.action_scale, -1.0, 1.0)
+        g = a[6]
+        if self.config.gripper == "open_positive":
+            g = -g
+        elif self.config.gripper == "open_unit":
+            g = 1.0 - 2.0 * g
+        out[6] = np.sign(g) if self.config.binarize_gripper else np.clip(g, -1.0, 1.0)
+        return out
+
+    @property
+    def gripper_qpos(self) -> np.ndarray:
+        """The gripper's joint positions (Panda: the two fingers, larger = more open)."""
+        if self._obs is None:
+            raise RuntimeError("call reset() first")
+        return np.array(self._obs["robot0_gripper_qpos"], dtype=np.float64)
+
+    def observation(self) -> SimObservation:
+        obs = self._obs
+        if obs is None:
+            raise RuntimeError("call reset() first")
+        images = {key: self._image(obs[f"{cam}_image"]) for key, cam in self.cameras.items()}
+        ee_pos = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        ee_quat = np.asarray(obs["robot0_eef_quat"], dtype=np.float64)
+        state = None
+        if self.send_state:
+            q = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
+            fingers = q if q.size == 2 else q[[0, q.size // 2]]
+            state = np.concatenate([ee_pos, quat2axisangle(ee_quat), fingers]).astype(np.float32)
+        ee_vel = np.array(self.env.sim.data.get_site_xvelp(self._eef_site), dtype=np.float64)
+        return SimObservation(
+            instruction=self.instruction,
+            images=images,
+            state=state,
+            ee_pos=ee_pos.copy(),
+            ee_quat=ee_quat.copy(),
+            ee_vel=ee_vel,
+            t_sim=float(self.env.sim.data.time),
+        )
+
+    def _image(self, img: np.ndarray) -> np.ndarray:
+        if self._flip_rows:
+            img = img[::-1]
+        if self.config.rotate_images_180:
+            img = img[::-1, ::-1]
+        return np.ascontiguousarray(img, dtype=np.uint8)
+
+
+def _image_shapes(config: RobosuiteConfig, info: Any | None) -> dict[str, tuple[int, int, int]]:
+    if info is not None and info.image_keys:
+        shapes = {k: tuple(int(d) for d in s) for k, s in info.image_keys.items()}
+        for k, s in shapes.items():
+            if len(s) != 3 or s[2] != 3:
+                raise ValueError(f"policy image {k!r} has shape {list(s)}; this env renders RGB [H, W, 3]")
+        if config.image_size is not None:
+            wrong = {k: s for k, s in shapes.items() if s[:2] != tuple(config.image_size)}
+            if wrong:
+                raise ValueError(f"sim config image_size {list(config.image_size)} != policy's {wrong}")
+        return shapes
+    h, w = config.image_size or DEFAULT_IMAGE_SHAPE[:2]
+    return {k: (h, w, 3) for k in config.cameras}
+
+
+def _camera_map(config: RobosuiteConfig, shapes: dict[str, tuple[int, int, int]]) -> dict[str, str]:
+    """Policy image key -> robosuite camera. A single-image policy takes the single configured camera."""
+    keys = list(shapes)
+    if len(keys) == 1 and len(config.cameras) == 1:
+        return {keys[0]: next(iter(config.cameras.values()))}
+    missing = [k for k in keys if k not in config.cameras]
+    if missing:
+        raise ValueError(
+            f"the policy wants images {keys}; sim config `cameras` has no camera for {missing} "
+            f"(it maps {config.cameras})"
+        )
+    return {k: config.cameras[k] for k in keys}
+
+
+__all__ = ["INSTRUCTIONS", "RobosuiteConfig", "RobosuiteEnv", "load_sim_config", "quat2axisangle"]

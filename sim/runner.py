@@ -1,0 +1,326 @@
+"""The episode runner: observation -> policy node -> action chunk -> environment, with a callback per step.
+
+Per episode: `client.reset(episode=id, seed=...)`, `env.reset(seed)`, then infer, execute the first
+`execute_steps` actions of the chunk (default: all of it), re-plan, until success or `max_steps`.
+Every executed step calls `on_step(record)` (the recorder's hook); see `run_episodes` for the fields.
+
+Failures end the episode with a clear exception, never a hang:
+- the policy node stops answering (no heartbeat for the client's liveness window, or a request timeout):
+  `PolicyNodeDied`, typically within `liveness + dead_after` seconds (about 1.5 s with the defaults) even
+  while an inference is in flight, since every request is watched from this thread;
+- the policy returns a non-finite or mis-shaped action chunk: `BadActionError`, before `env.step` runs
+  (the client rejects NaN/inf itself by default; the runner checks again so a client built with
+  `require_finite_actions=False` cannot let one through);
+- the node answers a request with an error: `EpisodeError` carrying the remote message.
+Each carries `episode`, `step` and the `summaries` of episodes finished before (the failed one last, with
+`error` set); `on_episode_end` is called for the failed episode too, so a recorder can close it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sim.base import SimEnv, SimObservation
+from vla_steer.protocol import Code, ProtocolError
+from vla_steer.transport import Client, RemoteError, RequestTimeout
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class EpisodeSummary:
+    """What one episode did. Speeds and heights are taken after each executed step (world frame)."""
+
+    episode: str
+    seed: int
+    success: bool
+    length: int  # executed steps
+    inferences: int
+    mean_ee_speed: float  # m/s, mean |end-effector linear velocity|
+    mean_ee_displacement: float  # m per step (the paper's step-wise displacement)
+    mean_ee_height: float  # m, mean end-effector z
+    return_: float  # sum of rewards
+    wall_s: float
+    error: str | None = None
+
+
+class EpisodeError(RuntimeError):
+    """An episode could not go on. `summaries` holds every episode so far, this one last."""
+
+    def __init__(self, message: str, episode: str, step: int, summaries: list[EpisodeSummary] | None = None):
+        super().__init__(message)
+        self.episode = episode
+        self.step = step
+        self.summaries = summaries or []
+
+
+class PolicyNodeDied(EpisodeError):
+    """The policy node stopped answering (heartbeats or a request timed out)."""
+
+
+class BadActionError(EpisodeError):
+    """The policy returned an action chunk that must not reach the environment (NaN/inf or wrong shape)."""
+
+
+@dataclass
+class _Episode:
+    """Running sums for the summary."""
+
+    speeds: list[float] = field(default_factory=list)
+    displacements: list[float] = field(default_factory=list)
+    heights: list[float] = field(default_factory=list)
+    ret: float = 0.0
+    inferences: int = 0
+
+
+def run_episodes(
+    client: Client,
+    env: SimEnv,
+    n_episodes: int,
+    max_steps: int,
+    *,
+    execute_steps: int | None = None,
+    on_step: StepCallback | None = None,
+    on_episode_end: Callable[[EpisodeSummary], None] | None = None,
+    steer: Mapping[str, float] | None = None,
+    activations: Iterable[str] | None = None,
+    seed: int = 0,
+    episode_prefix: str = "episode",
+    connect_timeout: float = 10.0,
+    dead_after: float = 0.25,
+) -> list[EpisodeSummary]:
+    """Run `n_episodes` episodes of at most `max_steps` executed steps; returns one summary per episode.
+
+    Episode i is named f"{episode_prefix}-{i:04d}" and seeded `seed + i` (env and node). `steer`
+    ({"fast": 4.0}) is set with `client.set_knobs` once, before the first episode. `activations` (concept
+    names or "layer:N") are requested with every inference and passed to `on_step`.
+
+    `on_step` gets, for every executed step, a dict with: episode, step (0-based), chunk_step (index of
+    the action in its chunk), instruction, images, state (the observation the action was executed from),
+    ee_pos, ee_quat, ee_vel (same moment), action_chunk [chunk, action_dim], action (the executed row, as
+    the policy sent it), reward, success (after the step), t_wall (time.time() after the step), t_sim
+    (sim seconds after the step), steering (the reply's info["steering"]), activations (the reply's, name
+    -> array), policy_info (the rest of the reply's info). The runner never reuses or mutates these
+    arrays, so a recorder may keep them without copying.
+    """
+    if n_episodes < 0 or max_steps <= 0:
+        raise ValueError("n_episodes must be >= 0 and max_steps > 0")
+    if execute_steps is not None and execute_steps <= 0:
+        raise ValueError("execute_steps must be positive (or None for the whole chunk)")
+    watch = _Watch(client, dead_after)
+    if not client.wait_alive(connect_timeout):
+        raise PolicyNodeDied(f"no policy node answered at {client.address} within {connect_timeout}s", "", 0)
+    if steer:
+        watch.call("set_knobs", lambda: client.set_knobs(dict(steer)), "", 0, [])
+    wanted = list(activations) if activations is not None else None
+    summaries: list[EpisodeSummary] = []
+    for i in range(n_episodes):
+        name, ep_seed = f"{episode_prefix}-{i:04d}", seed + i
+        state = _Episode()
+        t0 = time.perf_counter()
+        step = 0
+        success = False
+        try:
+            watch.call("reset", lambda n=name, s=ep_seed: client.reset(episode=n, seed=s), name, 0, summaries)
+            obs = env.reset(ep_seed)
+            success = env.success()
+            while step < max_steps and not success:
+                reply = watch.call(
+                    "infer",
+                    lambda o=obs: client.infer(o.payload(), activations=wanted),
+                    name,
+                    step,
+                    summaries,
+                )
+                state.inferences += 1
+                chunk = _check_chunk(reply.actions, env.action_dim, name, step, summaries)
+                info = dict(reply.info)
+                steering = info.pop("steering", {})
+                acts = dict(reply.activations)
+                n_exec = len(chunk) if execute_steps is None else min(execute_steps, len(chunk))
+                for k in range(n_exec):
+                    action = chunk[k]
+                    result = env.step(action)
+                    new = result.observation
+                    success = env.success()
+                    state.ret += result.reward
+                    state.speeds.append(float(np.linalg.norm(new.ee_vel)))
+                    state.displacements.append(float(np.linalg.norm(new.ee_pos - obs.ee_pos)))
+                    state.heights.append(float(new.ee_pos[2]))
+                    if on_step is not None:
+                        on_step(
+                            _record(name, step, k, obs, chunk, action, result.reward, success, new)
+                            | {"steering": steering, "activations": acts, "policy_info": info}
+                        )
+                    obs = new
+                    step += 1
+                    if success or step >= max_steps:
+                        break
+        except EpisodeError as e:
+            summary = _summary(name, ep_seed, success, step, state, t0, str(e))
+            summaries.append(summary)
+            e.summaries = summaries
+            if on_episode_end is not None:
+                on_episode_end(summary)
+            raise
+        summary = _summary(name, ep_seed, success, step, state, t0, None)
+        summaries.append(summary)
+        if on_episode_end is not None:
+            on_episode_end(summary)
+    return summaries
+
+
+def _record(
+    episode: str,
+    step: int,
+    chunk_step: int,
+    obs: SimObservation,
+    chunk: np.ndarray,
+    action: np.ndarray,
+    reward: float,
+    success: bool,
+    after: SimObservation,
+) -> dict[str, Any]:
+    return {
+        "episode": episode,
+        "step": step,
+        "chunk_step": chunk_step,
+        "instruction": obs.instruction,
+        "images": obs.images,
+        "state": obs.state,
+        "ee_pos": obs.ee_pos,
+        "ee_quat": obs.ee_quat,
+        "ee_vel": obs.ee_vel,
+        "action_chunk": chunk,
+        "action": action,
+        "reward": reward,
+        "success": success,
+        "t_wall": time.time(),
+        "t_sim": after.t_sim,
+    }
+
+
+def _summary(
+    name: str, seed: int, success: bool, length: int, s: _Episode, t0: float, error: str | None
+) -> EpisodeSummary:
+    def mean(xs: list[float]) -> float:
+        return float(np.mean(xs)) if xs else float("nan")
+
+    return EpisodeSummary(
+        episode=name,
+        seed=seed,
+        success=success,
+        length=length,
+        inferences=s.inferences,
+        mean_ee_speed=mean(s.speeds),
+        mean_ee_displacement=mean(s.displacements),
+        mean_ee_height=mean(s.heights),
+        return_=s.ret,
+        wall_s=time.perf_counter() - t0,
+        error=error,
+    )
+
+
+def _check_chunk(
+    actions: Any, action_dim: int, episode: str, step: int, summaries: list[EpisodeSummary]
+) -> np.ndarray:
+    a = np.array(actions, dtype=np.float64)  # a copy: reply arrays are read-only views
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2 or a.shape[1] != action_dim or a.shape[0] == 0:
+        raise BadActionError(
+            f"episode {episode} step {step}: the policy returned actions of shape {list(np.shape(actions))}; "
+            f"expected [chunk, {action_dim}]",
+            episode,
+            step,
+            summaries,
+        )
+    if not np.all(np.isfinite(a)):
+        bad = np.argwhere(~np.isfinite(a))[0]
+        raise BadActionError(
+            f"episode {episode} step {step}: the policy returned a non-finite action "
+            f"(first at chunk row {bad[0]}, dim {bad[1]}: {a[tuple(bad)]}); nothing was sent to the env",
+            episode,
+            step,
+            summaries,
+        )
+    return a
+
+
+class _Watch:
+    """Runs a client request in a helper thread and gives up as soon as the node is seen dead.
+
+    `Client` requests block for up to timeout * (retries + 1); its heartbeat thread notices a dead node
+    within its liveness window. Watching `client.alive` here turns the latter into the deadline. A request
+    abandoned this way finishes (times out) in its daemon thread; nothing waits for it.
+    """
+
+    def __init__(self, client: Client, dead_after: float):
+        self.client = client
+        self.dead_after = dead_after
+
+    def call(self, what: str, fn: Callable[[], Any], episode: str, step: int, summaries: list) -> Any:
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as e:  # handed to the caller's thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=target, name=f"sim-runner-{what}", daemon=True).start()
+        dead_since: float | None = None
+        where = f"episode {episode!r} step {step}" if episode else "before the first episode"
+        while not done.wait(0.05):
+            if self.client.alive:
+                dead_since = None
+                continue
+            now = time.monotonic()
+            dead_since = dead_since if dead_since is not None else now
+            if now - dead_since >= self.dead_after:
+                raise PolicyNodeDied(
+                    f"the policy node at {self.client.address} stopped answering during {what} ({where}): "
+                    f"no heartbeat for over {self.client.liveness:.1f}s",
+                    episode,
+                    step,
+                    summaries,
+                )
+        err = box.get("error")
+        if err is None:
+            return box["result"]
+        if isinstance(err, RequestTimeout):
+            raise PolicyNodeDied(
+                f"the policy node at {self.client.address} did not answer {what} ({where}): {err}",
+                episode,
+                step,
+                summaries,
+            ) from err
+        if isinstance(err, ProtocolError) and what == "infer" and err.code == Code.NOT_FINITE:
+            raise BadActionError(
+                f"{where}: the policy returned non-finite actions ({err}); nothing was sent to the env",
+                episode,
+                step,
+                summaries,
+            ) from err
+        if isinstance(err, (RemoteError, ProtocolError)):
+            raise EpisodeError(f"{what} failed ({where}): {err}", episode, step, summaries) from err
+        raise err
+
+
+__all__ = [
+    "BadActionError",
+    "EpisodeError",
+    "EpisodeSummary",
+    "PolicyNodeDied",
+    "StepCallback",
+    "run_episodes",
+]

@@ -1,0 +1,411 @@
+"""The robosuite sim node end to end: real MuJoCo physics, a real PolicyNode serving a real TinyVLA over ZeroMQ."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from policies import load_policy
+from policies.tiny_vla import TinyVLA
+from sim.base import StepResult
+from sim.robosuite_env import RobosuiteConfig, load_sim_config, quat2axisangle
+from sim.runner import BadActionError, PolicyNodeDied, run_episodes
+from vla_steer.discovery import discover, load_directions
+from vla_steer.node import PolicyNode
+from vla_steer.protocol import InferResult
+from vla_steer.rollouts import open_store
+from vla_steer.transport import Client, Server
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+SIMS = Path(__file__).resolve().parents[1] / "configs" / "sims"
+FIELDS = {
+    "episode", "step", "chunk_step", "instruction", "images", "state", "ee_pos", "ee_quat", "ee_vel",
+    "action_chunk", "action", "reward", "success", "t_wall", "t_sim", "steering", "activations", "policy_info",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def robosuite():
+    return pytest.importorskip("robosuite")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, poles):
+    """A TinyVLA (32x32 "agentview" images, 7-d actions) saved and loaded like a real checkpoint."""
+    root = tmp_path_factory.mktemp("tiny_vla_sim")
+    words = sorted({w for p in poles.values() for w in p.words})
+    TinyVLA.build(words=words, seed=3).save(root / "policy")
+    (root / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
+    policy = load_policy(root / "policy.yaml")
+    for d in discover(policy.backbone, poles, size=8, progress=False, device="cpu").values():
+        d.save(root / "directions")
+    return root
+
+
+@pytest.fixture(scope="module")
+def node(checkpoint):
+    return PolicyNode(
+        load_policy(checkpoint / "policy.yaml"), load_directions(checkpoint / "directions").values()
+    )
+
+
+@pytest.fixture(scope="module")
+def served(node):
+    with Server(node, "tcp://127.0.0.1:0").start() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def lift(robosuite, served):
+    """The Lift env built for the served policy's hello reply (module-wide: building one takes seconds)."""
+    from sim.robosuite_env import RobosuiteEnv
+
+    with Client(served.address) as c:
+        info = c.hello()
+    env = RobosuiteEnv(load_sim_config(SIMS / "robosuite_lift.yaml"), info)
+    yield env
+    env.close()
+
+
+class CountingEnv:
+    """The real env, counting what reaches `step` (to prove bad actions never do)."""
+
+    def __init__(self, env):
+        self.env, self.steps = env, 0
+        self.instruction, self.action_dim = env.instruction, env.action_dim
+
+    def reset(self, seed=None):
+        return self.env.reset(seed)
+
+    def step(self, action) -> StepResult:
+        self.steps += 1
+        return self.env.step(action)
+
+    def success(self) -> bool:
+        return self.env.success()
+
+    def close(self) -> None:
+        pass
+
+
+# -- configs ---------------------------------------------------------------------------------------
+
+
+def test_shipped_configs_validate():
+    for path in sorted(SIMS.glob("robosuite_*.yaml")):
+        cfg = load_sim_config(path)
+        assert cfg.kind == "robosuite" and cfg.instruction_text()
+
+
+def test_config_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: Lift\ngripper: sideways\ncolour: red\n")
+    with pytest.raises(ValueError) as e:
+        load_sim_config(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "gripper" in msg and "open_positive" in msg and "colour" in msg
+    with pytest.raises(ValueError, match="no default instruction for task 'Wipe'"):
+        RobosuiteConfig(task="Wipe").instruction_text()
+
+
+def test_quat2axisangle_matches_known_rotations():
+    assert np.allclose(quat2axisangle(np.array([0.0, 0.0, 0.0, 1.0])), 0.0)
+    half = np.sin(np.pi / 4)
+    assert np.allclose(quat2axisangle(np.array([0.0, 0.0, half, half])), [0, 0, np.pi / 2])
+
+
+# -- the env alone ---------------------------------------------------------------------------------
+
+
+def test_env_rejects_a_policy_it_cannot_serve(robosuite):
+    from sim.robosuite_env import RobosuiteEnv
+    from vla_steer.protocol import ServerInfo
+
+    two_cams = ServerInfo("p", 7, 1, 10.0, {"agentview": (32, 32, 3), "wrist": (32, 32, 3)})
+    with pytest.raises(ValueError, match=r"no camera for \['wrist'\]"):
+        RobosuiteEnv(RobosuiteConfig(), two_cams)
+    with pytest.raises(ValueError, match="state of 5 floats"):
+        RobosuiteEnv(
+            RobosuiteConfig(), ServerInfo("p", 7, 1, 10.0, {"a": (32, 32, 3)}, info={"state_dim": 5})
+        )
+
+
+def _project(sim, camera: str, point: np.ndarray, h: int, w: int) -> tuple[float, float]:
+    """Pinhole projection with MuJoCo's camera (looks along -z, y up) to (row, col), row 0 at the top."""
+    cam = sim.model.camera_name2id(camera)
+    d = sim.data.cam_xmat[cam].reshape(3, 3).T @ (point - sim.data.cam_xpos[cam])
+    f = (h / 2) / np.tan(np.radians(sim.model.cam_fovy[cam]) / 2)
+    return h / 2 - f * d[1] / -d[2] - 0.5, w / 2 + f * d[0] / -d[2] - 0.5
+
+
+def test_images_are_right_side_up(robosuite):
+    """The red cube shows where the camera model projects it (OpenCV rows), not at the mirrored row."""
+    from sim.robosuite_env import RobosuiteEnv
+
+    h = w = 64
+    with RobosuiteEnv(RobosuiteConfig(image_size=(h, w))) as env:
+        env.reset(seed=0)
+        # Move the cube off the image centre (towards the camera and sideways), so a flip would show.
+        sim, joint = env.env.sim, env.env.cube.joints[0]
+        qpos = sim.data.get_joint_qpos(joint).copy()
+        qpos[:2] = [0.2, 0.15]
+        sim.data.set_joint_qpos(joint, qpos)
+        sim.forward()
+        obs = env.step(np.zeros(7)).observation
+        img = obs.images["agentview"].astype(int)
+        assert img.shape == (h, w, 3) and obs.images["agentview"].dtype == np.uint8
+        row, col = _project(sim, "agentview", sim.data.body_xpos[env.env.cube_body_id], h, w)
+    red = (img[..., 0] > img[..., 1] + 60) & (img[..., 0] > img[..., 2] + 60)
+    assert red.sum() >= 3, "the cube is not visible"
+    rows, cols = np.nonzero(red)
+    assert abs(rows.mean() - row) <= 3 and abs(cols.mean() - col) <= 3
+    assert abs((h - 1 - rows.mean()) - row) > 6  # an upside-down image would put it here
+    # agentview looks over the white table towards the robot: table at the bottom, robot base at the top
+    assert img[-h // 4 :].mean() > img[: h // 4].mean() + 30
+
+
+def test_actions_move_the_end_effector_as_commanded(lift):
+    lift.reset(seed=0)
+    for axis in range(3):
+        before = lift.observation().ee_pos
+        for _ in range(6):
+            a = np.zeros(7)
+            a[axis] = 1.0  # a 5 cm goal offset per step in the robot base frame (aligned with the world)
+            res = lift.step(a)
+        moved = res.observation.ee_pos - before
+        assert moved[axis] > 0.03 and abs(moved[axis]) > 3 * np.abs(np.delete(moved, axis)).max()
+    for _ in range(8):
+        lift.step(np.array([0, 0, 0, 0, 0, 0, -1.0]))  # open_positive: -1 closes
+    closed = lift.gripper_qpos[0]
+    for _ in range(8):
+        lift.step(np.array([0, 0, 0, 0, 0, 0, 1.0]))
+    assert lift.gripper_qpos[0] > closed + 0.01
+
+
+def test_seeds_reproduce_and_differ(lift):
+    a, b, c = lift.reset(seed=7), lift.reset(seed=7), lift.reset(seed=8)
+    assert np.array_equal(a.images["agentview"], b.images["agentview"]) and np.allclose(a.ee_pos, b.ee_pos)
+    assert not np.array_equal(a.images["agentview"], c.images["agentview"])
+
+
+# -- the runner against a served policy -----------------------------------------------------------
+
+
+def test_lift_episodes_end_to_end_with_steering_and_activations(lift, served, node):
+    records, ended = [], []
+    with Client(served.address) as client:
+        summaries = run_episodes(
+            client, lift, n_episodes=2, max_steps=15, on_step=records.append, on_episode_end=ended.append,
+            steer={"fast": 4.0}, activations=["fast"], seed=3,
+        )  # fmt: skip
+        client.knobs_off()
+    assert [s.episode for s in summaries] == ["episode-0000", "episode-0001"] and ended == summaries
+    assert all(s.error is None and s.length == 15 and s.inferences == 15 for s in summaries)
+    assert len(records) == 30 and all(set(r) == FIELDS for r in records)
+    n_fast = len(node.steerer.neurons("fast"))
+    for r in records:
+        img = r["images"]["agentview"]
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        assert img[-8:].mean() > img[:8].mean() + 30  # right side up: the white table fills the bottom
+        assert r["action_chunk"].shape == (1, 7) and np.array_equal(r["action"], r["action_chunk"][0])
+        assert r["steering"]["fast"]["strength"] == 4.0 and r["steering"]["fast"]["enabled"]
+        assert r["activations"]["fast"].shape == (7, n_fast)
+        assert r["state"] is None  # the TinyVLA takes no state
+        assert r["ee_pos"].shape == (3,) and r["ee_quat"].shape == (4,) and r["ee_vel"].shape == (3,)
+        assert r["instruction"] == "pick up the red cube"
+    first = [r for r in records if r["episode"] == "episode-0000"]
+    assert [r["step"] for r in first] == list(range(15))
+    assert np.all(np.diff([r["t_sim"] for r in first]) > 0) and np.all(
+        np.diff([r["t_wall"] for r in first]) >= 0
+    )
+    # The (random) policy's actions move the arm.
+    assert np.linalg.norm(first[-1]["ee_pos"] - first[0]["ee_pos"]) > 0.01
+    s = summaries[0]
+    assert s.mean_ee_displacement > 0.001 and s.mean_ee_speed > 0.01 and 0.8 < s.mean_ee_height < 1.5
+    assert not s.success
+
+
+def _custom_server(node, infer, state_dim=None):
+    """The real node behind hand-written infer/hello handlers (to send what a healthy node never would)."""
+
+    def hello(req):
+        info = node.hello(req)
+        return dataclasses.replace(info, info={**info.info, "state_dim": state_dim}) if state_dim else info
+
+    return Server({"hello": hello, "reset": node.reset, "infer": infer}, "tcp://127.0.0.1:0").start()
+
+
+def test_state_is_sent_and_chunks_replan_after_execute_steps(robosuite, node):
+    from sim.robosuite_env import RobosuiteEnv
+
+    states = []
+
+    def infer(req):  # a chunk of 4 from the real policy; the state arrives as the policy family expects
+        states.append(np.array(req.payload["observation"]["state"]))
+        reply = node.infer(req)
+        a = reply.payload.actions
+        return InferResult(np.concatenate([a, a * 0.5, -a, a * 0]).astype(np.float32), {}, reply.payload.info)
+
+    records = []
+    with _custom_server(node, infer, state_dim=8) as server, Client(server.address) as client:
+        env = RobosuiteEnv(load_sim_config(SIMS / "robosuite_lift.yaml"), client.hello())
+        try:
+            (s,) = run_episodes(client, env, 1, max_steps=7, execute_steps=3, on_step=records.append)
+        finally:
+            env.close()
+    assert s.length == 7 and s.inferences == 3 == len(states)
+    assert [r["chunk_step"] for r in records] == [0, 1, 2, 0, 1, 2, 0]
+    assert all(st.shape == (8,) and st.dtype == np.float32 for st in states)
+    assert np.allclose(records[0]["state"], states[0]) and np.allclose(states[0][:3], records[0]["ee_pos"])
+    assert np.allclose(records[0]["state"][3:6], quat2axisangle(records[0]["ee_quat"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("client_checks", [True, False])
+def test_non_finite_actions_never_reach_the_env(lift, node, client_checks):
+    def infer(req):
+        return InferResult(np.array([[0.1, 0.0, np.nan, 0, 0, 0, 1]], np.float32))
+
+    env = CountingEnv(lift)
+    with (
+        _custom_server(node, infer) as server,
+        Client(server.address, require_finite_actions=client_checks) as c,
+        pytest.raises(BadActionError, match="non-finite") as e,
+    ):
+        run_episodes(c, env, 1, max_steps=5)
+    assert env.steps == 0
+    assert e.value.episode == "episode-0000" and e.value.summaries[-1].error
+
+
+def test_wrong_action_shape_is_refused(lift, node):
+    env = CountingEnv(lift)
+    infer = lambda req: InferResult(np.zeros((1, 6), np.float32))  # noqa: E731
+    with (
+        _custom_server(node, infer) as server,
+        Client(server.address) as c,
+        pytest.raises(BadActionError, match=r"shape \[1, 6\]; expected \[chunk, 7\]"),
+    ):
+        run_episodes(c, env, 1, max_steps=5)
+    assert env.steps == 0
+
+
+def test_node_dying_during_an_inference_ends_the_episode_within_2s(lift, node):
+    """The node goes away while an inference is in flight: the runner notices from heartbeats, not timeouts."""
+    calls = 0
+    gone = threading.Event()
+
+    def infer(req):
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            gone.wait(10)  # stuck; the server is closed underneath it
+        return node.infer(req)
+
+    server = _custom_server(node, infer)
+    t_close = []
+
+    def close_soon():
+        time.sleep(0.3)
+        t_close.append(time.monotonic())
+        threading.Thread(target=server.close, daemon=True).start()
+
+    records = []
+
+    def on_step(r):
+        records.append(r)
+        if r["step"] == 2:  # the next inference (the 4th) hangs and the node dies during it
+            threading.Thread(target=close_soon, daemon=True).start()
+
+    # Waiting for the reply would take the client's timeout (4 s). Closing the client waits for the
+    # abandoned request to time out (Client.close takes the request lock), hence not a longer timeout.
+    with Client(server.address, timeout=4.0, retries=0) as c:
+        with pytest.raises(PolicyNodeDied, match="stopped answering during infer") as e:
+            run_episodes(c, lift, 1, max_steps=50, on_step=on_step)
+        elapsed = time.monotonic() - t_close[0]
+        gone.set()
+    assert elapsed < 2.0, f"took {elapsed:.2f}s to notice"
+    assert e.value.step == 3 and len(records) == 3 and e.value.summaries[0].length == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigkilled_node_process_ends_the_episode_within_2s(lift, checkpoint):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vla_steer.cli", "serve", "--policy", str(checkpoint / "policy.yaml"), "--bind", address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "serving tiny-vla on" in line, proc.stderr.read() if proc.poll() is not None else line
+        t_kill = []
+
+        def on_step(r):
+            if r["step"] == 4:
+                proc.send_signal(signal.SIGKILL)
+                t_kill.append(time.monotonic())
+
+        with Client(address, timeout=4.0, retries=0) as c:  # a blind wait: 4 s
+            with pytest.raises(PolicyNodeDied, match="stopped answering"):
+                run_episodes(c, lift, 1, max_steps=50, on_step=on_step)
+            assert time.monotonic() - t_kill[0] < 2.0
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["robosuite_stack", "robosuite_pickplace_can", "robosuite_lift_ur5e"])
+def test_other_tasks_and_robots_run_with_the_policy(robosuite, served, config):
+    from sim.robosuite_env import RobosuiteEnv
+
+    records = []
+    with Client(served.address) as client:
+        env = RobosuiteEnv(load_sim_config(SIMS / f"{config}.yaml"), client.hello())
+        try:
+            (s,) = run_episodes(client, env, 1, max_steps=10, on_step=records.append)
+        finally:
+            env.close()
+    assert s.length == 10 and s.error is None
+    assert records[0]["images"]["agentview"].shape == (32, 32, 3)
+    assert np.linalg.norm(records[-1]["ee_pos"] - records[0]["ee_pos"]) > 0.005
+
+
+def test_cli_sim_records_episodes_into_a_rollout_store(robosuite, served, tmp_path):
+    """`vla-steer sim` against a live node: every executed step lands in the store, knobs included."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "vla_steer.cli", "sim", "--env", str(SIMS / "robosuite_lift.yaml"),
+        "--server", served.address, "--episodes", "2", "--max-steps", "4", "--out", str(out),
+        "--steer", "fast=4", "--activations", "fast",
+    ]  # fmt: skip
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "MUJOCO_GL": "egl"}
+    )
+    assert r.returncode == 0, r.stderr
+    assert "success rate" in r.stdout
+    store = open_store(out)
+    episodes = store.episodes()
+    assert len(episodes) == 2 and all(e.complete and e.n_steps == 4 for e in episodes)
+    ep = store.load(episodes[0].id)
+    assert ep.images["agentview"].shape == (4, 32, 32, 3) and ep.arrays["ee_pos"].shape == (4, 3)
+    assert ep.steering[0]["fast"]["strength"] == 4.0 and ep.steering[0]["fast"]["enabled"]
+    assert ep.activations["fast"].shape[0] == 4
+    assert ep.meta["task"] == "Lift" and ep.meta["conventions"]["gripper"] == "open_positive"
+    assert [e["kind"] for e in ep.events][:1] == ["steering"]
+    # A second run appends to the same store.
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0
+    assert len(open_store(out).episodes()) == 4
