@@ -5,10 +5,10 @@ state and a prompt string; reply: a 50x7 float32 action chunk (fixed content, fr
 
   ours     vla_steer.transport: a `Server` with an "infer" handler, driven by our `Client.infer`
   openpi   the `openpi-client` package as openpi uses it: its `WebsocketClientPolicy` against a server
-           that replicates openpi's `WebsocketPolicyServer` (src/openpi/serving/websocket_policy_server.py:
-           `websockets.asyncio.server.serve(..., compression=None, max_size=None)`, metadata sent on
-           connect, then per request `msgpack_numpy.unpackb` -> policy.infer -> add "server_timing" ->
-           `msgpack_numpy.Packer().pack`)
+           that reproduces the behaviour (not the code) of openpi's `WebsocketPolicyServer`: a
+           `websockets.asyncio.server.serve(..., compression=None, max_size=None)` server that sends its
+           metadata on connect, then per message unpacks the observation with `msgpack_numpy`, calls the
+           policy, adds "server_timing" and sends the result packed with `msgpack_numpy`
   inproc   reference, no sockets: the same request/reply path through our codec in one process
            (client encode -> server decode + checks -> handler -> encode -> client decode + checks),
            the plain handler call, and the same for openpi's codec
@@ -260,65 +260,55 @@ class _BenchPolicy:
         return {"actions": policy_infer(obs)}
 
 
-async def _openpi_handler(policy, metadata, websocket):
-    """openpi's WebsocketPolicyServer._handler (src/openpi/serving/websocket_policy_server.py), verbatim in
-    what it does per request; only the logging is left out."""
-    import websockets
-    import websockets.frames
-    from openpi_client import msgpack_numpy
+async def _serve_openpi_protocol(policy, metadata, ws) -> None:
+    """One connection of a server that behaves, on the wire, like openpi's `WebsocketPolicyServer`.
 
-    packer = msgpack_numpy.Packer()
-    await websocket.send(packer.pack(metadata))
-    prev_total_time = None
-    while True:
-        try:
-            start_time = time.monotonic()
-            obs = msgpack_numpy.unpackb(await websocket.recv())
-            infer_time = time.monotonic()
-            action = policy.infer(obs)
-            infer_time = time.monotonic() - infer_time
-            action["server_timing"] = {"infer_ms": infer_time * 1000}
-            if prev_total_time is not None:
-                action["server_timing"]["prev_total_ms"] = prev_total_time * 1000
-            await websocket.send(packer.pack(action))
-            prev_total_time = time.monotonic() - start_time
-        except websockets.ConnectionClosed:
-            break
-        except Exception:
-            await websocket.send(traceback.format_exc())
-            await websocket.close(
-                code=websockets.frames.CloseCode.INTERNAL_ERROR,
-                reason="Internal server error. Traceback included in previous frame.",
-            )
-            raise
+    Written from the protocol's observable behaviour, not from openpi's code: on connect the server sends
+    its metadata packed with `msgpack_numpy`; then each message is a packed observation, answered with the
+    policy's packed result (plus the "server_timing" entry openpi's server adds: this call's policy time
+    and, from the second call on, the previous round's total). If anything fails, the traceback text goes
+    to the client and the connection is closed with 1011 (internal error).
+    """
+    from openpi_client import msgpack_numpy
+    from websockets.exceptions import ConnectionClosed
+    from websockets.frames import CloseCode
+
+    pack = msgpack_numpy.Packer().pack
+    last_round_ms = None
+    try:
+        await ws.send(pack(metadata))
+        async for message in ws:
+            received = time.monotonic()
+            obs = msgpack_numpy.unpackb(message)
+            called = time.monotonic()
+            result = policy.infer(obs)
+            timing = {"infer_ms": (time.monotonic() - called) * 1e3}
+            if last_round_ms is not None:
+                timing["prev_total_ms"] = last_round_ms
+            result["server_timing"] = timing
+            await ws.send(pack(result))
+            last_round_ms = (time.monotonic() - received) * 1e3
+    except ConnectionClosed:
+        return
+    except Exception:
+        await ws.send(traceback.format_exc())
+        await ws.close(CloseCode.INTERNAL_ERROR, "server error; its traceback is the previous message")
+        raise
 
 
 def role_openpi_server() -> None:
     import asyncio
     import functools
-    import http
 
-    import websockets.asyncio.server as _server
-
-    def health_check(connection, request):
-        if request.path == "/healthz":
-            return connection.respond(http.HTTPStatus.OK, "OK\n")
-        return None
+    from websockets.asyncio.server import serve
 
     metadata = {"policy": "bench", "action_dim": CHUNK_SHAPE[1], "chunk_length": CHUNK_SHAPE[0]}
-    handler = functools.partial(_openpi_handler, _BenchPolicy(), metadata)
+    # openpi's settings that shape the transfer: no per-message compression, no message size limit.
+    handler = functools.partial(_serve_openpi_protocol, _BenchPolicy(), metadata)
 
     async def run():
-        async with _server.serve(
-            handler,
-            "127.0.0.1",
-            0,
-            compression=None,
-            max_size=None,
-            process_request=health_check,
-        ) as server:
-            port = server.sockets[0].getsockname()[1]
-            _say({"port": port, "pid": os.getpid()})
+        async with serve(handler, "127.0.0.1", 0, compression=None, max_size=None) as server:
+            _say({"port": server.sockets[0].getsockname()[1], "pid": os.getpid()})
             await server.serve_forever()
 
     _exit_on_stdin_eof()
@@ -641,9 +631,10 @@ def main_orchestrator(argv: list[str]) -> int:
         "setup": {
             "ours": "vla_steer.transport.Server({'infer': handler}, 'tcp://127.0.0.1:*') in one process, "
             "vla_steer.transport.Client(address) (defaults: heartbeat thread on) in another",
-            "openpi": "a replica of openpi's WebsocketPolicyServer (websockets.asyncio.server.serve, "
-            "compression=None, max_size=None, metadata on connect, msgpack_numpy, server_timing added) in one "
-            "process, openpi_client.websocket_client_policy.WebsocketClientPolicy in another",
+            "openpi": "a server reproducing the behaviour of openpi's WebsocketPolicyServer "
+            "(websockets.asyncio.server.serve, compression=None, max_size=None, metadata on connect, "
+            "msgpack_numpy, server_timing added) in one process, "
+            "openpi_client.websocket_client_policy.WebsocketClientPolicy in another",
             "handler": "checks the observation's keys/shapes/dtypes, returns a copy of a fixed 50x7 float32 "
             "chunk; every reply is checked against it (outside the timed region)",
             "inproc": "ours: encode -> decode -> check_request -> require_finite -> handler -> check_reply -> "

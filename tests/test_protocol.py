@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import msgpack
 import numpy as np
@@ -15,6 +16,7 @@ from hypothesis.extra import numpy as hnp
 from vla_steer.protocol import (
     ALLOWED_DTYPES,
     MAX_DEPTH,
+    MAX_HEADER_BYTES,
     PROTOCOL_VERSION,
     Code,
     InferResult,
@@ -352,6 +354,55 @@ def test_decode_size_limit_is_configurable() -> None:
     with pytest.raises(ProtocolError) as e:
         decode(frames, max_bytes=4096)
     assert e.value.code == Code.TOO_LARGE
+
+
+def _raw_header(payload: dict) -> bytes:
+    return msgpack.packb(
+        {"version": 1, "kind": "infer", "id": 9, "ts": 0.0, "payload": payload, "arrays": []}
+    )
+
+
+BOMBS = {  # built on demand: a 10M-element list kept alive would slow every later GC pass
+    "10MB": lambda: [[]] * 10_000_000,  # the review's case: ~600 MB and seconds if unpacked
+    "long list": lambda: [[]] * (MAX_HEADER_BYTES // 2),  # within the header cap, one list far too long
+    "many lists": lambda: [[[]] * 4000] * 250,  # within both caps above: too many containers in all
+    "many maps": lambda: [[{}] * 4000] * 250,
+}
+
+
+@pytest.mark.parametrize("bomb", sorted(BOMBS))
+def test_header_bombs_are_refused_quickly_with_a_clear_error(bomb: str) -> None:
+    frames = [_raw_header({"observation": {}, "info": BOMBS[bomb]()})]
+    t0 = time.perf_counter()
+    with pytest.raises(ProtocolError) as e:
+        decode(frames)
+    assert time.perf_counter() - t0 < 2.0  # loose for loaded CI; unbounded, the 10 MB one took 6.5 s
+    assert (e.value.code, e.value.field) == (Code.TOO_LARGE, "header")
+    assert "header" in e.value.message
+
+
+def test_header_limits_leave_ordinary_requests_alone() -> None:
+    obs = {"image": np.zeros((224, 224, 3), np.uint8), "state": np.zeros(8, np.float32), "prompt": "pick"}
+    payload = {
+        "observation": obs,
+        "activations": [f"layer:{i}" for i in range(1024)],
+        "info": {"x": [1.5] * 4096},
+    }
+    msg = roundtrip("infer", payload)
+    check_request(msg)
+    assert msg.payload["activations"][-1] == "layer:1023" and msg.payload["observation"]["image"].shape == (
+        224,
+        224,
+        3,
+    )
+    many = roundtrip("infer", {"observation": {f"a{i}": np.zeros(1, np.uint8) for i in range(4096)}})
+    assert len(many.payload["observation"]) == 4096
+    with pytest.raises(ProtocolError) as e:  # the sender is told too, before anything is sent
+        encode("infer", {"observation": {}, "info": {"blob": b"x" * MAX_HEADER_BYTES}})
+    assert (e.value.code, e.value.field) == (Code.TOO_LARGE, "header")
+    with pytest.raises(ProtocolError) as e:
+        decode([_raw_header({"observation": {}, "info": {"x": 1}})], max_header_bytes=16)
+    assert (e.value.code, e.value.field) == (Code.TOO_LARGE, "header")
 
 
 def test_duplicate_array_path_is_rejected() -> None:

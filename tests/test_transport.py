@@ -216,6 +216,29 @@ def test_missing_handler_is_unsupported() -> None:
         Server({"teleport": print}, LOCAL)
 
 
+def _has_ipv6_loopback() -> bool:
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
+        sock.linger, sock.ipv6 = 0, True
+        try:
+            sock.bind("tcp://[::1]:*")
+        except zmq.ZMQError:
+            return False
+        return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_ipv6_loopback_addresses_work() -> None:
+    with (
+        serving(address="tcp://[::1]:*", telemetry_address="tcp://[::1]:*") as srv,
+        Client(srv.address) as c,
+        TelemetrySubscriber(srv.telemetry_address) as sub,
+    ):
+        assert srv.address.startswith("tcp://[::1]:")
+        assert c.hello().policy == "fake"
+        assert c.wait_alive(2.0)
+        wait_for(lambda: c.infer({"tag": 6}).info["tag"] == 6 and sub.recv(timeout=0.2) is not None, 3.0)
+
+
 def test_ipc_addresses_work(tmp_path: Path) -> None:
     with serving(address=f"ipc://{tmp_path}/policy.sock") as srv, Client(srv.address) as c:
         assert srv.address.startswith("ipc://")
@@ -494,9 +517,30 @@ def test_retries_recover_from_a_slow_first_attempt() -> None:
             time.sleep(0.3)
         return policy.infer(req)
 
-    with serving({"infer": infer}) as srv, Client(srv.address, timeout=0.25, retries=2) as c:
-        assert c.infer({"tag": 4}).info["tag"] == 4
+    with serving({"infer": infer}) as srv, Client(srv.address, timeout=0.25) as c:
+        assert c.infer({"tag": 4}, retries=2).info["tag"] == 4  # infer retries only when asked to
     assert len(calls) >= 2
+
+
+def test_a_slow_infer_is_not_retried_by_default() -> None:
+    """An inference is not idempotent: with the client's default retries it still runs exactly once."""
+    calls: list[float] = []
+    policy = FakePolicy()
+
+    def infer(req: Request) -> Any:
+        calls.append(time.monotonic())
+        time.sleep(0.4)
+        return policy.infer(req)
+
+    with serving({"infer": infer, "hello": policy.hello}) as srv, Client(srv.address, timeout=0.2) as c:
+        assert c.retries == 2  # the client's retries apply to the other kinds
+        t0 = time.monotonic()
+        with pytest.raises(RequestTimeout, match="1 attempts"):
+            c.infer({"tag": 1})
+        assert time.monotonic() - t0 < 0.35
+        time.sleep(0.5)  # a retry, had there been one, would have reached the handler by now
+        assert len(calls) == 1
+        assert c.hello().policy == "fake"
 
 
 def test_nothing_listening_times_out_in_bounded_time() -> None:
@@ -520,6 +564,26 @@ def test_server_sees_clients_come_and_go() -> None:
         gone_after = wait_for(lambda: "sim-A" not in srv.live_clients(), timeout=2.0)
         assert gone_after <= 1.0 + 0.3  # the liveness window, counted from the last heartbeat, + slack
         assert srv.clients()["sim-A"] > 1.0
+
+
+def test_the_heartbeat_table_forgets_old_names_and_stays_bounded() -> None:
+    with serving(liveness=0.1, max_clients=8) as srv, zmq.Context() as ctx:
+        assert srv.forget_clients_after == pytest.approx(1.0)  # 10 x liveness by default
+        sock = raw_socket(ctx, srv.address)
+        try:
+            for i in range(20):  # names are the peer's to choose: any number of them
+                assert raw_exchange(
+                    sock, encode("heartbeat", {"client": f"c{i}"}, request_id=i + 1)
+                ).kind == ("heartbeat")
+            assert sorted(srv.clients(), key=lambda n: int(n[1:])) == [f"c{i}" for i in range(12, 20)]
+            raw_exchange(sock, encode("heartbeat", {"client": "c12"}, request_id=99))  # c12 is fresh again
+            raw_exchange(sock, encode("heartbeat", {"client": "new"}, request_id=100))
+            assert "c12" in srv.clients() and "c13" not in srv.clients()  # the longest silent went
+            raw_exchange(sock, encode("heartbeat", {"client": "x" * 10_000}, request_id=101))
+            assert max(map(len, srv.clients())) <= 256
+            wait_for(lambda: not srv.clients(), timeout=3.0)  # all forgotten after 1 s of silence
+        finally:
+            sock.close()
 
 
 def test_close_is_idempotent_and_releases_the_address() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,12 @@ MAX_DIM = 2**31 - 1  # per axis; bounds shapes of empty arrays, which the byte l
 MAX_ARRAYS = 4096  # arrays (frames) per message
 MAX_DEPTH = 32  # payload nesting
 MAX_NAMES = 1024  # concepts / activation names in one request
+# The header frame carries only plain values and the array table (arrays travel in frames of their own), so
+# it is small; its own caps keep a few bytes of msgpack from expanding into gigabytes of Python objects on
+# the server's socket thread (each empty list or map is 1 byte on the wire and ~60 bytes in memory).
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_HEADER_LEN = max(MAX_ARRAYS, MAX_NAMES)  # elements of any one list or map in the header
+MAX_HEADER_CONTAINERS = 16 * MAX_ARRAYS  # lists + maps in the whole header (the array table needs 3 each)
 
 _HEADER_KEYS = ("version", "kind", "id", "ts", "payload", "arrays")
 _MAX_ID = 2**63 - 1
@@ -155,6 +161,13 @@ def encode(
         head = msgpack.packb(header, use_bin_type=True)
     except (OverflowError, TypeError, ValueError) as e:  # e.g. an int beyond 64 bits
         raise ProtocolError(Code.BAD_PAYLOAD, f"cannot encode payload: {e}", "payload") from e
+    if len(head) > MAX_HEADER_BYTES:  # the peer would refuse it; say so here, naming the cause
+        raise ProtocolError(
+            Code.TOO_LARGE,
+            f"header is {len(head)} bytes, over the header limit of {MAX_HEADER_BYTES}: send bulk data as "
+            "numpy arrays (they travel in frames of their own), not as lists, strings or bytes",
+            "header",
+        )
     total = len(head) + sum(b.nbytes for b in buffers)
     if total > max_bytes:
         raise ProtocolError(
@@ -208,10 +221,17 @@ def _lift(obj: Any, path: tuple[str | int, ...], table: list, buffers: list, dep
 # ----------------------------------------------------------------------------------------------- decode
 
 
-def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+def decode(
+    frames: Sequence[Any],
+    *,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+) -> Message:
     """Decode and validate frames (bytes, memoryviews or `zmq.Frame`s). Raises `ProtocolError`.
 
-    Arrays are `np.frombuffer` views over the frames: zero-copy and read-only.
+    Arrays are `np.frombuffer` views over the frames: zero-copy and read-only. The header frame is bounded
+    separately (`max_header_bytes`, list/map lengths, total number of lists and maps), so decoding a
+    hostile header costs at most a few MB and milliseconds.
     """
     if len(frames) == 0:
         raise ProtocolError(Code.MALFORMED, "empty message (no frames)", "frames")
@@ -222,11 +242,34 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES)
     )
     if bufs[0].nbytes > max_bytes:
         raise too_large
+    if bufs[0].nbytes > max_header_bytes:
+        raise ProtocolError(
+            Code.TOO_LARGE,
+            f"header frame is {bufs[0].nbytes} bytes, over the header limit of {max_header_bytes} "
+            "(arrays travel in frames of their own)",
+            "header",
+        )
+    hook = _container_budget(MAX_HEADER_CONTAINERS)
     try:
         header = msgpack.unpackb(
-            bufs[0], raw=False, use_list=True, strict_map_key=True, ext_hook=_reject_ext, timestamp=0
+            bufs[0],
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            timestamp=0,
+            list_hook=hook,
+            object_hook=hook,
+            max_str_len=max_header_bytes,
+            max_bin_len=max_header_bytes,
+            max_array_len=MAX_HEADER_LEN,
+            max_map_len=MAX_HEADER_LEN,
         )
+    except ProtocolError:
+        raise
     except Exception as e:  # msgpack raises a zoo of ValueError/TypeError subclasses on garbage
+        if "exceeds max_" in str(e):  # one of the length limits above
+            raise ProtocolError(Code.TOO_LARGE, f"header frame too large: {e}", "header") from e
         raise ProtocolError(Code.MALFORMED, f"header frame is not valid msgpack: {e}", "header") from e
     if not isinstance(header, dict):
         raise ProtocolError(Code.BAD_HEADER, f"header must be a map, got {type(header).__name__}", "header")
@@ -242,6 +285,22 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES)
     except ProtocolError as e:
         e.request_id, e.kind = rid, kind
         raise
+
+
+def _container_budget(limit: int) -> Callable[[Any], Any]:
+    """A msgpack list/object hook that refuses a header with more than `limit` lists and maps in all."""
+    left = limit
+
+    def hook(obj: Any) -> Any:
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise ProtocolError(
+                Code.TOO_LARGE, f"header holds more than {limit} lists and maps in all", "header"
+            )
+        return obj
+
+    return hook
 
 
 def _decode_header(header: dict, bufs: list[memoryview], max_bytes: int) -> Message:
@@ -374,6 +433,13 @@ def _check_plain(obj: Any, path: tuple, depth: int) -> None:
             Code.BAD_PAYLOAD, f"payload nested deeper than {MAX_DEPTH}", _fmt(path) or "payload"
         )
     if isinstance(obj, dict):
+        # The common case (scalar children within the depth limit), checked at C speed:
+        if (
+            depth < MAX_DEPTH
+            and set(map(type, obj)) <= {str}
+            and set(map(type, obj.values())) <= _SCALAR_TYPES
+        ):
+            return
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise ProtocolError(
@@ -381,10 +447,15 @@ def _check_plain(obj: Any, path: tuple, depth: int) -> None:
                 )
             _check_plain(v, (*path, k), depth + 1)
     elif isinstance(obj, list):
+        if depth < MAX_DEPTH and set(map(type, obj)) <= _SCALAR_TYPES:
+            return
         for i, v in enumerate(obj):
             _check_plain(v, (*path, i), depth + 1)
     elif not (obj is None or isinstance(obj, (bool, int, float, str, bytes))):
         raise ProtocolError(Code.BAD_PAYLOAD, f"value of type {type(obj).__name__} not allowed", _fmt(path))
+
+
+_SCALAR_TYPES = frozenset({type(None), bool, int, float, str, bytes})  # exact types, as msgpack builds them
 
 
 def _reject_ext(code: int, data: bytes) -> Any:

@@ -12,10 +12,10 @@ Server
 Client
     A DEALER socket, not REQ: REQ wedges in its send/recv state machine after a timeout. Each request
     carries a fresh id; replies with another id (late replies to abandoned requests) are dropped. Every
-    call has a timeout and bounded retries, and after a timeout the socket is closed (linger 0) and
-    recreated, so a queued stale request is never delivered to a restarted server. A background thread
-    sends heartbeats on its own socket, so `client.alive` turns False within `liveness` seconds of the
-    server dying, even while an inference is in flight.
+    call has a timeout and bounded retries ("infer" none by default: it is not idempotent), and after a
+    timeout the socket is closed (linger 0) and recreated, so a queued stale request is never delivered
+    to a restarted server. A background thread sends heartbeats on its own socket, so `client.alive`
+    turns False within `liveness` seconds of the server dying, even while an inference is in flight.
 
 Security
     Binding anything but loopback/ipc/inproc requires CURVE keys (server keypair + allow-list of client
@@ -76,6 +76,7 @@ TELEMETRY_TOPIC = b"vla-steer/telemetry"
 HANDLED_KINDS = ("hello", "infer", "reset", "knobs")  # heartbeat is answered by the server itself
 _ZMQ_HEARTBEAT_MS = 250  # ZMTP-level pings: dead TCP peers are dropped after _ZMQ_HEARTBEAT_TIMEOUT_MS
 _ZMQ_HEARTBEAT_TIMEOUT_MS = 1000
+_MAX_CLIENT_NAME = 256  # characters of a heartbeat's client name the server keeps
 
 
 class InsecureBindError(ValueError):
@@ -179,6 +180,20 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+def _is_ipv6(address: str) -> bool:
+    """True for a tcp:// address whose host is an IPv6 literal ("tcp://[::1]:5555")."""
+    scheme, _, rest = address.partition("://")
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0]
+    if host.startswith("[") and host.endswith("]"):
+        return True
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
 def _check_bind(address: str, secure: bool, allow_insecure: bool) -> None:
     if secure or allow_insecure or is_loopback(address):
         return
@@ -189,8 +204,10 @@ def _check_bind(address: str, secure: bool, allow_insecure: bool) -> None:
     )
 
 
-def _base_options(sock: zmq.Socket, max_bytes: int) -> None:
+def _base_options(sock: zmq.Socket, max_bytes: int, address: str | None = None) -> None:
     sock.linger = 0
+    if address is not None and _is_ipv6(address):
+        sock.ipv6 = True  # zmq sockets are IPv4-only unless told otherwise ("No such device" on bind)
     # Hard cap per frame (peers beyond it are disconnected); the soft cap in decode answers with an error.
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + 65536)
     sock.setsockopt(zmq.HEARTBEAT_IVL, _ZMQ_HEARTBEAT_MS)
@@ -264,6 +281,8 @@ class Server:
         max_pending: int = 32,
         liveness: float = LIVENESS_S,
         telemetry_heartbeats: bool = False,
+        forget_clients_after: float | None = None,
+        max_clients: int = 4096,
     ):
         self._handlers = _resolve_handlers(handler)
         if not self._handlers:
@@ -274,6 +293,9 @@ class Server:
         self.max_pending = max_pending
         self.liveness = liveness
         self.telemetry_heartbeats = telemetry_heartbeats
+        # Any peer can add names to the heartbeat table, so it is bounded in age and in size.
+        self.forget_clients_after = 10 * liveness if forget_clients_after is None else forget_clients_after
+        self.max_clients = max_clients
         secure = keypair is not None
         if secure and allowed_clients is None:
             raise ValueError(
@@ -295,12 +317,12 @@ class Server:
                 self._auth = ThreadAuthenticator(self._ctx, log=log.getChild("auth"))
                 self._auth.start()
                 self._auth.configure_curve_callback("*", _AllowList(_allow_list(allowed_clients)))
-            self._router = self._socket(zmq.ROUTER, kp)
+            self._router = self._socket(zmq.ROUTER, kp, address)
             self._router.bind(address)
             self.address: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.telemetry_address: str | None = None
             if telemetry_address is not None:
-                self._pub = self._socket(zmq.PUB, kp)
+                self._pub = self._socket(zmq.PUB, kp, telemetry_address)
                 self._pub.bind(telemetry_address)
                 self.telemetry_address = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         except BaseException:
@@ -319,12 +341,13 @@ class Server:
         self._thread: threading.Thread | None = None
         self._worker: threading.Thread | None = None
         self._closed = False
-        self._clients: dict[str, float] = {}  # client name -> monotonic time of its last heartbeat
+        # client name -> monotonic time of its last heartbeat, oldest first (see _heard_from)
+        self._clients: dict[str, float] = {}
         self._clients_lock = threading.Lock()
 
-    def _socket(self, kind: int, kp: Keypair | None) -> zmq.Socket:
+    def _socket(self, kind: int, kp: Keypair | None, address: str) -> zmq.Socket:
         sock = self._ctx.socket(kind)
-        _base_options(sock, self.max_message_bytes)
+        _base_options(sock, self.max_message_bytes, address)
         if kp is not None:
             sock.curve_secretkey = kp.secret
             sock.curve_publickey = kp.public
@@ -394,10 +417,33 @@ class Server:
     # -- liveness of clients
 
     def clients(self) -> dict[str, float]:
-        """Seconds since each client's last heartbeat, by client name."""
+        """Seconds since each client's last heartbeat, by client name.
+
+        Clients silent for more than `forget_clients_after` seconds are forgotten, and beyond `max_clients`
+        names the longest-silent ones are.
+        """
         now = time.monotonic()
         with self._clients_lock:
+            self._forget_clients(now)
             return {name: now - t for name, t in self._clients.items()}
+
+    def _heard_from(self, name: str) -> None:
+        now = time.monotonic()
+        with self._clients_lock:
+            self._clients.pop(name, None)  # re-insert, so the dict stays ordered by last heartbeat
+            self._clients[name] = now
+            self._forget_clients(now)
+
+    def _forget_clients(self, now: float) -> None:
+        """Drop the oldest entries while too old or too many (caller holds the lock)."""
+        while self._clients:
+            oldest = next(iter(self._clients))
+            if (
+                len(self._clients) <= self.max_clients
+                and now - self._clients[oldest] <= self.forget_clients_after
+            ):
+                return
+            del self._clients[oldest]
 
     def live_clients(self) -> list[str]:
         """Clients heard from within the liveness window (clients send heartbeats every 0.25 s)."""
@@ -476,9 +522,8 @@ class Server:
         decode_s = time.perf_counter() - t_recv
         req = Request(msg.kind, msg.payload, msg.request_id, msg.timestamp, client)
         if msg.kind == "heartbeat":
-            name = msg.payload.get("client") or client.hex()
-            with self._clients_lock:
-                self._clients[name] = time.monotonic()
+            # (names are truncated: the table holds up to max_clients of them)
+            self._heard_from((msg.payload.get("client") or client.hex())[:_MAX_CLIENT_NAME])
             t0 = time.perf_counter()
             out = encode(
                 "heartbeat", {"time": time.time(), "busy": self._pending > 0}, request_id=msg.request_id
@@ -694,7 +739,7 @@ class Client:
 
     def _connect(self, sndhwm: int | None = None) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
-        _base_options(sock, self.max_message_bytes)
+        _base_options(sock, self.max_message_bytes, self.address)
         sock.sndtimeo = int(self.timeout * 1000)  # a send can never block forever either
         if sndhwm is not None:
             sock.sndhwm = sndhwm
@@ -774,9 +819,16 @@ class Client:
         activations: Iterable[str] | None = None,
         info: Mapping[str, Any] | None = None,
         timeout: float | None = None,
-        retries: int | None = None,
+        retries: int = 0,
     ) -> InferResult:
-        """One action chunk for `observation`. Arrays in the result are read-only views of the reply."""
+        """One action chunk for `observation`. Arrays in the result are read-only views of the reply.
+
+        Unlike the other requests, an inference is not retried unless `retries` says so (the client's
+        `retries` does not apply): it is not idempotent (it advances the policy's state and may move a
+        robot), and a slow one that timed out is still running on the server, so resending it would only
+        queue the same work again behind it. A timeout raises `RequestTimeout`; whether the node is gone
+        is what `alive` (the heartbeats) tells.
+        """
         payload: dict[str, Any] = {"observation": observation}
         if activations is not None:
             payload["activations"] = list(activations)
@@ -919,7 +971,7 @@ class TelemetrySubscriber:
         self.max_message_bytes = max_message_bytes
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
-        _base_options(self._sock, max_message_bytes)
+        _base_options(self._sock, max_message_bytes, address)
         if server_key is not None:
             kp = (
                 _as_keypair(keypair, True, "a CURVE subscriber") if keypair else Keypair(*zmq.curve_keypair())
