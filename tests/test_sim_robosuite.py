@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -409,3 +410,36 @@ def test_cli_sim_records_episodes_into_a_rollout_store(robosuite, served, tmp_pa
     # A second run appends to the same store.
     assert subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0
     assert len(open_store(out).episodes()) == 4
+
+
+def test_cli_eval_grid_with_matched_seeds_and_videos(robosuite, served, tmp_path):
+    out = tmp_path / "grid"
+    cmd = [
+        sys.executable, "-m", "vla_steer.cli", "eval", "--env", str(SIMS / "robosuite_lift.yaml"),
+        "--server", served.address, "--settings", "off", "fast=60,up=60", "--episodes", "2",
+        "--max-steps", "3", "--out", str(out), "--video", "agentview",
+    ]  # fmt: skip
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "MUJOCO_GL": "egl"}
+    )
+    assert r.returncode == 0, r.stderr
+    assert "fast=60,up=60" in r.stdout and "off" in r.stdout
+    rows = json.loads((out / "eval.json").read_text())
+    assert [row["setting"] for row in rows] == ["off", "fast=60,up=60"] and all(
+        row["episodes"] == 2 for row in rows
+    )
+    store = open_store(out)
+    by_setting = {}
+    for info in store.episodes():
+        by_setting.setdefault(info.meta["setting_label"], []).append(store.load(info.id))
+    base, steered = by_setting["off"], by_setting["fast=60,up=60"]
+    # Same seeds: each steered episode starts where its baseline twin started.
+    for b, s in zip(base, steered, strict=True):
+        assert np.array_equal(b.arrays["ee_pos"][0], s.arrays["ee_pos"][0])
+        assert not b.steering[0]["fast"]["enabled"] and s.steering[0]["fast"]["strength"] == 60.0
+    videos = sorted((out / "videos").glob("*.mp4"))
+    assert len(videos) == 4 and all(v.stat().st_size > 0 for v in videos)
+    bad = subprocess.run(
+        [*cmd[:9], "turbo=1", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and "no knobs ['turbo']" in bad.stderr

@@ -321,6 +321,24 @@ def format_knobs(state: dict) -> str:
     return "\n".join(lines)
 
 
+def _add_run_options(p) -> None:
+    p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy node's address")
+    p.add_argument("--episodes", type=int, default=1, help="episodes per task and setting")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument(
+        "--execute-steps", type=int, help="actions executed per chunk before re-planning (default: all)"
+    )
+    p.add_argument(
+        "--activations", default="", help="comma-separated concepts or layer:N to record with every step"
+    )
+    p.add_argument("--out", type=Path, required=True, help="rollout store directory (appended to)")
+    p.add_argument("--seed", type=int, default=0, help="episode i of every setting uses seed + i")
+    p.add_argument(
+        "--video", metavar="CAMERA", help="also write an mp4 per episode from this camera (e.g. agentview)"
+    )
+    _add_security(p, server=False)
+
+
 def _add_sim(sub) -> None:
     p = sub.add_parser(
         "sim",
@@ -330,68 +348,90 @@ def _add_sim(sub) -> None:
         "configs/sims/robosuite_lift.yaml --episodes 5 --out runs/lift --steer fast=4",
     )
     p.add_argument("--env", type=Path, required=True, help="simulator config YAML (configs/sims/*.yaml)")
-    p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy node's address")
-    p.add_argument("--episodes", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=200)
     p.add_argument(
-        "--execute-steps", type=int, help="actions executed per chunk before re-planning (default: all)"
+        "--steer", nargs="*", default=[], metavar="NAME=STRENGTH", help="knobs to set (others off)"
     )
-    p.add_argument(
-        "--steer", nargs="*", default=[], metavar="NAME=STRENGTH", help="knobs to set before the episodes"
-    )
-    p.add_argument(
-        "--activations", default="", help="comma-separated concepts or layer:N to record with every step"
-    )
-    p.add_argument("--out", type=Path, required=True, help="rollout store directory (appended to)")
-    p.add_argument("--seed", type=int, default=0)
-    _add_security(p, server=False)
-    p.set_defaults(func=_cmd_sim)
+    _add_run_options(p)
+    p.set_defaults(func=lambda args: _run_grid(args, [args.env], [parse_strengths(args.steer)]))
 
 
-def _cmd_sim(args) -> int:
-    from sim import load_sim_config, run_episodes
-    from sim.recording import EpisodeRecorder
-    from sim.robosuite_env import RobosuiteEnv
-    from vla_steer.rollouts import Recorder
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="a grid of tasks x steering settings x seeded episodes, recorded and summarised",
+        description="Every setting starts from all knobs off and uses the same seeds, so baseline and steered "
+        "episodes start alike. Example: vla-steer eval --env configs/sims/robosuite_lift.yaml --settings off "
+        "fast=4 fast=8 slow=4 --episodes 10 --out runs/grid",
+    )
+    p.add_argument(
+        "--env", type=Path, action="append", required=True, help="simulator config (repeat for several)"
+    )
+    p.add_argument("--settings", nargs="+", default=["off"], help="off, or NAME=S[,NAME=S...] per setting")
+    _add_run_options(p)
+    p.set_defaults(func=lambda args: _run_grid(args, args.env, [_parse_setting(t) for t in args.settings]))
+
+
+def _parse_setting(text: str) -> dict[str, float]:
+    from sim.evaluate import parse_setting
+
+    return parse_setting(text)
+
+
+def _run_grid(args, envs: list[Path], settings: list[dict[str, float]]) -> int:
+    import dataclasses
+    import json
+
+    from sim.evaluate import evaluate, format_results
+    from sim.robosuite_env import RobosuiteEnv, load_sim_config
+    from vla_steer.rollouts import Recorder, write_video
     from vla_steer.transport import Client
 
-    cfg = load_sim_config(args.env)
-    steer = parse_strengths(args.steer)
+    if args.episodes < 1 or args.max_steps < 1:
+        raise ValueError("--episodes and --max-steps must be at least 1")
+    configs = {path.stem: load_sim_config(path) for path in envs}
     wanted = [a.strip() for a in args.activations.split(",") if a.strip()] or None
     with Client(args.server, server_key=args.server_key, keypair=args.keypair) as client:
         if not client.wait_alive(10.0):
             print(f"error: no policy node answered at {args.server}", file=sys.stderr)
             return 3
         info = client.hello()
-        meta = {
-            "task": cfg.task,
-            "robot": cfg.robot,
-            "sim": "robosuite",
-            "sim_config": cfg.model_dump(mode="json"),
-            "policy": info.policy,
-            "policy_info": dict(info.info),
-            "steer": steer,
-            "conventions": {
-                "state": cfg.state,
-                "gripper": cfg.gripper,
-                "rotate_images_180": cfg.rotate_images_180,
-            },
-        }
-        recorder = EpisodeRecorder(Recorder(args.out), meta)
-        with RobosuiteEnv(cfg, info) as env:
-            summaries = run_episodes(
-                client, env, args.episodes, args.max_steps, execute_steps=args.execute_steps,
-                on_step=recorder.on_step, on_episode_end=recorder.on_episode_end,
-                steer=steer or None, activations=wanted, seed=args.seed,
-            )  # fmt: skip
-    print(f"{'episode':<14} {'success':<8} {'steps':>5} {'speed m/s':>10} {'height m':>9}")
-    for s in summaries:
-        print(
-            f"{s.episode:<14} {str(s.success):<8} {s.length:>5} {s.mean_ee_speed:>10.3f} {s.mean_ee_height:>9.3f}"
-        )
-    rate = sum(s.success for s in summaries) / max(1, len(summaries))
-    print(f"success rate {rate:.0%} over {len(summaries)} episodes; recorded in {args.out}/")
+        unknown = sorted({k for st in settings for k in st} - set(info.concepts))
+        if unknown:
+            raise ValueError(f"the node has no knobs {unknown} (it offers {list(info.concepts)})")
+        meta = {"sim": "robosuite", "policy": info.policy, "policy_info": dict(info.info)}
+        tasks = {}
+        for label, cfg in configs.items():
+            tasks[label] = lambda cfg=cfg: RobosuiteEnv(cfg, info)
+        results = evaluate(
+            client, tasks, settings, episodes=args.episodes, max_steps=args.max_steps, recorder=Recorder(args.out),
+            meta=meta, task_meta={label: _conventions(cfg) for label, cfg in configs.items()}, seed=args.seed,
+            execute_steps=args.execute_steps, activations=wanted,
+        )  # fmt: skip
+    print(format_results(results))
+    total = sum(r.episodes for r in results)
+    rate = sum(r.success_rate * r.episodes for r in results) / max(1, total)
+    print(f"success rate {rate:.0%} over {total} episodes; recorded in {args.out}/")
+    (args.out / "eval.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    if args.video:
+        for r in results:
+            for episode_id in r.episode_ids:
+                write_video(args.out, episode_id, args.video, args.out / "videos" / f"{episode_id}.mp4")
+        print(f"videos in {args.out}/videos/")
     return 0
+
+
+def _conventions(cfg) -> dict:
+    """What a rollout's reader needs to interpret it (policies and simulators differ on each)."""
+    return {
+        "task": cfg.task,
+        "robot": cfg.robot,
+        "sim_config": cfg.model_dump(mode="json"),
+        "conventions": {
+            "state": cfg.state,
+            "gripper": cfg.gripper,
+            "rotate_images_180": cfg.rotate_images_180,
+        },
+    }
 
 
 def _add_keys(sub) -> None:
@@ -423,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_knobs(sub)
     _add_keys(sub)
     _add_sim(sub)
+    _add_eval(sub)
     _add_demo(sub)
     return parser
 

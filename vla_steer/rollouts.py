@@ -867,6 +867,23 @@ def _names(given: Any, prefix: str, n: int) -> list[str]:
     return [f"{prefix}_{i}" for i in range(n)]
 
 
+def write_video(
+    store: Store | str | os.PathLike, episode_id: str, camera: str, path: str | os.PathLike, *, fps: int = 20
+) -> Path:
+    """One episode's frames from one camera as an mp4 (needs PyAV)."""
+    store = store if isinstance(store, Store) else open_store(store)
+    ep = store.load(episode_id, activations=False)
+    if camera not in ep.images:
+        raise KeyError(f"episode {episode_id} has no camera {camera!r} (cameras: {sorted(ep.images)})")
+    frames = ep.images[camera]
+    writer = _VideoWriter(Path(path), frames.shape[1:], fps, "libx264", 23)
+    try:
+        writer.write(frames)
+    finally:
+        writer.close()
+    return Path(path)
+
+
 class _VideoWriter:
     """One mp4 per camera, episodes appended back to back; frame i has pts i at time base 1/fps."""
 
