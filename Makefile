@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/steering_overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/projection_throughput.py $(BENCH_ARGS)
 	$(PY) benchmarks/transport_rtt.py $(BENCH_ARGS)
+	$(PY) benchmarks/sim_overhead.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
