@@ -6,7 +6,10 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench lint format clean
+LIBERO_VENV ?= .venv-libero
+LIBERO_STAMP := $(LIBERO_VENV)/.installed
+
+.PHONY: install libero demo test test-slow bench lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,18 +21,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# LIBERO pins robosuite 1.4 and an old MuJoCo, so its node gets its own venv (torch-free, ~2 GB with the
+# scene assets, ~2 min). The tests drive it from the main venv.
+$(LIBERO_STAMP): scripts/make_libero_venv.sh scripts/libero-requirements.txt scripts/libero-constraints.txt
+	bash scripts/make_libero_venv.sh $(LIBERO_VENV)
+
+libero: $(LIBERO_STAMP)
+
 # MuJoCo renders headless through EGL (Mesa on the CPU when there is no GPU).
 export MUJOCO_GL ?= egl
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/vla-steer demo --out demo_out
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+test: $(STAMP) $(LIBERO_STAMP)
+	HF_HUB_OFFLINE=1 VLA_STEER_LIBERO_PYTHON=$(LIBERO_VENV)/bin/python $(PY) -m pytest
 
-# Slower tests (real inductor compilation); CI runs them after the default suite.
-test-slow: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow
+# Slower tests (inductor compilation, more robosuite tasks, a LIBERO env check); CI runs them too.
+test-slow: $(STAMP) $(LIBERO_STAMP)
+	HF_HUB_OFFLINE=1 VLA_STEER_LIBERO_PYTHON=$(LIBERO_VENV)/bin/python $(PY) -m pytest -m slow
 
 # Each benchmark writes benchmarks/results/<name>.json (or under --out DIR). BENCH_ARGS=--quick for a smoke run;
 # transport_rtt builds a side venv for openpi-client (it needs numpy < 2) on first use.
@@ -48,4 +58,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LIBERO_VENV) demo_out .pytest_cache .ruff_cache

