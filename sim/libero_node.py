@@ -20,21 +20,9 @@ from pathlib import Path
 from sim.libero_env import LiberoEnv, load_libero_config
 from sim.recording import EpisodeRecorder
 from sim.runner import EpisodeError, run_episodes
+from vla_steer.cli import parse_strengths  # stdlib-only at import time: no torch here
 from vla_steer.rollouts import Recorder
 from vla_steer.transport import Client
-
-
-def parse_strengths(items: list[str]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            out[name] = float(value)
-        except ValueError:
-            raise ValueError(f"knob settings look like fast=4 or up=-2.5, got {item!r}") from None
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
