@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from policies.base import ActionChunk, Observation, Policy, PolicySpec
+from vla_steer.config import load_yaml_model
 
 __all__ = ["ActionChunk", "Observation", "Policy", "PolicyConfig", "PolicySpec", "load_policy"]
 
@@ -30,18 +30,7 @@ class PolicyConfig(BaseModel):
 def read_policy_config(path: str | Path) -> PolicyConfig:
     """Parse and validate a policy config; errors name the file, the key and what is allowed."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"policy config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        cfg = PolicyConfig.model_validate(raw)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()
-        )
-        raise ValueError(f"{path}: {problems}") from None
+    cfg = load_yaml_model(path, PolicyConfig, "policy config")
     if not cfg.path.is_absolute():
         cfg.path = (path.parent / cfg.path).resolve()
     return cfg

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,3 +55,48 @@ class SimEnv(Protocol):
     def success(self) -> bool: ...
 
     def close(self) -> None: ...
+
+
+DEFAULT_IMAGE_SHAPE = (224, 224, 3)  # without a policy to ask (OpenVLA's and pi0's resolution)
+
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) -> axis * angle, as robosuite's and openpi's LIBERO code compute it (no sign flip)."""
+    w = float(np.clip(quat[3], -1.0, 1.0))
+    den = math.sqrt(1.0 - w * w)
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return np.asarray(quat[:3], dtype=np.float64) * 2.0 * math.acos(w) / den
+
+
+def image_shapes(
+    image_size: tuple[int, int] | None, cameras: Mapping[str, str], info: Any | None
+) -> dict[str, tuple[int, int, int]]:
+    """Policy image key -> (H, W, 3) to render: the policy's (hello reply), else the config's."""
+    if info is not None and info.image_keys:
+        shapes = {k: tuple(int(d) for d in s) for k, s in info.image_keys.items()}
+        for k, s in shapes.items():
+            if len(s) != 3 or s[2] != 3:
+                raise ValueError(
+                    f"policy image {k!r} has shape {list(s)}; the simulator renders RGB [H, W, 3]"
+                )
+        if image_size is not None:
+            wrong = {k: s for k, s in shapes.items() if s[:2] != tuple(image_size)}
+            if wrong:
+                raise ValueError(f"sim config image_size {list(image_size)} != policy's {wrong}")
+        return shapes
+    h, w = image_size or DEFAULT_IMAGE_SHAPE[:2]
+    return {k: (h, w, 3) for k in cameras}
+
+
+def camera_map(cameras: Mapping[str, str], shapes: Mapping[str, tuple[int, int, int]]) -> dict[str, str]:
+    """Policy image key -> simulator camera. A one-image policy with an unmapped key takes the first camera."""
+    keys = list(shapes)
+    if len(keys) == 1 and keys[0] not in cameras:
+        return {keys[0]: next(iter(cameras.values()))}
+    missing = [k for k in keys if k not in cameras]
+    if missing:
+        raise ValueError(
+            f"the policy wants images {keys}; sim config `cameras` has no camera for {missing} (it maps {dict(cameras)})"
+        )
+    return {k: cameras[k] for k in keys}

@@ -48,10 +48,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sim.base import SimObservation, StepResult
+from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle
+from vla_steer.config import load_yaml_model
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 # openpi's examples/libero/main.py: the longest demonstration of each suite, plus margin.
@@ -64,7 +64,6 @@ MAX_STEPS: dict[str, int] = {
 }
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 STATE_DIMS = {"eef_pos_axisangle_gripper": 8}
-DEFAULT_IMAGE_SHAPE = (224, 224, 3)
 SETTLE_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # LIBERO's "dummy action": still, gripper open
 
 
@@ -122,29 +121,8 @@ class LiberoConfig(BaseModel):
 
 
 def load_libero_config(path: str | Path) -> LiberoConfig:
-    """Parse and validate a LIBERO sim config; errors name the file, the key and what is allowed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sim config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return LiberoConfig.model_validate(raw if raw is not None else {})
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()
-        )
-        raise ValueError(f"{path}: {problems}") from None
-
-
-def quat2axisangle(quat: np.ndarray) -> np.ndarray:
-    """(x, y, z, w) -> axis * angle, as robosuite's and openpi's LIBERO code compute it (no sign flip)."""
-    w = float(np.clip(quat[3], -1.0, 1.0))
-    den = float(np.sqrt(1.0 - w * w))
-    if np.isclose(den, 0.0):
-        return np.zeros(3)
-    return np.asarray(quat[:3], dtype=np.float64) * 2.0 * float(np.arccos(w)) / den
+    """Parse and validate a sim config; errors name the file, the key and what is allowed."""
+    return load_yaml_model(path, LiberoConfig, "sim config")
 
 
 def to_libero_action(action: np.ndarray, gripper: str, binarize: bool) -> np.ndarray:
@@ -188,8 +166,8 @@ class LiberoEnv:
             )
         if info is not None and info.action_dim != self.action_dim:
             raise ValueError(f"the policy's actions have {info.action_dim} dims; LIBERO takes 7 (see docs)")
-        self.image_shapes = _image_shapes(config, info)
-        self.cameras = _camera_map(config, self.image_shapes)
+        self.image_shapes = image_shapes(config.image_size, config.cameras, info)
+        self.cameras = camera_map(config.cameras, self.image_shapes)
 
         suite = benchmark.get_benchmark_dict()[config.suite](task_order_index=config.task_order_index)
         if config.task_id >= suite.n_tasks:
@@ -295,35 +273,6 @@ class LiberoEnv:
         frame = img if self._opengl else img[::-1]  # the renderer's frame, bottom row first
         frame = frame[::-1, ::-1] if self.config.rotate_images_180 else frame[::-1]
         return np.ascontiguousarray(frame, dtype=np.uint8)
-
-
-def _image_shapes(config: LiberoConfig, info: Any | None) -> dict[str, tuple[int, int, int]]:
-    if info is not None and info.image_keys:
-        shapes = {k: tuple(int(d) for d in s) for k, s in info.image_keys.items()}
-        for k, s in shapes.items():
-            if len(s) != 3 or s[2] != 3:
-                raise ValueError(f"policy image {k!r} has shape {list(s)}; LIBERO renders RGB [H, W, 3]")
-        if config.image_size is not None:
-            wrong = {k: s for k, s in shapes.items() if s[:2] != tuple(config.image_size)}
-            if wrong:
-                raise ValueError(f"sim config image_size {list(config.image_size)} != policy's {wrong}")
-        return shapes
-    h, w = config.image_size or DEFAULT_IMAGE_SHAPE[:2]
-    return {k: (h, w, 3) for k in config.cameras}
-
-
-def _camera_map(config: LiberoConfig, shapes: dict[str, tuple[int, int, int]]) -> dict[str, str]:
-    """Policy image key -> LIBERO camera. A one-image policy with an unmapped key takes the first camera."""
-    keys = list(shapes)
-    if len(keys) == 1 and keys[0] not in config.cameras:
-        return {keys[0]: next(iter(config.cameras.values()))}
-    missing = [k for k in keys if k not in config.cameras]
-    if missing:
-        raise ValueError(
-            f"the policy wants images {keys}; sim config `cameras` has no camera for {missing} "
-            f"(it maps {config.cameras})"
-        )
-    return {k: config.cameras[k] for k in keys}
 
 
 __all__ = [

@@ -31,16 +31,15 @@ here. `MUJOCO_GL=osmesa` also works (`apt-get install libosmesa6`) but is ~8x sl
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sim.base import SimObservation, StepResult
+from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle
+from vla_steer.config import load_yaml_model
 
 # Default instruction per robosuite task (override with `instruction:` in the config).
 INSTRUCTIONS: dict[str, str] = {
@@ -57,7 +56,6 @@ INSTRUCTIONS: dict[str, str] = {
     "Door": "open the door",
 }
 STATE_DIMS = {"eef_pos_axisangle_gripper": 8}
-DEFAULT_IMAGE_SHAPE = (224, 224, 3)
 
 
 class RobosuiteConfig(BaseModel):
@@ -104,28 +102,7 @@ class RobosuiteConfig(BaseModel):
 
 def load_sim_config(path: str | Path) -> RobosuiteConfig:
     """Parse and validate a sim config; errors name the file, the key and what is allowed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sim config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return RobosuiteConfig.model_validate(raw if raw is not None else {})
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()
-        )
-        raise ValueError(f"{path}: {problems}") from None
-
-
-def quat2axisangle(quat: np.ndarray) -> np.ndarray:
-    """(x, y, z, w) -> axis * angle, as robosuite's and openpi's LIBERO code compute it (no sign flip)."""
-    w = float(np.clip(quat[3], -1.0, 1.0))
-    den = math.sqrt(1.0 - w * w)
-    if math.isclose(den, 0.0):
-        return np.zeros(3)
-    return np.asarray(quat[:3], dtype=np.float64) * 2.0 * math.acos(w) / den
+    return load_yaml_model(path, RobosuiteConfig, "sim config")
 
 
 class RobosuiteEnv:
@@ -146,8 +123,8 @@ class RobosuiteEnv:
 
         self.config = config
         self.instruction = config.instruction_text()
-        self.image_shapes = _image_shapes(config, info)
-        self.cameras = _camera_map(config, self.image_shapes)
+        self.image_shapes = image_shapes(config.image_size, config.cameras, info)
+        self.cameras = camera_map(config.cameras, self.image_shapes)
         state_dim = (info.info or {}).get("state_dim") if info is not None else None
         if state_dim is not None and state_dim != STATE_DIMS[config.state]:
             raise ValueError(
@@ -284,35 +261,6 @@ class RobosuiteEnv:
             # which is the upright image mirrored left to right (as openpi's and OpenVLA's LIBERO evals do).
             img = img[:, ::-1]
         return np.ascontiguousarray(img, dtype=np.uint8)
-
-
-def _image_shapes(config: RobosuiteConfig, info: Any | None) -> dict[str, tuple[int, int, int]]:
-    if info is not None and info.image_keys:
-        shapes = {k: tuple(int(d) for d in s) for k, s in info.image_keys.items()}
-        for k, s in shapes.items():
-            if len(s) != 3 or s[2] != 3:
-                raise ValueError(f"policy image {k!r} has shape {list(s)}; this env renders RGB [H, W, 3]")
-        if config.image_size is not None:
-            wrong = {k: s for k, s in shapes.items() if s[:2] != tuple(config.image_size)}
-            if wrong:
-                raise ValueError(f"sim config image_size {list(config.image_size)} != policy's {wrong}")
-        return shapes
-    h, w = config.image_size or DEFAULT_IMAGE_SHAPE[:2]
-    return {k: (h, w, 3) for k in config.cameras}
-
-
-def _camera_map(config: RobosuiteConfig, shapes: dict[str, tuple[int, int, int]]) -> dict[str, str]:
-    """Policy image key -> robosuite camera. A single-image policy takes the single configured camera."""
-    keys = list(shapes)
-    if len(keys) == 1 and len(config.cameras) == 1:
-        return {keys[0]: next(iter(config.cameras.values()))}
-    missing = [k for k in keys if k not in config.cameras]
-    if missing:
-        raise ValueError(
-            f"the policy wants images {keys}; sim config `cameras` has no camera for {missing} "
-            f"(it maps {config.cameras})"
-        )
-    return {k: config.cameras[k] for k in keys}
 
 
 __all__ = ["INSTRUCTIONS", "RobosuiteConfig", "RobosuiteEnv", "load_sim_config", "quat2axisangle"]

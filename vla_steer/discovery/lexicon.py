@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from vla_steer.config import load_yaml_model
 from vla_steer.discovery.direction import Direction, DirectionNeuron
 from vla_steer.discovery.projection import Projection
 from vla_steer.tokens import TokenLabeler, normalize_token
@@ -67,18 +67,7 @@ class Pole:
 
 def load_lexicon(path: str | Path) -> dict[str, Pole]:
     """The poles of one lexicon file, each knowing its opposite. Errors name the file and key."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
-    try:
-        lex = _LexiconFile.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()
-        )
-        raise ValueError(f"{path}: {problems}") from None
+    lex = load_yaml_model(path, _LexiconFile, "lexicon")
     poles = {name: Pole(name, lex.concept, frozenset(p.words)) for name, p in lex.poles.items()}
     if len(poles) == 2:
         a, b = poles.values()
