@@ -77,7 +77,7 @@ class PolicyNode:
             raise ProtocolError(Code.BAD_PAYLOAD, str(e), "observation") from None
         selection = self._selection(req.payload.get("activations") or [])
         t0 = time.perf_counter()
-        # One inference, one steering setting: a knob change waits for the chunk to finish.
+        # One inference, one steering setting: a knob change made meanwhile applies from the next one.
         with self.steerer.consistent():
             steering = self.steerer.applied_state()
             if selection:
