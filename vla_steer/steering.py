@@ -82,8 +82,9 @@ class Steerer:
         with steerer.apply(fast=6.0): ... # temporary settings, restored on exit
         steerer.remove()                  # unhooked, exactly
 
-    Consistency: every forward of `backbone.root` holds the steerer's lock, so a `set` from another
-    thread lands between two forwards, never inside one (no forward mixes old and new settings).
+    Consistency: every forward of `backbone.root` holds the steerer's forward lock, and the hook buffers
+    are written only under it: a `set` from another thread returns at once and is applied when the next
+    forward starts, never inside one (no forward mixes old and new settings).
     Under `torch.compile`, register concepts first: a concept on a layer not yet hooked adds a hook
     (one recompile); strengths, modes and on/off never recompile. Known limit: torch runs the
     releasing post-hook only for `Exception`s, so a KeyboardInterrupt inside a forward leaves the
