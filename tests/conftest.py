@@ -51,3 +51,20 @@ def llama(llama_dir):
 @pytest.fixture
 def gemma(gemma_dir):
     return load_backbone(gemma_dir)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, poles):
+    """A TinyVLA saved in its checkpoint layout with a policy config, and directions discovered on it."""
+    from policies import load_policy
+    from policies.tiny_vla import TinyVLA
+    from vla_steer.discovery import discover
+
+    root = tmp_path_factory.mktemp("tiny_vla")
+    words = sorted({w for p in poles.values() for w in p.words})
+    TinyVLA.build(words=words, seed=3).save(root / "policy")
+    (root / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
+    policy = load_policy(root / "policy.yaml")
+    for d in discover(policy.backbone, poles, size=8, progress=False, device="cpu").values():
+        d.save(root / "directions")
+    return root

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,28 +10,15 @@ import time
 
 import numpy as np
 import pytest
+from support import free_address, serve_process
 
 from policies import load_policy
-from policies.tiny_vla import TinyVLA
-from vla_steer.discovery import discover, load_directions
+from vla_steer.discovery import load_directions
 from vla_steer.node import PolicyNode
 from vla_steer.transport import Client, RemoteError, Server, TelemetrySubscriber
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 OBS = {"instruction": "pick up the red block", "images": {"agentview": IMAGE}}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, poles):
-    """A TinyVLA saved in its checkpoint layout, with directions discovered on it."""
-    root = tmp_path_factory.mktemp("tiny_vla")
-    words = sorted({w for p in poles.values() for w in p.words})
-    TinyVLA.build(words=words, seed=3).save(root / "policy")
-    (root / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
-    policy = load_policy(root / "policy.yaml")
-    for d in discover(policy.backbone, poles, size=8, progress=False, device="cpu").values():
-        d.save(root / "directions")
-    return root
 
 
 @pytest.fixture
@@ -141,23 +126,6 @@ def test_telemetry_carries_actions_and_steering_state(served):
         sub.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(checkpoint, address):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vla_steer.cli", "serve", "--policy", str(checkpoint / "policy.yaml"),
-         "--directions", str(checkpoint / "directions"), "--bind", address],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    line = proc.stdout.readline()
-    assert "serving tiny-vla on" in line, proc.stderr.read() if proc.poll() is not None else line
-    return proc
-
-
 def _knobs(address, *args):
     return subprocess.run(
         [sys.executable, "-m", "vla_steer.cli", "knobs", *args, "--server", address],
@@ -167,8 +135,8 @@ def _knobs(address, *args):
 
 def test_cli_serve_and_knobs_then_sigkill_and_restart(checkpoint):
     """`vla-steer serve` as a process: knobs from the CLI, then SIGKILL, detection, restart, recovery."""
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    proc = _serve(checkpoint, address)
+    address = free_address()
+    proc = serve_process(checkpoint, address)
     try:
         with Client(address, timeout=3.0, liveness=1.0) as c:
             assert c.wait_alive(10.0)
@@ -192,7 +160,7 @@ def test_cli_serve_and_knobs_then_sigkill_and_restart(checkpoint):
             with pytest.raises(TimeoutError):
                 c.infer(OBS, timeout=0.3, retries=0)
 
-            proc = _serve(checkpoint, address)  # same address, fresh process, knobs all off again
+            proc = serve_process(checkpoint, address)  # same address, fresh process, knobs all off again
             assert c.wait_alive(10.0)
             assert np.array_equal(c.infer(OBS).actions, base)
         bad = _knobs(address, "set", "fast")
@@ -212,7 +180,7 @@ def test_knobs_cli_reports_a_bad_address():
 
 def test_knobs_cli_reports_a_missing_node():
     r = subprocess.run(
-        [sys.executable, "-m", "vla_steer.cli", "knobs", "list", "--server", f"tcp://127.0.0.1:{_free_port()}", "--timeout", "0.5"],
+        [sys.executable, "-m", "vla_steer.cli", "knobs", "list", "--server", free_address(), "--timeout", "0.5"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 3 and "no policy node answered" in r.stderr

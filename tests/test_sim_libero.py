@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from policies import load_policy
-from policies.tiny_vla import TinyVLA
 from sim.libero_env import MAX_STEPS, LiberoConfig, load_libero_config, quat2axisangle, to_libero_action
-from vla_steer.discovery import discover, load_directions
+from vla_steer.discovery import load_directions
 from vla_steer.node import PolicyNode
 from vla_steer.rollouts import open_store
 from vla_steer.transport import Server
@@ -176,19 +175,6 @@ def test_libero_env_seeds_settles_and_orients_images():
     # LIBERO's convention: the OpenGL frame rotated 180 degrees = upright mirrored left to right.
     assert np.array_equal(rot, up[:, ::-1]) and not np.array_equal(rot, up)
     assert "task_id 10 is out of range: libero_spatial has 10 tasks" in out["bad_task"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, poles):
-    """A TinyVLA (32x32 "agentview" images, 7-d actions, no state) saved and loaded like a checkpoint."""
-    root = tmp_path_factory.mktemp("tiny_vla_libero")
-    words = sorted({w for p in poles.values() for w in p.words})
-    TinyVLA.build(words=words, seed=3).save(root / "policy")
-    (root / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
-    policy = load_policy(root / "policy.yaml")
-    for d in discover(policy.backbone, poles, size=8, progress=False, device="cpu").values():
-        d.save(root / "directions")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import free_address, serve_process
 
 from policies import load_policy
-from policies.tiny_vla import TinyVLA
 from sim.base import StepResult
 from sim.robosuite_env import RobosuiteConfig, load_sim_config, quat2axisangle
 from sim.runner import BadActionError, PolicyNodeDied, run_episodes
-from vla_steer.discovery import discover, load_directions
+from vla_steer.discovery import load_directions
 from vla_steer.node import PolicyNode
 from vla_steer.protocol import InferResult
 from vla_steer.rollouts import open_store
@@ -38,19 +37,6 @@ FIELDS = {
 @pytest.fixture(scope="module")
 def robosuite():
     return pytest.importorskip("robosuite")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, poles):
-    """A TinyVLA (32x32 "agentview" images, 7-d actions) saved and loaded like a real checkpoint."""
-    root = tmp_path_factory.mktemp("tiny_vla_sim")
-    words = sorted({w for p in poles.values() for w in p.words})
-    TinyVLA.build(words=words, seed=3).save(root / "policy")
-    (root / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
-    policy = load_policy(root / "policy.yaml")
-    for d in discover(policy.backbone, poles, size=8, progress=False, device="cpu").values():
-        d.save(root / "directions")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -337,21 +323,10 @@ def test_node_dying_during_an_inference_ends_the_episode_within_2s(lift, node):
     assert e.value.step == 3 and len(records) == 3 and e.value.summaries[0].length == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigkilled_node_process_ends_the_episode_within_2s(lift, checkpoint):
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vla_steer.cli", "serve", "--policy", str(checkpoint / "policy.yaml"), "--bind", address],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    address = free_address()
+    proc = serve_process(checkpoint, address, directions=False)
     try:
-        line = proc.stdout.readline()
-        assert "serving tiny-vla on" in line, proc.stderr.read() if proc.poll() is not None else line
         t_kill = []
 
         def on_step(r):

@@ -1,0 +1,42 @@
+"""Helpers shared by the tests that run `vla-steer serve` as a real process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_address() -> str:
+    """A loopback TCP address nobody listens on (for a process that binds it itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def serve_process(checkpoint: Path, address: str, *, directions: bool = True) -> subprocess.Popen:
+    """`vla-steer serve` for the test checkpoint, returned once it says it is serving."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "vla_steer.cli",
+        "serve",
+        "--policy",
+        str(checkpoint / "policy.yaml"),
+        "--bind",
+        address,
+    ]
+    if directions:
+        cmd += ["--directions", str(checkpoint / "directions")]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    line = proc.stdout.readline()
+    assert "serving tiny-vla on" in line, proc.stderr.read() if proc.poll() is not None else line
+    return proc
