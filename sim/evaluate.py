@@ -35,24 +35,6 @@ def setting_label(setting: Mapping[str, float]) -> str:
     return ",".join(f"{k}={v:g}" for k, v in setting.items()) or "off"
 
 
-def parse_setting(text: str) -> dict[str, float]:
-    """'off' -> {}; 'fast=4,up=2' -> {'fast': 4.0, 'up': 2.0}."""
-    if text.strip() in ("off", "baseline", ""):
-        return {}
-    out = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        try:
-            if not sep or not name.strip():
-                raise ValueError
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"a setting looks like off or fast=4,up=2; got {text!r}") from None
-        if not math.isfinite(out[name.strip()]):
-            raise ValueError(f"setting {text!r}: strengths must be finite")
-    return out
-
-
 def evaluate(
     client: Client,
     tasks: Mapping[str, Callable[[], SimEnv]],

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vla_steer.cli import main, parse_layers, parse_size
+from vla_steer.cli import main, parse_layers, parse_setting, parse_size
 from vla_steer.demo import run_demo
 
 
@@ -91,6 +91,11 @@ def test_parsers():
     assert parse_layers("15-31") == (15, 31) and parse_layers("7") == (7, 7)
     with pytest.raises(Exception, match="not a size"):
         parse_size("lots")
+    assert parse_setting("off") == {} and parse_setting("fast=4, up=-2") == {"fast": 4.0, "up": -2.0}
+    with pytest.raises(ValueError, match="got 'fast'"):
+        parse_setting("fast")
+    with pytest.raises(ValueError, match="finite"):
+        parse_setting("fast=inf")
 
 
 def test_help_for_every_subcommand():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import sys
 from pathlib import Path
@@ -270,15 +271,18 @@ def _add_knobs(sub) -> None:
 
 
 def parse_strengths(items: list[str]) -> dict[str, float]:
+    """['fast=4', 'up=-2.5'] -> {'fast': 4.0, 'up': -2.5}; anything else names the bad item."""
     out = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, sep, value = item.strip().partition("=")
         try:
             if not sep or not name:
                 raise ValueError
             out[name] = float(value)
         except ValueError:
             raise ValueError(f"knob settings look like fast=4 or up=-2.5, got {item!r}") from None
+        if not math.isfinite(out[name]):
+            raise ValueError(f"knob {name!r}: the strength must be a finite number, got {value!r}")
     return out
 
 
@@ -368,13 +372,12 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("--settings", nargs="+", default=["off"], help="off, or NAME=S[,NAME=S...] per setting")
     _add_run_options(p)
-    p.set_defaults(func=lambda args: _run_grid(args, args.env, [_parse_setting(t) for t in args.settings]))
+    p.set_defaults(func=lambda args: _run_grid(args, args.env, [parse_setting(t) for t in args.settings]))
 
 
-def _parse_setting(text: str) -> dict[str, float]:
-    from sim.evaluate import parse_setting
-
-    return parse_setting(text)
+def parse_setting(text: str) -> dict[str, float]:
+    """'off' -> {} (every knob off); 'fast=4,up=2' -> {'fast': 4.0, 'up': 2.0}."""
+    return {} if text.strip() in ("off", "baseline", "") else parse_strengths(text.split(","))
 
 
 def _run_grid(args, envs: list[Path], settings: list[dict[str, float]]) -> int:
