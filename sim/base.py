@@ -100,3 +100,21 @@ def camera_map(cameras: Mapping[str, str], shapes: Mapping[str, tuple[int, int, 
             f"the policy wants images {keys}; sim config `cameras` has no camera for {missing} (it maps {dict(cameras)})"
         )
     return {k: cameras[k] for k in keys}
+
+
+def to_osc_action(action: np.ndarray, gripper: str, binarize: bool, scale: float = 1.0) -> np.ndarray:
+    """A policy action (dx dy dz droll dpitch dyaw gripper) -> robosuite/LIBERO OSC_POSE delta input:
+    deltas scaled and clipped to [-1, 1], gripper mapped to the simulators' -1 open / +1 close from the
+    policy's convention (`close_positive`: as is; `open_positive`: negated; `open_unit`: 1 = open in [0, 1])."""
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    if a.shape != (7,) or not np.all(np.isfinite(a)):
+        raise ValueError(f"action must be 7 finite floats, got {a.tolist()}")
+    out = np.empty(7)
+    out[:6] = np.clip(a[:6] * scale, -1.0, 1.0)
+    g = a[6]
+    if gripper == "open_positive":
+        g = -g
+    elif gripper == "open_unit":
+        g = 1.0 - 2.0 * g
+    out[6] = np.sign(g) if binarize else np.clip(g, -1.0, 1.0)
+    return out

@@ -50,7 +50,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle
+from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle, to_osc_action
 from vla_steer.config import load_yaml_model
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
@@ -123,22 +123,6 @@ class LiberoConfig(BaseModel):
 def load_libero_config(path: str | Path) -> LiberoConfig:
     """Parse and validate a sim config; errors name the file, the key and what is allowed."""
     return load_yaml_model(path, LiberoConfig, "sim config")
-
-
-def to_libero_action(action: np.ndarray, gripper: str, binarize: bool) -> np.ndarray:
-    """A policy action (7 floats) -> LIBERO's: deltas clipped to [-1, 1], gripper -1 open / +1 close."""
-    a = np.asarray(action, dtype=np.float64).reshape(-1)
-    if a.shape != (7,) or not np.all(np.isfinite(a)):
-        raise ValueError(f"action must be 7 finite floats, got {a.tolist()}")
-    out = np.empty(7)
-    out[:6] = np.clip(a[:6], -1.0, 1.0)
-    g = a[6]
-    if gripper == "open_positive":
-        g = -g
-    elif gripper == "open_unit":
-        g = 1.0 - 2.0 * g
-    out[6] = np.sign(g) if binarize else np.clip(g, -1.0, 1.0)
-    return out
 
 
 class LiberoEnv:
@@ -228,7 +212,7 @@ class LiberoEnv:
         """Execute one policy action (7 floats, see the module docstring for the mapping)."""
         if self._obs is None:
             raise RuntimeError("call reset() before step()")
-        env_action = to_libero_action(action, self.config.gripper, self.config.binarize_gripper)
+        env_action = to_osc_action(action, self.config.gripper, self.config.binarize_gripper)
         self._obs, reward, _, info = self.env.step(env_action)
         return StepResult(self.observation(), float(reward), {"env_action": env_action, **info})
 
@@ -282,5 +266,4 @@ __all__ = [
     "LiberoEnv",
     "load_libero_config",
     "quat2axisangle",
-    "to_libero_action",
 ]

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle
+from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle, to_osc_action
 from vla_steer.config import load_yaml_model
 
 # Default instruction per robosuite task (override with `instruction:` in the config).
@@ -191,7 +191,9 @@ class RobosuiteEnv:
         """Execute one policy action (7 floats, see the module docstring for the mapping)."""
         if self._obs is None:
             raise RuntimeError("call reset() before step()")
-        env_action = self.to_env_action(action)
+        env_action = to_osc_action(
+            action, self.config.gripper, self.config.binarize_gripper, self.config.action_scale
+        )
         self._obs, reward, _, info = self.env.step(env_action)
         return StepResult(self.observation(), float(reward), {"env_action": env_action, **info})
 
@@ -208,20 +210,6 @@ class RobosuiteEnv:
         self.close()
 
     # -- conversions ----------------------------------------------------------------------------
-
-    def to_env_action(self, action: np.ndarray) -> np.ndarray:
-        a = np.asarray(action, dtype=np.float64).reshape(-1)
-        if a.shape != (self.action_dim,) or not np.all(np.isfinite(a)):
-            raise ValueError(f"action must be {self.action_dim} finite floats, got {a.tolist()}")
-        out = np.empty(self.action_dim)
-        out[:6] = np.clip(a[:6] * self.config.action_scale, -1.0, 1.0)
-        g = a[6]
-        if self.config.gripper == "open_positive":
-            g = -g
-        elif self.config.gripper == "open_unit":
-            g = 1.0 - 2.0 * g
-        out[6] = np.sign(g) if self.config.binarize_gripper else np.clip(g, -1.0, 1.0)
-        return out
 
     @property
     def gripper_qpos(self) -> np.ndarray:

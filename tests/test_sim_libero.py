@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from policies import load_policy
-from sim.libero_env import MAX_STEPS, LiberoConfig, load_libero_config, quat2axisangle, to_libero_action
+from sim.base import to_osc_action
+from sim.libero_env import MAX_STEPS, LiberoConfig, load_libero_config, quat2axisangle
 from vla_steer.discovery import load_directions
 from vla_steer.node import PolicyNode
 from vla_steer.rollouts import open_store
@@ -85,16 +86,16 @@ def test_config_errors_name_the_file_and_key(tmp_path):
 def test_gripper_conventions_map_to_liberos():
     """LIBERO: -1 open, +1 close. Deltas are clipped to the controller's [-1, 1]."""
     a = np.array([2.0, -3.0, 0.5, 0, 0, 0, 0.0])
-    assert np.allclose(to_libero_action(a, "close_positive", False)[:6], [1, -1, 0.5, 0, 0, 0])
+    assert np.allclose(to_osc_action(a, "close_positive", False)[:6], [1, -1, 0.5, 0, 0, 0])
     for g, mode, want in [
         (1.0, "close_positive", 1.0), (-1.0, "close_positive", -1.0),
         (1.0, "open_positive", -1.0), (0.3, "open_positive", -0.3),
         (1.0, "open_unit", -1.0), (0.0, "open_unit", 1.0), (0.6, "open_unit", -0.2),
     ]:  # fmt: skip
-        assert to_libero_action(np.r_[np.zeros(6), g], mode, False)[6] == pytest.approx(want)
-    assert to_libero_action(np.r_[np.zeros(6), 0.6], "open_unit", True)[6] == -1.0  # OpenVLA's binarized
+        assert to_osc_action(np.r_[np.zeros(6), g], mode, False)[6] == pytest.approx(want)
+    assert to_osc_action(np.r_[np.zeros(6), 0.6], "open_unit", True)[6] == -1.0  # OpenVLA's binarized
     with pytest.raises(ValueError, match="7 finite"):
-        to_libero_action(np.r_[np.zeros(6), np.nan], "close_positive", False)
+        to_osc_action(np.r_[np.zeros(6), np.nan], "close_positive", False)
 
 
 def test_quat2axisangle_matches_known_rotations():
