@@ -1,0 +1,300 @@
+"""pi0 configuration: the architecture (dimensions) and the policy settings read from a checkpoint.
+
+Two checkpoint `config.json` flavours are understood:
+
+- LeRobot (`"type": "pi0"`): `chunk_size`, `n_action_steps`, `max_state_dim`, `max_action_dim`,
+  `num_inference_steps` (older: `num_steps`), `input_features` / `output_features`,
+  `normalization_mapping`, `tokenizer_max_length`, `image_resolution` (older:
+  `resize_imgs_with_padding`), `min_period` / `max_period`, `paligemma_variant` /
+  `action_expert_variant` (older checkpoints have none: gemma_2b + gemma_300m).
+- openpi's converted PyTorch checkpoints (`examples/convert_jax_model_to_pytorch.py`): `action_dim`,
+  `action_horizon`, `paligemma_variant`, `action_expert_variant`, `precision`. Image keys, the real
+  state/action dims and the norm-stats asset are not in that file; they come from the load options.
+
+Training-only fields are ignored. A non-standard architecture (the tiny test model) is stored under the
+extra key `vla_steer_architecture`; without it the sizes follow the named Gemma variants and SigLIP
+So400m/14, as both reference implementations build them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCH_KEY = "vla_steer_architecture"
+NORM_MODES = ("IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILES", "QUANTILE10")
+
+
+@dataclass(frozen=True)
+class GemmaDims:
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+# openpi `gemma.py: get_config` (lerobot copies it): the two variants pi0 uses.
+VARIANTS = {
+    "gemma_2b": GemmaDims(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256),
+    "gemma_300m": GemmaDims(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256),
+}
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """SigLIP; the defaults are So400m/14 at 224 px (PaliGemma-3b-224 with pi0's 4304-wide MLP)."""
+
+    hidden: int = 1152
+    intermediate: int = 4304
+    depth: int = 27
+    num_heads: int = 16
+    patch: int = 14
+    image_size: int = 224
+
+    @property
+    def n_tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+
+@dataclass(frozen=True)
+class PI0Architecture:
+    paligemma: GemmaDims = VARIANTS["gemma_2b"]
+    expert: GemmaDims = VARIANTS["gemma_300m"]
+    vision: VisionDims = field(default_factory=VisionDims)
+    vocab_size: int = 257_152
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+
+    def __post_init__(self):
+        p, e = self.paligemma, self.expert
+        # The two stacks share one attention per layer (keys and values are concatenated).
+        for attr in ("depth", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(p, attr) != getattr(e, attr):
+                raise ValueError(
+                    f"pi0 architecture: paligemma.{attr}={getattr(p, attr)} must equal "
+                    f"expert.{attr}={getattr(e, attr)} (joint attention)"
+                )
+        if e.width % 2:
+            raise ValueError(f"pi0 architecture: expert.width must be even (time embedding), got {e.width}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "architecture") -> PI0Architecture:
+        try:
+            return cls(
+                paligemma=GemmaDims(**data["paligemma"]),
+                expert=GemmaDims(**data["expert"]),
+                vision=VisionDims(**data.get("vision", {})),
+                vocab_size=int(data["vocab_size"]),
+                max_state_dim=int(data.get("max_state_dim", 32)),
+                max_action_dim=int(data.get("max_action_dim", 32)),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{source}: malformed {ARCH_KEY}: {e}") from None
+
+
+@dataclass
+class Feature:
+    """One input or output of the checkpoint, by its LeRobot name (`observation.images.image`)."""
+
+    name: str
+    kind: str  # VISUAL | STATE | ACTION
+    shape: tuple[int, ...]
+
+
+@dataclass
+class PI0Config:
+    """What inference needs from a checkpoint's config.json (plus our load options)."""
+
+    architecture: PI0Architecture = field(default_factory=PI0Architecture)
+    images: list[Feature] = field(default_factory=list)
+    state: Feature | None = None
+    action: Feature = field(default_factory=lambda: Feature("action", "ACTION", (7,)))
+    chunk_size: int = 50
+    n_action_steps: int = 50
+    num_inference_steps: int = 10
+    tokenizer_max_length: int = 48
+    min_period: float = 4e-3
+    max_period: float = 4.0
+    normalization: dict[str, str] = field(
+        default_factory=lambda: {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    )
+    layout: str = "lerobot"  # lerobot | openpi
+
+    def __post_init__(self):
+        if not 1 <= self.n_action_steps <= self.chunk_size:
+            raise ValueError(
+                f"n_action_steps must be in 1..chunk_size={self.chunk_size}, got {self.n_action_steps}"
+            )
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.action.shape[0] > self.architecture.max_action_dim:
+            raise ValueError(
+                f"action dim {self.action.shape[0]} exceeds max_action_dim {self.architecture.max_action_dim}"
+            )
+        if self.state is not None and self.state.shape[0] > self.architecture.max_state_dim:
+            raise ValueError(
+                f"state dim {self.state.shape[0]} exceeds max_state_dim {self.architecture.max_state_dim}"
+            )
+        for kind, mode in self.normalization.items():
+            if mode not in NORM_MODES:
+                raise ValueError(f"normalization_mapping.{kind} is {mode!r}; expected one of {NORM_MODES}")
+        size = self.architecture.vision.image_size
+        for img in self.images:
+            if img.shape[-2:] != (size, size):
+                raise ValueError(
+                    f"image feature {img.name} has shape {list(img.shape)}; this pi0 takes {size}x{size} "
+                    "(image_resolution)"
+                )
+
+    @property
+    def action_dim(self) -> int:
+        return self.action.shape[0]
+
+    @property
+    def state_dim(self) -> int | None:
+        return None if self.state is None else self.state.shape[0]
+
+    def to_lerobot_dict(self) -> dict[str, Any]:
+        """The LeRobot config.json fields inference reads (what `save` writes)."""
+        a = self.architecture
+        feats = {f.name: {"type": f.kind, "shape": list(f.shape)} for f in self.images}
+        if self.state is not None:
+            feats[self.state.name] = {"type": "STATE", "shape": list(self.state.shape)}
+        out = {
+            "type": "pi0",
+            "n_obs_steps": 1,
+            "input_features": feats,
+            "output_features": {self.action.name: {"type": "ACTION", "shape": list(self.action.shape)}},
+            "normalization_mapping": dict(self.normalization),
+            "chunk_size": self.chunk_size,
+            "n_action_steps": self.n_action_steps,
+            "max_state_dim": a.max_state_dim,
+            "max_action_dim": a.max_action_dim,
+            "num_inference_steps": self.num_inference_steps,
+            "tokenizer_max_length": self.tokenizer_max_length,
+            "image_resolution": [a.vision.image_size, a.vision.image_size],
+            "min_period": self.min_period,
+            "max_period": self.max_period,
+            "empty_cameras": 0,
+        }
+        standard = PI0Architecture(max_state_dim=a.max_state_dim, max_action_dim=a.max_action_dim)
+        if a == standard:
+            out |= {"paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m"}
+        else:
+            out[ARCH_KEY] = a.to_dict()
+        return out
+
+
+def _variant(data: dict, key: str, default: str, source: str) -> GemmaDims:
+    name = data.get(key, default)
+    if name not in VARIANTS:
+        raise ValueError(f"{source}: {key} is {name!r}; expected one of {sorted(VARIANTS)}")
+    return VARIANTS[name]
+
+
+def _feature(name: str, spec: Any, source: str) -> Feature:
+    if not isinstance(spec, dict) or "type" not in spec or "shape" not in spec:
+        raise ValueError(f"{source}: feature {name!r} needs 'type' and 'shape', got {spec!r}")
+    return Feature(name, str(spec["type"]), tuple(int(s) for s in spec["shape"]))
+
+
+def read_config(path: str | Path, **overrides: Any) -> PI0Config:
+    """Parse a checkpoint's config.json (LeRobot or openpi flavour); errors name the file and key.
+
+    `overrides`: `n_action_steps`, `num_inference_steps`, and for openpi checkpoints `image_keys`
+    (list of names), `state_dim`, `action_dim` (which the openpi config does not record).
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    kind = data.get("type")
+    if kind not in (None, "pi0"):
+        raise ValueError(
+            f"{source}: type is {kind!r}; this loader reads pi0 checkpoints (pi05/pi0fast differ)"
+        )
+    if data.get("adapt_to_pi_aloha"):
+        raise ValueError(f"{source}: adapt_to_pi_aloha=true (ALOHA joint conventions) is not supported")
+    openpi = kind is None and "action_horizon" in data
+    if kind is None and not openpi:
+        raise ValueError(
+            f"{source}: neither a LeRobot pi0 config ('type': 'pi0') nor an openpi one (action_horizon)"
+        )
+
+    if ARCH_KEY in data:
+        arch = PI0Architecture.from_dict(data[ARCH_KEY], source)
+    else:
+        if openpi:
+            max_state = max_action = int(data.get("action_dim", 32))
+        else:
+            max_state, max_action = int(data.get("max_state_dim", 32)), int(data.get("max_action_dim", 32))
+        res = data.get("image_resolution") or data.get("resize_imgs_with_padding") or [224, 224]
+        if len(res) != 2 or res[0] != res[1]:
+            raise ValueError(f"{source}: image_resolution must be square [N, N], got {res}")
+        arch = PI0Architecture(
+            paligemma=_variant(data, "paligemma_variant", "gemma_2b", source),
+            expert=_variant(data, "action_expert_variant", "gemma_300m", source),
+            vision=VisionDims(image_size=int(res[0])),
+            max_state_dim=max_state,
+            max_action_dim=max_action,
+        )
+    size = arch.vision.image_size
+
+    if openpi:
+        keys = overrides.get("image_keys") or ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
+        images = [Feature(k, "VISUAL", (3, size, size)) for k in keys]
+        state_dim = overrides.get("state_dim") or arch.max_state_dim
+        action_dim = overrides.get("action_dim") or arch.max_action_dim
+        cfg = PI0Config(
+            architecture=arch,
+            images=images,
+            state=Feature("state", "STATE", (int(state_dim),)),
+            action=Feature("actions", "ACTION", (int(action_dim),)),
+            chunk_size=int(data["action_horizon"]),
+            n_action_steps=int(overrides.get("n_action_steps") or data["action_horizon"]),
+            num_inference_steps=int(overrides.get("num_inference_steps") or 10),
+            normalization={"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+            layout="openpi",
+        )
+        return cfg
+
+    inputs = data.get("input_features") or {}
+    outputs = data.get("output_features") or {}
+    feats = [_feature(k, v, source) for k, v in inputs.items()]
+    images = [f for f in feats if f.kind == "VISUAL"]
+    states = [f for f in feats if f.kind == "STATE"]
+    actions = [_feature(k, v, source) for k, v in outputs.items() if (v or {}).get("type") == "ACTION"]
+    if not images:
+        raise ValueError(f"{source}: input_features has no VISUAL feature")
+    if len(actions) != 1:
+        raise ValueError(
+            f"{source}: output_features must hold exactly one ACTION feature, got {len(actions)}"
+        )
+    if len(states) > 1:
+        raise ValueError(f"{source}: input_features holds {len(states)} STATE features; pi0 takes one")
+    steps = data.get("num_inference_steps", data.get("num_steps", 10))
+    return PI0Config(
+        architecture=arch,
+        images=images,
+        state=states[0] if states else None,
+        action=actions[0],
+        chunk_size=int(data.get("chunk_size", 50)),
+        n_action_steps=int(overrides.get("n_action_steps") or data.get("n_action_steps", 50)),
+        num_inference_steps=int(overrides.get("num_inference_steps") or steps),
+        tokenizer_max_length=int(data.get("tokenizer_max_length", 48)),
+        min_period=float(data.get("min_period", 4e-3)),
+        max_period=float(data.get("max_period", 4.0)),
+        normalization={str(k): str(v) for k, v in (data.get("normalization_mapping") or {}).items()}
+        or {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+    )

@@ -1,0 +1,319 @@
+"""The pi0 policy: observation -> normalised inputs -> flow-matching sampler -> un-normalised action chunk.
+
+    policy = PI0Policy.load("checkpoints/pi0_libero", device="cuda", dtype=torch.bfloat16, seed=0)
+    chunk = policy.infer(obs)                    # noise from the seeded generator (re-seeded by reset())
+    chunk = policy.infer(obs, noise=noise)       # an explicit [chunk_size, max_action_dim] noise tensor
+
+Steerable stacks (`policy.backbones`): "language" (the PaliGemma Gemma-2B; projectable onto the
+vocabulary; it reaches the actions only through the prefix key/value cache) and "action_expert" (the
+Gemma-300M expert; no vocabulary: find its directions by contrast, `vla_steer.discovery.contrast`).
+`policy.backbone` is the language stack. Both share one root module whose single `forward` is a whole
+inference, so a Steerer's forward lock spans the prefix pass and every denoising step.
+
+Prompt: BOS + instruction (stripped, "_" and newlines as spaces) + "\\n" (openpi's pi0 format),
+truncated to `tokenizer_max_length`; unpadded, which is exactly what padding to the maximum and masking
+computes. Images: uint8 [H, W, 3] at the model's resolution, scaled to [-1, 1]. State: normalised with
+the checkpoint's stats and zero-padded to `max_state_dim`; actions: the first `action_dim` of the
+`max_action_dim` outputs, un-normalised; the first `n_action_steps` of the `chunk_size` are returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from policies.base import ActionChunk, Observation, Policy, PolicySpec
+from policies.pi0 import checkpoint as ckpt
+from policies.pi0.config import PI0Config, read_config
+from policies.pi0.modeling import PI0Model
+from vla_steer.backbone import Backbone
+
+DEFAULT_TOKENIZER = "google/paligemma-3b-pt-224"  # what LeRobot and openpi tokenise pi0 prompts with
+LANGUAGE_LAYERS = "paligemma_with_expert.paligemma.model.language_model.layers"
+EXPERT_LAYERS = "paligemma_with_expert.gemma_expert.model.layers"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def default_image_key(feature: str) -> str:
+    """`observation.images.wrist_image` -> `wrist_image`; `observation.image` -> `image`."""
+    for prefix in ("observation.images.", "observation."):
+        if feature.startswith(prefix):
+            return feature[len(prefix) :]
+    return feature
+
+
+class PI0Policy(Policy):
+    def __init__(
+        self,
+        cfg: PI0Config,
+        model: PI0Model,
+        tokenizer: Any,
+        *,
+        state_norm: ckpt.Normalizer | None = None,
+        action_norm: ckpt.Normalizer | None = None,
+        seed: int | None = None,
+        image_keys: dict[str, str] | None = None,
+        name: str = "pi0",
+    ):
+        self.cfg = cfg
+        self.model = model.eval().requires_grad_(False)  # inference only
+        self.tokenizer = tokenizer
+        if getattr(tokenizer, "bos_token_id", None) is None:
+            raise ValueError("pi0's tokenizer must define a BOS token (the prompt starts with it)")
+        self.state_norm = state_norm
+        self.action_norm = action_norm or ckpt.Normalizer()
+        self.seed = seed
+        self.stats: dict = {}  # feature -> {stat: array}, what `save` writes
+        self._generator = torch.Generator()
+        self.reset()
+        renames = image_keys or {}
+        unknown = sorted(set(renames) - {f.name for f in cfg.images})
+        if unknown:
+            raise ValueError(
+                f"image_keys renames unknown image features {unknown}; known {[f.name for f in cfg.images]}"
+            )
+        self.image_keys = {f.name: renames.get(f.name, default_image_key(f.name)) for f in cfg.images}
+        size = cfg.architecture.vision.image_size
+        self.spec = PolicySpec(
+            name=name,
+            action_dim=cfg.action_dim,
+            chunk_length=cfg.n_action_steps,
+            control_hz=10.0,
+            image_keys={key: (size, size, 3) for key in self.image_keys.values()},
+            state_dim=cfg.state_dim,
+            action_space="checkpoint",  # whatever the fine-tune's dataset recorded (LIBERO: ee deltas)
+        )
+        pg = model.paligemma_with_expert.paligemma
+        self._backbones = {
+            "language": Backbone.from_model(
+                model, tokenizer, layers_path=LANGUAGE_LAYERS, lm_head=pg.lm_head, name=f"{name}/language"
+            ),
+            "action_expert": Backbone.from_model(
+                model, None, layers_path=EXPERT_LAYERS, name=f"{name}/action_expert"
+            ),
+        }
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls, cfg: PI0Config, tokenizer: Any, *, seed: int = 0, stats: dict | None = None, **kwargs
+    ) -> PI0Policy:
+        """A randomly initialised pi0 (tests, benchmarks); `stats` as `read_stats` returns them."""
+        torch.manual_seed(seed)
+        model = PI0Model(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
+                         max_period=cfg.max_period)  # fmt: skip
+        if stats:
+            kwargs["state_norm"], kwargs["action_norm"] = _normalizers_from(cfg, stats)
+        policy = cls(cfg, model, tokenizer, **kwargs)
+        policy.stats = stats or {}
+        return policy
+
+    def save(self, directory: str | Path, *, layout: str = "lerobot", generation: str = "current") -> Path:
+        """Write a checkpoint in LeRobot's (`generation` current | original) or openpi's layout, plus the tokenizer."""
+        stats = self.stats or _stats_of(self)
+        if layout == "lerobot":
+            path = ckpt.save_lerobot(self.model, self.cfg, stats, directory, generation=generation)
+        elif layout == "openpi":
+            path = ckpt.save_openpi(self.model, self.cfg, stats, directory)
+        else:
+            raise ValueError(f"layout must be 'lerobot' or 'openpi', got {layout!r}")
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        seed: int | None = None,
+        n_action_steps: int | None = None,
+        num_inference_steps: int | None = None,
+        tokenizer: str | Path | None = None,
+        image_keys: dict[str, str] | None = None,
+        norm_stats: str | Path | None = None,
+        openpi_image_keys: list[str] | None = None,
+        state_dim: int | None = None,
+        action_dim: int | None = None,
+        name: str | None = None,
+    ) -> PI0Policy:
+        """Load a LeRobot or openpi pi0 checkpoint directory (config.json + model.safetensors).
+
+        `dtype`: float32 (default) or bfloat16; `seed`: deterministic noise (re-seeded at every reset);
+        `image_keys`: checkpoint image feature -> observation key; `norm_stats`: a stats JSON overriding
+        the checkpoint's; `openpi_image_keys`, `state_dim`, `action_dim`: what an openpi config lacks.
+        """
+        directory = Path(path)
+        for required in ("config.json", ckpt.WEIGHTS):
+            if not (directory / required).exists():
+                raise FileNotFoundError(f"{directory} is not a pi0 checkpoint: {required} is missing")
+        cfg = read_config(
+            directory / "config.json",
+            n_action_steps=n_action_steps,
+            num_inference_steps=num_inference_steps,
+            image_keys=openpi_image_keys,
+            state_dim=state_dim,
+            action_dim=action_dim,
+        )
+        dtype = _dtype(dtype)
+        with torch.device("meta"):  # no random init of billions of weights that are overwritten anyway
+            model = PI0Model(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
+                             max_period=cfg.max_period)  # fmt: skip
+        model.to_empty(device="cpu")
+        _reset_buffers(model)
+        ckpt.load_weights(model, directory)
+        model.to(device=device, dtype=dtype)
+        state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
+        tok = _load_tokenizer(tokenizer, directory)
+        return cls(cfg, model, tok, state_norm=state_norm, action_norm=action_norm, seed=seed,
+                   image_keys=image_keys, name=name or directory.name)  # fmt: skip
+
+    # -- Policy ------------------------------------------------------------------------------------
+
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbones["language"]
+
+    @property
+    def backbones(self) -> dict[str, Backbone]:
+        return dict(self._backbones)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset(self) -> None:
+        """A new episode: with a seed, the noise sequence starts over (same seed, same noise)."""
+        if self.seed is not None:
+            self._generator.manual_seed(self.seed)
+        else:
+            self._generator.seed()
+
+    def sample_noise(self) -> torch.Tensor:
+        """[chunk_size, max_action_dim] standard normal from the policy's generator (CPU, device-independent)."""
+        shape = (self.cfg.chunk_size, self.cfg.architecture.max_action_dim)
+        return torch.randn(shape, generator=self._generator, dtype=torch.float32)
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        clean = instruction.strip().replace("_", " ").replace("\n", " ")
+        tok = self.tokenizer
+        ids = [tok.bos_token_id, *tok.encode(clean, add_special_tokens=False)]
+        ids += tok.encode("\n", add_special_tokens=False)
+        return ids[: self.cfg.tokenizer_max_length]
+
+    def model_inputs(
+        self, obs: Observation, noise: torch.Tensor | np.ndarray | None = None
+    ) -> dict[str, Any]:
+        """The tensors `PI0Model.forward` takes, batch of one."""
+        dev, a = self.device, self.cfg.architecture
+        images, masks = [], []
+        for feature, key in self.image_keys.items():
+            img = obs.images.get(key)
+            if img is None:
+                raise ValueError(f"observation.images is missing {key!r} (feature {feature})")
+            x = torch.tensor(img, dtype=torch.float32, device=dev)  # copies: wire arrays are read-only
+            images.append((x.permute(2, 0, 1)[None] / 127.5) - 1.0)
+            masks.append(torch.ones(1, dtype=torch.bool, device=dev))
+        ids = torch.tensor([self.prompt_ids(obs.instruction)], device=dev)
+        state = np.zeros(a.max_state_dim, np.float32)
+        if self.cfg.state is not None:
+            if obs.state is None:
+                raise ValueError(f"observation.state is required (shape [{self.cfg.state_dim}])")
+            s = np.asarray(obs.state, np.float32).reshape(-1)
+            state[: s.size] = self.state_norm.normalize(s) if self.state_norm else s
+        if noise is None:
+            noise = self.sample_noise()
+        noise = torch.as_tensor(noise, dtype=torch.float32)
+        want = (self.cfg.chunk_size, a.max_action_dim)
+        if (
+            tuple(noise.shape[-2:]) != want
+            or noise.ndim not in (2, 3)
+            or (noise.ndim == 3 and noise.shape[0] != 1)
+        ):
+            raise ValueError(f"noise must have shape {list(want)} (or [1, ...]), got {list(noise.shape)}")
+        return {
+            "images": images,
+            "image_masks": masks,
+            "tokens": ids,
+            "token_mask": torch.ones_like(ids, dtype=torch.bool),
+            "state": torch.tensor(state, device=dev)[None],
+            "noise": noise.reshape(1, *want).to(dev),
+            "num_steps": self.cfg.num_inference_steps,
+        }
+
+    @torch.no_grad()
+    def infer(self, obs: Observation, *, noise: torch.Tensor | np.ndarray | None = None) -> ActionChunk:
+        normed = self.model(**self.model_inputs(obs, noise))[0, :, : self.cfg.action_dim].cpu().numpy()
+        actions = self.action_norm.unnormalize(normed)
+        return ActionChunk(
+            actions=np.ascontiguousarray(actions[: self.cfg.n_action_steps]),
+            info={"chunk_size": self.cfg.chunk_size, "num_inference_steps": self.cfg.num_inference_steps},
+        )
+
+    def with_instruction(self, obs: Observation, instruction: str) -> Observation:
+        return replace(obs, instruction=instruction)
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def _reset_buffers(model: torch.nn.Module) -> None:
+    """Recompute the non-persistent buffers a meta-device build leaves empty (rotary frequencies,
+    SigLIP position ids, Gemma's embedding scale); everything persistent comes from the checkpoint."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            inv_freq, module.attention_scaling = module.compute_default_rope_parameters(module.config)
+            module.inv_freq = inv_freq
+            module.original_inv_freq = inv_freq.clone()
+        if hasattr(module, "position_ids") and hasattr(module, "num_positions"):
+            module.position_ids = torch.arange(module.num_positions).expand((1, -1))
+        if hasattr(module, "scalar_embed_scale"):
+            module.embed_scale = torch.tensor(module.scalar_embed_scale)
+
+
+def _load_tokenizer(tokenizer: str | Path | None, directory: Path):
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        has_own = any((directory / f).exists() for f in TOKENIZER_FILES)
+        tokenizer = directory if has_own else DEFAULT_TOKENIZER
+    return AutoTokenizer.from_pretrained(tokenizer)
+
+
+def _normalizers_from(cfg: PI0Config, stats: dict) -> tuple[ckpt.Normalizer | None, ckpt.Normalizer]:
+    def make(feature, kind):
+        n = ckpt.Normalizer(cfg.normalization.get(kind, "IDENTITY"),
+                            {k: np.asarray(v, np.float32) for k, v in stats.get(feature.name, {}).items()})  # fmt: skip
+        n.check(feature.name, feature.shape[0], "stats")
+        return n
+
+    return (make(cfg.state, "STATE") if cfg.state else None), make(cfg.action, "ACTION")
+
+
+def _stats_of(policy: PI0Policy) -> dict:
+    out = {policy.cfg.action.name: dict(policy.action_norm.stats)}
+    if policy.cfg.state is not None and policy.state_norm is not None:
+        out[policy.cfg.state.name] = dict(policy.state_norm.stats)
+    return out
