@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/projection_throughput.py $(BENCH_ARGS)
 	$(PY) benchmarks/transport_rtt.py $(BENCH_ARGS)
 	$(PY) benchmarks/sim_overhead.py $(BENCH_ARGS)
+	$(PY) benchmarks/openvla_step.py $(BENCH_ARGS)
+	$(PY) benchmarks/pi0_step.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

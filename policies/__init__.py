@@ -1,45 +1,117 @@
 """Policies the node can serve: the interface (`base`) and its implementations, loaded from YAML configs.
 
-A policy config (`configs/policies/*.yaml`):
+A policy config (`configs/policies/*.yaml`) names its `kind` and checkpoint `path` (a directory, relative
+to the YAML file or absolute; `openvla` and `pi0` also take a hub id on a machine that has a hub), plus
+options of that kind:
 
-    kind: tiny_vla          # which implementation
-    path: ../../demo_out/tiny_vla   # its checkpoint directory, relative to this file (or absolute)
+    kind: tiny_vla          # the small OpenVLA-style policy (the bundled demo VLA is one)
+    path: ../../policies/demo/weights
     device: cpu
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from policies.base import ActionChunk, Observation, Policy, PolicySpec
 from vla_steer.config import load_yaml_model
 
-__all__ = ["ActionChunk", "Observation", "Policy", "PolicyConfig", "PolicySpec", "load_policy"]
+__all__ = [
+    "ActionChunk",
+    "Observation",
+    "Policy",
+    "PolicyConfig",
+    "PolicySpec",
+    "load_policy",
+    "read_policy_config",
+]
 
 
-class PolicyConfig(BaseModel):
+class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["tiny_vla"]
     path: Path
     device: str = "cpu"
+
+
+class TinyVLAPolicyConfig(_Config):
+    kind: Literal["tiny_vla"]
+
+
+class OpenVLAPolicyConfig(_Config):
+    """Options of `policies.openvla.OpenVLAPolicy.load` (see there)."""
+
+    kind: Literal["openvla"]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    unnorm_key: str | None = None
+    center_crop: bool = False
+    image_key: str = "agentview"
+    control_hz: float = Field(5.0, gt=0)
+    constrain_to_bins: bool = False
+
+
+class Pi0PolicyConfig(_Config):
+    """Options of `policies.pi0.PI0Policy.load` (see there)."""
+
+    kind: Literal["pi0"]
+    dtype: Literal["float32", "bfloat16"] | None = None
+    seed: int | None = None
+    n_action_steps: int | None = Field(None, gt=0)
+    num_inference_steps: int | None = Field(None, gt=0)
+    tokenizer: str | None = None
+    image_keys: dict[str, str] | None = None
+    norm_stats: Path | None = None
+
+
+PolicyConfig = Annotated[
+    TinyVLAPolicyConfig | OpenVLAPolicyConfig | Pi0PolicyConfig, Field(discriminator="kind")
+]
+
+
+class _PolicyFile(RootModel[PolicyConfig]):
+    pass
+
+
+def _looks_like_hub_id(path: Path) -> bool:
+    return len(path.parts) == 2 and not str(path).startswith(".")
 
 
 def read_policy_config(path: str | Path) -> PolicyConfig:
     """Parse and validate a policy config; errors name the file, the key and what is allowed."""
     path = Path(path)
-    cfg = load_yaml_model(path, PolicyConfig, "policy config")
+    cfg = load_yaml_model(path, _PolicyFile, "policy config").root
     if not cfg.path.is_absolute():
-        cfg.path = (path.parent / cfg.path).resolve()
+        local = (path.parent / cfg.path).resolve()
+        # "openvla/openvla-7b" stays a hub id unless such a directory exists next to the config.
+        hub = cfg.kind in ("openvla", "pi0") and _looks_like_hub_id(cfg.path) and not local.exists()
+        cfg.path = cfg.path if hub else local
+    if isinstance(cfg, Pi0PolicyConfig) and cfg.norm_stats is not None and not cfg.norm_stats.is_absolute():
+        cfg.norm_stats = (path.parent / cfg.norm_stats).resolve()
     return cfg
 
 
 def load_policy(config: str | Path | PolicyConfig) -> Policy:
-    cfg = config if isinstance(config, PolicyConfig) else read_policy_config(config)
+    cfg = read_policy_config(config) if isinstance(config, (str, Path)) else config
     if cfg.kind == "tiny_vla":
         from policies.tiny_vla import TinyVLA
 
         return TinyVLA.load(cfg.path, device=cfg.device)
+    if cfg.kind == "openvla":
+        from policies.openvla import OpenVLAPolicy
+
+        return OpenVLAPolicy.load(
+            cfg.path, device=cfg.device, dtype=cfg.dtype, unnorm_key=cfg.unnorm_key,
+            center_crop=cfg.center_crop, image_key=cfg.image_key, control_hz=cfg.control_hz,
+            constrain_to_bins=cfg.constrain_to_bins,
+        )  # fmt: skip
+    if cfg.kind == "pi0":
+        from policies.pi0 import PI0Policy
+
+        return PI0Policy.load(
+            cfg.path, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, n_action_steps=cfg.n_action_steps,
+            num_inference_steps=cfg.num_inference_steps, tokenizer=cfg.tokenizer, image_keys=cfg.image_keys,
+            norm_stats=cfg.norm_stats,
+        )  # fmt: skip
     raise ValueError(f"unknown policy kind {cfg.kind!r}")  # unreachable: pydantic checked it
