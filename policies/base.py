@@ -92,6 +92,11 @@ class Policy(abc.ABC):
     def backbone(self) -> Backbone:
         """The steerable, vocabulary-projectable language backbone."""
 
+    @property
+    def backbones(self) -> dict[str, Backbone]:
+        """Every steerable stack by name: "language" is `backbone`; pi0 adds "action_expert"."""
+        return {"language": self.backbone}
+
     @abc.abstractmethod
     def infer(self, obs: Observation) -> ActionChunk:
         """One inference: an action chunk for the observation. Must not keep references to `obs` arrays."""

@@ -191,6 +191,7 @@ class GatedPolicy:
 
     def __init__(self, policy):
         self.inner, self.spec, self.backbone = policy, policy.spec, policy.backbone
+        self.backbones = policy.backbones
         self.entered, self.gate = threading.Event(), threading.Event()
 
     def reset(self):

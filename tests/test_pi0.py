@@ -349,3 +349,40 @@ def test_full_size_backbones_have_pi0_dimensions(full_size_meta, pi0_tokenizer):
     assert (lang.n_layers, lang.d_model, lang.d_mlp, lang.unembedding.shape[0]) == (18, 2048, 16384, 257152)
     assert (expert.n_layers, expert.d_model, expert.d_mlp, expert.unembedding) == (18, 1024, 4096, None)
     assert policy.spec.image_keys == {"image": (224, 224, 3)} and policy.spec.chunk_length == 50
+
+
+# -- serving: directions on either stack through one policy node ---------------------------------------
+
+
+def test_policy_node_steers_and_records_the_action_expert(policy):
+    from vla_steer.discovery.direction import Direction, DirectionNeuron
+    from vla_steer.node import PolicyNode
+    from vla_steer.transport import Client, Server
+
+    expert = Direction(
+        "careful", "care", [DirectionNeuron(0, 3), DirectionNeuron(1, 5)], {"backbone": "action_expert"}
+    )
+    language = Direction("fast", "speed", [DirectionNeuron(1, 9)])
+    node = PolicyNode(policy, [expert, language])
+    assert set(node.steerers) == {"language", "action_expert"}
+    obs = make_obs()
+    payload = {"instruction": obs.instruction, "images": obs.images, "state": obs.state}
+    with Server(node, "tcp://127.0.0.1:0").start() as server, Client(server.address) as client:
+        assert set(client.hello().concepts) == {"careful", "fast"}
+
+        def act(**kw):
+            client.reset(episode="e", seed=0)  # the policy's seed: the same noise every time
+            return client.infer(payload, **kw)
+
+        plain = act(activations=["careful", "fast"])
+        assert plain.activations["careful"].shape[1] == 2 and plain.activations["fast"].shape[1] == 1
+        client.set_knobs({"careful": 8.0})
+        steered = act()
+        assert (
+            steered.info["steering"]["careful"]["enabled"] and not steered.info["steering"]["fast"]["enabled"]
+        )
+        assert np.abs(steered.actions - plain.actions).max() > 1e-3
+        client.knobs_off()
+        np.testing.assert_array_equal(act().actions, plain.actions)
+    with pytest.raises(ValueError, match="backbone 'vision'"):
+        PolicyNode(policy, [Direction("x", "x", [DirectionNeuron(0, 1)], {"backbone": "vision"})])

@@ -12,6 +12,7 @@ token position of the prefill and of each decoded token, recorded before steerin
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Iterable
@@ -43,11 +44,26 @@ class PolicyNode:
         max_recorded_neurons: int = MAX_RECORDED_NEURONS,
     ):
         self.policy = policy
+        # One Steerer per steered stack: "language" (the vocabulary-projectable backbone) and any other a
+        # direction names in provenance["backbone"] (pi0's "action_expert").
         self.steerer = Steerer(policy.backbone, positions=positions)
+        self.steerers = {"language": self.steerer}
+        self._owner: dict[str, Steerer] = {}
+        backbones = policy.backbones
         for d in directions:
             if not d.neurons:
                 continue
-            self.steerer.add_direction(d, mode=mode, strength=0.0, enabled=False)
+            key = d.provenance.get("backbone", "language")
+            if key not in backbones:
+                raise ValueError(
+                    f"direction {d.name!r} steers backbone {key!r}; {policy.spec.name} has {sorted(backbones)}"
+                )
+            if d.name in self._owner:
+                raise ValueError(f"two directions are named {d.name!r}")
+            if key not in self.steerers:
+                self.steerers[key] = Steerer(backbones[key], positions=positions)
+            self.steerers[key].add_direction(d, mode=mode, strength=0.0, enabled=False)
+            self._owner[d.name] = self.steerers[key]
         self.max_recorded_neurons = max_recorded_neurons
         self.episode: str | None = None
         self.inferences = 0
@@ -62,7 +78,7 @@ class PolicyNode:
             chunk_length=spec.chunk_length,
             control_hz=spec.control_hz,
             image_keys=spec.image_keys,
-            concepts=tuple(self.steerer.concepts),
+            concepts=tuple(self._owner),
             info={
                 "state_dim": spec.state_dim,
                 "action_space": spec.action_space,
@@ -78,18 +94,19 @@ class PolicyNode:
         selection = self._selection(req.payload.get("activations") or [])
         t0 = time.perf_counter()
         # One inference, one steering setting: a knob change made meanwhile applies from the next one.
-        with self.steerer.consistent():
-            steering = self.steerer.applied_state()
-            if selection:
-                neurons = [n for _, ns in selection for n in ns]
-                with ActivationRecorder(
-                    self.policy.backbone, neurons, max_neurons=self.max_recorded_neurons
-                ) as rec:
-                    chunk = self.policy.infer(obs)
-                activations = _split(rec.result(), selection)
-            else:
-                chunk = self.policy.infer(obs)
-                activations = {}
+        with contextlib.ExitStack() as stack:
+            for st in self.steerers.values():
+                stack.enter_context(st.consistent())
+            steering = {k: v for st in self.steerers.values() for k, v in st.applied_state().items()}
+            recorders = []
+            for key, group in _by_backbone(selection).items():
+                neurons = [n for _, ns in group for n in ns]
+                rec = ActivationRecorder(
+                    self.steerers[key].backbone, neurons, max_neurons=self.max_recorded_neurons
+                )
+                recorders.append((stack.enter_context(rec), group))
+            chunk = self.policy.infer(obs)
+            activations = {k: v for rec, group in recorders for k, v in _split(rec.result(), group).items()}
         policy_ms = (time.perf_counter() - t0) * 1e3
         actions = np.asarray(chunk.actions, dtype=np.float32)
         if actions.shape != (self.policy.spec.chunk_length, self.policy.spec.action_dim) or not np.all(
@@ -118,13 +135,15 @@ class PolicyNode:
         k: KnobsRequest = req.knobs
         names = list(k.concepts) if k.concepts is not None else None
         try:
-            with self.steerer.batch():  # a multi-knob change lands whole, between two inferences
+            with contextlib.ExitStack() as stack:  # a multi-knob change lands whole, between two inferences
+                for st in self.steerers.values():
+                    stack.enter_context(st.batch())
                 self._apply_knobs(k, names)
         except KeyError as e:
             raise ProtocolError(Code.BAD_PAYLOAD, str(e).strip("'\""), "concepts") from None
         except ValueError as e:
             raise ProtocolError(Code.BAD_PAYLOAD, str(e), "strengths") from None
-        state = self.steerer.state()
+        state = {k_: v for st in self.steerers.values() for k_, v in st.state().items()}
         if k.op == "get" and names is not None:
             unknown = [n for n in names if n not in state]
             if unknown:
@@ -137,26 +156,31 @@ class PolicyNode:
     def _apply_knobs(self, k: KnobsRequest, names: list[str] | None) -> None:
         """Apply one knobs op. Never waits for a running inference: it lands at the next one."""
         for name in [*(names or []), *k.strengths]:
-            if name not in self.steerer.concepts:
-                known = ", ".join(self.steerer.concepts) or "none"
+            if name not in self._owner:
+                known = ", ".join(self._owner) or "none"
                 raise KeyError(f"unknown concept {name!r} (known: {known})")
         if k.op == "set":
-            self.steerer.update(k.strengths)
+            for name, strength in k.strengths.items():
+                self._owner[name].update({name: strength})
             # Setting a knob turns it on, unless the request names which concepts to enable.
             for n in names if names is not None else k.strengths:
-                self.steerer.enable(n)
+                self._owner[n].enable(n)
         elif k.op in ("enable", "disable"):
             for n in names:
-                (self.steerer.enable if k.op == "enable" else self.steerer.disable)(n)
+                st = self._owner[n]
+                (st.enable if k.op == "enable" else st.disable)(n)
         elif k.op == "off":
-            self.steerer.off()
+            for st in self.steerers.values():
+                st.off()
 
     # -- activations -------------------------------------------------------------------------------
 
-    def _selection(self, names: list[str]) -> list[tuple[str, list[tuple[int, int]]]]:
+    def _selection(self, names: list[str]) -> list[tuple[str, str, list[tuple[int, int]]]]:
+        """(name, backbone key, neurons) per requested activation; `layer:N` is the language backbone's."""
         bb = self.policy.backbone
         out = []
-        concepts = set(self.steerer.concepts)
+        concepts = set(self._owner)
+        keys = {id(st): key for key, st in self.steerers.items()}
         for name in dict.fromkeys(names):  # each name once, in order
             m = _LAYER.match(name)
             if m:
@@ -167,16 +191,17 @@ class PolicyNode:
                         f"activation {name!r}: the model has {bb.n_layers} layers",
                         "activations",
                     )
-                out.append((name, [(layer, i) for i in range(bb.d_mlp)]))
+                out.append((name, "language", [(layer, i) for i in range(bb.d_mlp)]))
             elif name in concepts:
-                out.append((name, [(n.layer, n.index) for n in self.steerer.neurons(name)]))
+                st = self._owner[name]
+                out.append((name, keys[id(st)], [(n.layer, n.index) for n in st.neurons(name)]))
             else:
                 raise ProtocolError(
                     Code.BAD_PAYLOAD,
                     f"unknown activation {name!r}: ask for a concept ({sorted(concepts)}) or 'layer:N'",
                     "activations",
                 )
-        total = sum(len(ns) for _, ns in out)
+        total = sum(len(ns) for _, _, ns in out)
         if total > self.max_recorded_neurons:
             raise ProtocolError(
                 Code.TOO_LARGE,
@@ -184,6 +209,13 @@ class PolicyNode:
                 "activations",
             )
         return out
+
+
+def _by_backbone(selection: list[tuple[str, str, list]]) -> dict[str, list[tuple[str, list]]]:
+    out: dict[str, list[tuple[str, list]]] = {}
+    for name, key, neurons in selection:
+        out.setdefault(key, []).append((name, neurons))
+    return out
 
 
 def _split(values: np.ndarray, selection: list[tuple[str, list]]) -> dict[str, np.ndarray]:
