@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/sim_overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/openvla_step.py $(BENCH_ARGS)
 	$(PY) benchmarks/pi0_step.py $(BENCH_ARGS)
+	$(PY) benchmarks/servo_loop.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,113 @@
+"""Subcommands the lead wires into `vla_steer/cli.py`: `vla-steer robot ...` and `vla-steer knobs ui ...`.
+
+add_robot_parser(sub)        # in build_parser()
+add_knobs_ui_options(p)      # on the knobs parser; `knobs ui` then calls cmd_knobs_ui(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from robot.control import DEFAULT_CONTROL
+
+DEFAULT_UI_PORT = 8765
+
+
+def add_robot_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "robot",
+        help="drive a UR5/UR5e (or its MuJoCo twin) from a policy node, with a safe servo loop",
+        description="Connect to the policy node, run the servo loop at the controller's rate in its own "
+        "process (every command through the safety filter in the robot config), record every episode, and "
+        "serve the control socket the knobs UI uses (stop / resume / status). Examples: `vla-steer robot "
+        "--backend mujoco --server tcp://127.0.0.1:5555 --out runs/robot`; `vla-steer robot --backend rtde "
+        "--host 192.168.1.10 --config configs/robots/ur5e.yaml --out runs/ur5e`.",
+    )
+    p.add_argument("--backend", choices=("rtde", "mujoco"), required=True)
+    p.add_argument("--host", help="the robot's IP address (rtde backend)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="robot config YAML or a name in configs/robots (default: ur5e_mujoco for mujoco, ur5e for rtde)",
+    )
+    p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy node's address")
+    p.add_argument(
+        "--control", default=DEFAULT_CONTROL, help=f"control socket to bind (default {DEFAULT_CONTROL})"
+    )
+    p.add_argument("--out", type=Path, help="rollout store for the episodes (default: no recording)")
+    p.add_argument("--prompt", help="the task instruction (default: the config's)")
+    p.add_argument("--no-autostart", action="store_true", help="wait for an operator's resume before moving")
+    p.add_argument("--rt-priority", type=int, default=0, help="SCHED_FIFO priority for the servo process")
+    p.add_argument("--infer-timeout", type=float, default=2.0, help="seconds to wait for one inference")
+    p.set_defaults(func=cmd_robot)
+    return p
+
+
+def cmd_robot(args) -> int:
+    from robot.config import load_robot_config
+    from robot.node import RobotNode
+
+    if args.backend == "rtde" and not args.host:
+        raise ValueError("--backend rtde needs --host ROBOT_IP")
+    cfg = load_robot_config(args.config or ("ur5e_mujoco" if args.backend == "mujoco" else "ur5e"))
+    node = RobotNode(
+        cfg,
+        args.backend,
+        server=args.server,
+        host=args.host,
+        control=args.control,
+        out=args.out,
+        prompt=args.prompt,
+        autostart=not args.no_autostart,
+        infer_timeout=args.infer_timeout,
+        rt_priority=args.rt_priority,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with node:
+        print(
+            f"robot node: {cfg.name} ({args.backend}) at {cfg.controller_hz:g} Hz following {node.info.policy} "
+            f"on {args.server}; control socket {node.control_address}",
+            flush=True,
+        )
+        while not stop.wait(0.2) and node.servo.process.is_alive():
+            pass
+    print("stopped", flush=True)
+    return 0
+
+
+def add_knobs_ui_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("knobs ui (the web page)")
+    g.add_argument(
+        "--robot", default=DEFAULT_CONTROL, help=f"the robot node's control socket ({DEFAULT_CONTROL})"
+    )
+    g.add_argument("--bind", default="127.0.0.1", help="web server address (default loopback only)")
+    g.add_argument(
+        "--port", type=int, default=DEFAULT_UI_PORT, help=f"web server port (default {DEFAULT_UI_PORT})"
+    )
+    g.add_argument("--allow-remote", action="store_true", help="serve the page beyond loopback (no auth!)")
+
+
+def cmd_knobs_ui(args) -> int:
+    from robot.ui.server import KnobsUI
+
+    ui = KnobsUI(
+        policy=args.server,
+        robot=args.robot,
+        host=args.bind,
+        port=args.port,
+        allow_remote=args.allow_remote,
+        server_key=getattr(args, "server_key", None),
+        keypair=getattr(args, "keypair", None),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with ui:
+        print(f"knobs UI on {ui.url} (policy {args.server}, robot {args.robot})", flush=True)
+        stop.wait()
+    return 0

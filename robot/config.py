@@ -1,0 +1,190 @@
+"""Robot configs (`configs/robots/*.yaml`): limits, fault behaviour and the policy's action convention.
+
+Validated by pydantic through `vla_steer.config.load_yaml_model`, so a bad file fails with its path, the
+key and what was allowed ("configs/robots/x.yaml: action.convention: Input should be 'ee_delta', ...").
+Torch-free: the servo process imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vla_steer.config import load_yaml_model
+
+REPO_ROBOTS = Path(__file__).resolve().parents[1] / "configs" / "robots"
+N_JOINTS = 6
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _finite(values: list[float], what: str) -> None:
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{what} must be finite numbers, got {values}")
+
+
+class Workspace(_Strict):
+    """An axis-aligned box in the robot's base frame (metres) the tool centre point must stay inside."""
+
+    min: tuple[float, float, float]
+    max: tuple[float, float, float]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Workspace:
+        _finite([*self.min, *self.max], "workspace corners")
+        if any(lo >= hi for lo, hi in zip(self.min, self.max, strict=True)):
+            raise ValueError(f"workspace.min {list(self.min)} must be below workspace.max {list(self.max)}")
+        return self
+
+
+class GripperLimits(_Strict):
+    min: float = 0.0  # opening width in metres (Robotiq 2F-85: 0 .. 0.085)
+    max: float = 0.085
+    max_speed: float = Field(0.15, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GripperLimits:
+        _finite([self.min, self.max, self.max_speed], "gripper limits")
+        if self.min >= self.max:
+            raise ValueError(f"gripper.min {self.min} must be below gripper.max {self.max}")
+        return self
+
+
+class Limits(_Strict):
+    """What the safety filter enforces on every command (see robot/safety.py)."""
+
+    workspace: Workspace
+    max_linear_speed: float = Field(0.25, gt=0, le=2.0)  # m/s
+    max_linear_accel: float = Field(2.0, gt=0, le=20.0)  # m/s^2
+    max_angular_speed: float = Field(1.0, gt=0, le=6.0)  # rad/s
+    max_angular_accel: float = Field(6.0, gt=0, le=60.0)  # rad/s^2
+    joint_min: tuple[float, float, float, float, float, float]
+    joint_max: tuple[float, float, float, float, float, float]
+    max_joint_speed: tuple[float, float, float, float, float, float] = (1.0,) * N_JOINTS  # rad/s
+    max_joint_accel: tuple[float, float, float, float, float, float] = (4.0,) * N_JOINTS  # rad/s^2
+    gripper: GripperLimits = GripperLimits()
+
+    @model_validator(mode="after")
+    def _check(self) -> Limits:
+        _finite([*self.joint_min, *self.joint_max], "joint limits")
+        for i, (lo, hi) in enumerate(zip(self.joint_min, self.joint_max, strict=True)):
+            if lo >= hi:
+                raise ValueError(f"joint_min[{i}] {lo} must be below joint_max[{i}] {hi}")
+        for name in ("max_joint_speed", "max_joint_accel"):
+            values = getattr(self, name)
+            if not all(math.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"{name} must be positive finite numbers, got {list(values)}")
+        return self
+
+
+class Faults(_Strict):
+    """Fail-safe timings."""
+
+    max_action_age: float = Field(0.6, gt=0)  # s since the chunk's observation; older -> hold position
+    # s without a heartbeat reply -> servoStop (latched). A killed policy node is seen at once (its TCP
+    # connection drops); this bounds a hung node or a cut network.
+    policy_liveness: float = Field(0.1, gt=0, le=2.0)
+    heartbeat_interval: float = Field(0.02, gt=0, le=0.5)  # s between liveness pings to the policy node
+    watchdog_min_hz: float = Field(20.0, gt=0)  # ur_rtde watchdog: the robot stops if kicked less often
+    stop_decel: float = Field(4.0, gt=0)  # servoStop deceleration (UR: m/s^2 for servoL, rad/s^2 servoJ)
+    reconnect_interval: float = Field(1.0, gt=0)  # s between reconnect attempts after a robot fault
+    joint_margin: float = Field(0.02, ge=0)  # rad; actual joints this close to a limit -> fault stop
+
+    @model_validator(mode="after")
+    def _check(self) -> Faults:
+        if self.heartbeat_interval * 2 > self.policy_liveness:
+            raise ValueError(
+                f"faults.heartbeat_interval {self.heartbeat_interval} must be at most half of "
+                f"faults.policy_liveness {self.policy_liveness} (one lost ping must not stop the arm)"
+            )
+        return self
+
+
+class ServoParams(_Strict):
+    """ur_rtde servoL/servoJ arguments (speed and acceleration are unused by UR in servo mode)."""
+
+    lookahead_time: float = Field(0.1, ge=0.03, le=0.2)
+    gain: float = Field(300.0, ge=100, le=2000)
+
+
+class Gripper(_Strict):
+    """Where the gripper command is in the action vector and what its value means."""
+
+    index: int | None = 6  # None: the policy has no gripper output
+    # open_positive: +1 open .. -1 closed (robosuite style); close_positive: 1 closed .. 0 open (OpenVLA
+    # after its inversion); width: metres directly.
+    convention: Literal["open_positive", "close_positive", "width"] = "close_positive"
+
+
+class Action(_Strict):
+    """How an action vector from the policy becomes a robot target."""
+
+    # ee_delta: [dx dy dz, rotation delta, gripper]; ee_absolute: [x y z, rotation, gripper];
+    # joint_absolute / joint_delta: [6 joints, gripper].
+    convention: Literal["ee_delta", "ee_absolute", "joint_absolute", "joint_delta"] = "ee_delta"
+    rotation: Literal["rpy", "rotvec", "none"] = "rpy"  # the rotation part of ee_* actions
+    frame: Literal["base", "tool"] = "base"  # deltas expressed in the base or the tool frame
+    translation_scale: float = Field(1.0, gt=0)  # metres per action unit
+    rotation_scale: float = Field(1.0, gt=0)  # radians per action unit
+    gripper: Gripper = Gripper()
+    control_hz: float | None = Field(None, gt=0)  # seconds per chunk step = 1/control_hz; default: policy's
+    execute: int | None = Field(None, ge=1)  # chunk steps executed before re-planning; default: all
+
+    @property
+    def joints(self) -> bool:
+        return self.convention.startswith("joint")
+
+
+class Camera(_Strict):
+    source: Literal["mujoco", "blank"] = "mujoco"  # real cameras plug in here (see robot/cameras.py)
+    camera: str = "robotview"  # MuJoCo camera name
+
+
+class Observation(_Strict):
+    cameras: dict[str, Camera] = {}  # policy image key -> source; keys the policy wants but lacks: blank
+    state: Literal["none", "eef_pos_axisangle_gripper", "joints_gripper"] = "none"
+    prompt: str = "pick up the object"
+
+
+class RobotConfig(_Strict):
+    name: str = "ur5e"
+    model: Literal["ur5e", "ur5"] = "ur5e"
+    controller_hz: float = Field(500.0, gt=0, le=1000)  # e-Series 500 Hz, CB3 125 Hz
+    servo: Literal["servoL", "servoJ"] = "servoL"
+    servo_params: ServoParams = ServoParams()
+    home_q: tuple[float, float, float, float, float, float]
+    limits: Limits
+    faults: Faults = Faults()
+    action: Action = Action()
+    observation: Observation = Observation()
+
+    @model_validator(mode="after")
+    def _check(self) -> RobotConfig:
+        _finite(list(self.home_q), "home_q")
+        lo, hi = self.limits.joint_min, self.limits.joint_max
+        bad = [i for i, q in enumerate(self.home_q) if not lo[i] <= q <= hi[i]]
+        if bad:
+            raise ValueError(f"home_q joints {bad} are outside limits.joint_min/joint_max")
+        if self.action.joints != (self.servo == "servoJ"):
+            want = "servoJ" if self.action.joints else "servoL"
+            raise ValueError(
+                f"action.convention {self.action.convention!r} needs servo: {want} (got {self.servo!r})"
+            )
+        return self
+
+    @property
+    def dt(self) -> float:
+        return 1.0 / self.controller_hz
+
+
+def load_robot_config(path: str | Path) -> RobotConfig:
+    """A robot config by path, or by name from the repo's configs/robots ("ur5e_mujoco")."""
+    p = Path(path)
+    if not p.suffix and not p.exists():
+        p = REPO_ROBOTS / f"{p}.yaml"
+    return load_yaml_model(p, RobotConfig, "robot config")

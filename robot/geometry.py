@@ -1,0 +1,73 @@
+"""Rotation helpers on plain numpy (3-vectors and 3x3 matrices): small and allocation-light for the servo loop.
+
+Poses are 6-vectors [x, y, z, rx, ry, rz] with a rotation vector, as UR controllers and ur_rtde use them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+_EYE = np.eye(3)
+
+
+def skew(w: np.ndarray) -> np.ndarray:
+    return np.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
+
+
+def rotvec_to_mat(r: np.ndarray) -> np.ndarray:
+    """Rodrigues' formula. Any finite vector, however long (the angle is taken modulo 2 pi)."""
+    theta = math.hypot(float(r[0]), float(r[1]), float(r[2]))  # no overflow for huge components
+    if theta < 1e-12:
+        return _EYE + skew(r)
+    k = skew(np.asarray(r, dtype=float) / theta)
+    theta = math.fmod(theta, 2.0 * math.pi)
+    return _EYE + math.sin(theta) * k + (1.0 - math.cos(theta)) * (k @ k)
+
+
+def mat_to_rotvec(m: np.ndarray) -> np.ndarray:
+    """Inverse of `rotvec_to_mat`, angle in [0, pi]; robust near 0 and pi."""
+    cos = max(-1.0, min(1.0, (m[0, 0] + m[1, 1] + m[2, 2] - 1.0) / 2.0))
+    axis = np.array([m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1]])
+    sin2 = float(np.linalg.norm(axis))  # 2 sin(theta)
+    theta = math.atan2(sin2 / 2.0, cos)
+    if theta < 1e-9:
+        return axis / 2.0
+    if math.pi - theta > 1e-6:
+        return axis * (theta / sin2)
+    # Near pi the antisymmetric part vanishes: take the axis from the symmetric part.
+    b = (m + _EYE) / 2.0
+    i = int(np.argmax(np.diag(b)))
+    a = b[:, i] / math.sqrt(max(b[i, i], 1e-300))
+    if float(a @ axis) < 0.0:  # the antisymmetric part, though small, still tells the sign
+        a = -a
+    return a / np.linalg.norm(a) * theta
+
+
+def rpy_to_mat(rpy: np.ndarray) -> np.ndarray:
+    """Roll-pitch-yaw (extrinsic x, y, z): R = Rz(yaw) Ry(pitch) Rx(roll)."""
+    cr, sr = math.cos(rpy[0]), math.sin(rpy[0])
+    cp, sp = math.cos(rpy[1]), math.sin(rpy[1])
+    cy, sy = math.cos(rpy[2]), math.sin(rpy[2])
+    return np.array(
+        [
+            [cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr],
+            [sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr],
+            [-sp, cp * sr, cp * cr],
+        ]
+    )
+
+
+def mat_to_quat(m: np.ndarray) -> np.ndarray:
+    """(w, x, y, z), w >= 0."""
+    r = mat_to_rotvec(m)
+    theta = float(np.linalg.norm(r))
+    if theta < 1e-12:
+        return np.array([1.0, 0.0, 0.0, 0.0])
+    return np.concatenate([[math.cos(theta / 2)], r / theta * math.sin(theta / 2)])
+
+
+def rotation_angle_between(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle of b a^T (radians)."""
+    return float(np.linalg.norm(mat_to_rotvec(b @ a.T)))

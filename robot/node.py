@@ -1,0 +1,338 @@
+"""The robot node: a client of the policy node that drives a UR arm through its servo process.
+
+    main process (network side)                            servo process (real time)
+    inference thread: observation -> Client.infer ->       reads chunk + commands without blocking,
+        waypoints -> shared memory, episode recording      safety filter, servoL/servoJ at 500/125 Hz
+    liveness thread: heartbeat pings -> policy_alive_t --> stops the arm when the stamp is too old
+    control socket: stop / resume / status / event    --> command ring
+
+One writer per episode: this node steps the world, so it records. An episode runs from the moment the
+arm follows the policy (start or resume) until it stops (operator, lost policy, fault, shutdown); every
+step carries the chunk, the executed action, the tool pose and velocity and the steering state the policy
+applied, and knob changes arrive as timestamped events (the knobs UI reports them on the control socket;
+changes seen in the replies are logged too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robot.actions import chunk_to_waypoints
+from robot.cameras import BlankCamera, MujocoCamera
+from robot.config import RobotConfig
+from robot.control import DEFAULT_CONTROL, ControlServer, PolicyLiveness
+from robot.geometry import mat_to_quat, rotvec_to_mat
+from robot.servo import ServoProcess
+from robot.shared import Mode, Status
+from vla_steer.protocol import ProtocolError, ServerInfo
+from vla_steer.transport import Client, RemoteError, RequestTimeout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeStats:
+    inferences: int = 0
+    errors: int = 0
+    episodes: list[str] = field(default_factory=list)
+    last_error: str | None = None
+
+
+class RobotNode:
+    """Build, `start()`, then `wait()` or use as a context manager; `close()` stops everything."""
+
+    def __init__(
+        self,
+        config: RobotConfig,
+        backend: str,
+        *,
+        server: str,
+        host: str | None = None,
+        control: str = DEFAULT_CONTROL,
+        out: str | Path | None = None,
+        prompt: str | None = None,
+        backend_options: dict | None = None,
+        autostart: bool = True,
+        infer_timeout: float = 2.0,
+        rt_priority: int = 0,
+        trace_path: str | Path | None = None,
+        trace_ticks: int = 0,
+        allow_insecure_control: bool = False,
+    ):
+        self.config = config
+        self.backend = backend
+        self.server = server
+        self.prompt = prompt or config.observation.prompt
+        self.autostart = autostart
+        self.infer_timeout = infer_timeout
+        self.stats = NodeStats()
+        self._stop = threading.Event()
+        self._writer = None
+        self._writer_lock = threading.Lock()
+        self._steering: Any = None
+        self._pending_events: list[tuple[str, float | None, dict]] = []  # while no episode is open
+        self.recorder = None
+        if out is not None:
+            from vla_steer.rollouts import Recorder
+
+            self.recorder = Recorder(out)
+        self.servo = ServoProcess(
+            backend,
+            config,
+            host,
+            backend_options=backend_options,
+            autostart=False,
+            rt_priority=rt_priority,
+            trace_path=trace_path,
+            trace_ticks=trace_ticks,
+        )
+        self.shared = self.servo.shared
+        self.client: Client | None = None
+        self.info: ServerInfo | None = None
+        self.liveness = PolicyLiveness(
+            server, self._alive, self.shared.policy_lost, interval=config.faults.heartbeat_interval
+        )
+        self.control = ControlServer(self._handle, control, allow_insecure=allow_insecure_control)
+        self.control_address = self.control.address
+        self._thread = threading.Thread(target=self._run, name="robot-inference", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="robot-episodes", daemon=True)
+        self.cameras: dict[str, Any] = {}
+
+    # -- lifecycle
+
+    def start(self, hello_timeout: float = 30.0) -> RobotNode:
+        self.servo.start()
+        self.liveness.start()
+        self.client = Client(self.server, timeout=self.infer_timeout, retries=0, heartbeat_interval=None)
+        self.info = self.client.hello(timeout=hello_timeout)
+        self.control.start()
+        if self.autostart:
+            deadline = time.monotonic() + 5.0
+            while self.shared.status().policy_alive_age > self.config.faults.policy_liveness:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the policy node at {self.server} answers no heartbeats")
+                time.sleep(0.01)
+            self.servo.resume()
+        self._thread.start()
+        self._watcher.start()
+        return self
+
+    def wait(self) -> None:
+        while not self._stop.is_set() and self.servo.process.is_alive():
+            self._stop.wait(0.2)
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in (self._thread, self._watcher):
+            if t.is_alive():
+                t.join(5.0)
+        st = self.shared.status()
+        stopped = st.mode not in (Mode.RUNNING, Mode.HOLD) and st.reason.name != "NONE"
+        self._end_episode(st.reason.name.lower() if stopped else "shutdown")
+        self.servo.close()
+        self.liveness.close()
+        self.control.close()
+        if self.client is not None:
+            self.client.close()
+        for cam in self.cameras.values():
+            with contextlib.suppress(Exception):
+                cam.close()
+
+    def __enter__(self) -> RobotNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- operator
+
+    def status(self) -> Status:
+        return self.shared.status()
+
+    def stop(self) -> None:
+        self.servo.stop()
+
+    def resume(self) -> None:
+        if self.shared.status().policy_alive_age > self.config.faults.policy_liveness:
+            raise RuntimeError("the policy node is not alive: resume refused")
+        self.servo.resume()
+
+    def _handle(self, req: dict) -> dict:
+        op = req["op"]
+        if op == "stop":
+            self.stop()
+        elif op == "resume":
+            self.resume()
+        elif op == "event":
+            kind, data = req.get("kind"), req.get("data") or {}
+            if not isinstance(kind, str) or not kind or not isinstance(data, dict):
+                raise ValueError("an event needs a non-empty 'kind' and a 'data' map")
+            t = req.get("t")
+            self._event(kind, t=float(t) if isinstance(t, (int, float)) else None, **data)
+        return {"status": self.status_dict()}
+
+    def status_dict(self) -> dict:
+        d = self.shared.status().to_dict()
+        d.update(
+            backend=self.backend,
+            robot=self.config.name,
+            policy=self.info.policy if self.info else None,
+            policy_alive=d["policy_alive_age"] <= self.config.faults.policy_liveness,
+            servo_alive=self.servo.process.is_alive(),
+            inferences=self.stats.inferences,
+            errors=self.stats.errors,
+            last_error=self.stats.last_error,
+            episode=self._writer.id if self._writer is not None else None,
+        )
+        return d
+
+    # -- network side
+
+    def _alive(self, t: float) -> None:
+        if t > self.shared.policy_alive_t():
+            self.shared.policy_alive(t)
+
+    def _build_cameras(self, info: ServerInfo) -> None:
+        for key, shape in info.image_keys.items():
+            cam = self.config.observation.cameras.get(key)
+            if cam is not None and cam.source == "mujoco":
+                self.cameras[key] = MujocoCamera(cam.camera, tuple(shape))
+            else:
+                self.cameras[key] = BlankCamera(tuple(shape))
+
+    def _observation(self, st: Status) -> dict[str, Any]:
+        obs: dict[str, Any] = {
+            "instruction": self.prompt,
+            "images": {k: cam.read(st.q) for k, cam in self.cameras.items()},
+        }
+        state_dim = self.info.info.get("state_dim") if self.info else None
+        kind = self.config.observation.state
+        if state_dim:
+            if kind == "joints_gripper":
+                s = np.concatenate([st.q, [st.gripper]])
+            else:
+                s = np.concatenate([st.tcp_pose, [st.gripper, -st.gripper]])
+            obs["state"] = np.resize(np.nan_to_num(s), state_dim).astype(np.float32)
+        return obs
+
+    def _run(self) -> None:
+        try:
+            self._build_cameras(self.info)  # here: a GL context belongs to the thread that renders
+        except Exception as e:  # noqa: BLE001 - no observations means no chunks: the arm holds
+            self.stats.last_error = f"cameras: {e}"
+            log.error("cannot build the cameras: %s", e)
+            return
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - keep serving; without new chunks the arm holds
+                self.stats.errors += 1
+                self.stats.last_error = f"{type(e).__name__}: {e}"
+                log.exception("robot node step failed")
+                self._stop.wait(0.1)
+
+    def _step(self) -> None:
+        hz = self.config.action.control_hz or (self.info.control_hz if self.info else 10.0)
+        chunk_len = self.info.chunk_length if self.info else 1
+        period = (self.config.action.execute or chunk_len) / hz
+        st = self.shared.status()
+        if st.mode not in (Mode.RUNNING, Mode.HOLD):
+            self._end_episode(st.reason.name.lower())
+            self._stop.wait(0.01)
+            return
+        t_obs = time.monotonic()
+        try:
+            obs = self._observation(st)
+            result = self.client.infer(obs, timeout=self.infer_timeout)
+        except (RequestTimeout, RemoteError, ProtocolError) as e:
+            self.stats.errors += 1
+            self.stats.last_error = str(e)
+            log.warning("inference failed: %s", e)
+            self._stop.wait(0.05)
+            return
+        t_recv = time.monotonic()
+        self._alive(t_obs)
+        times, wps = chunk_to_waypoints(
+            result.actions,
+            self.config.action,
+            self.config.limits.gripper,
+            pose=st.tcp_pose,
+            q=st.q,
+            gripper=st.gripper if np.isfinite(st.gripper) else self.config.limits.gripper.max,
+            t_start=t_recv,
+            control_hz=hz,
+        )
+        self.shared.write_chunk(times, wps, t_obs)
+        self.stats.inferences += 1
+        self._record(st, obs, result, wps)
+        self._stop.wait(max(0.0, t_obs + period - time.monotonic()))
+
+    # -- recording
+
+    def _watch(self) -> None:
+        """Ends the episode the moment the arm stops, whatever the inference thread is waiting on."""
+        while not self._stop.wait(0.01):
+            st = self.shared.status()
+            if st.mode not in (Mode.RUNNING, Mode.HOLD) and self._writer is not None:
+                self._end_episode(st.reason.name.lower())
+
+    def _record(self, st: Status, obs: dict, result: Any, wps: np.ndarray) -> None:
+        if self.recorder is None:
+            return
+        steering = result.info.get("steering")
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = self.recorder.start_episode(
+                    {
+                        "task": self.prompt,
+                        "instruction": self.prompt,
+                        "robot": self.config.name,
+                        "backend": self.backend,
+                        "policy": self.info.policy if self.info else None,
+                        "action_convention": self.config.action.model_dump(),
+                        "controller_hz": self.config.controller_hz,
+                        "source": "robot",
+                    }
+                )
+                self.stats.episodes.append(self._writer.id)
+                self._steering = None
+                for kind, t, data in self._pending_events:  # changes made while stopped, as they happened
+                    self._writer.event(kind, t=t, **data)
+                self._pending_events.clear()
+            if steering != self._steering:
+                self._writer.event("steering", state=steering)
+                self._steering = steering
+            self._writer.step(
+                images=obs["images"],
+                state=obs.get("state", np.concatenate([st.q, [st.gripper]])),
+                ee_pos=st.tcp_pose[:3],
+                ee_quat=mat_to_quat(rotvec_to_mat(st.tcp_pose[3:])),
+                ee_vel=st.tcp_speed,
+                action_chunk=np.asarray(result.actions, dtype=np.float32),
+                action=np.asarray(result.actions[0], dtype=np.float32),
+                steering=steering,
+            )
+
+    def _event(self, kind: str, t: float | None = None, **data: Any) -> None:
+        with self._writer_lock:
+            if self._writer is not None:
+                self._writer.event(kind, t=t, **data)
+            elif len(self._pending_events) < 1000:
+                self._pending_events.append((kind, t if t is not None else time.time(), data))
+
+    def _end_episode(self, reason: str) -> None:
+        with self._writer_lock:
+            if self._writer is None:
+                return
+            st = self.shared.status()
+            self._writer.event("stop", reason=reason, mode=st.mode.name.lower())
+            self._writer.end(success=None, stop_reason=reason)
+            self._writer = None
