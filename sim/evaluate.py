@@ -48,6 +48,7 @@ def evaluate(
     seed: int = 0,
     execute_steps: int | None = None,
     activations: Sequence[str] | None = None,
+    settle: int = 0,
     progress: Callable[[str], None] = print,
 ) -> list[SettingResult]:
     """Run every (task, setting) cell; `tasks` maps a task label to a function building its env, and
@@ -67,7 +68,7 @@ def evaluate(
                 summaries = run_episodes(
                     client, env, episodes, max_steps, execute_steps=execute_steps, on_step=rec.on_step,
                     on_episode_end=rec.on_episode_end, steer=dict(setting) or None, activations=activations,
-                    seed=seed, episode_prefix=f"{task}-{label}",
+                    seed=seed, episode_prefix=f"{task}-{label}", settle=settle,
                 )  # fmt: skip
                 results.append(_aggregate(task, label, summaries, rec.episode_ids))
         finally:

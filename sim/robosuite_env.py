@@ -79,6 +79,9 @@ class RobosuiteConfig(BaseModel):
     binarize_gripper: bool = False
     reward_shaping: bool = False
     initialization_noise: bool = True  # robosuite's default joint noise at reset (seeded)
+    # Mirror reflections (floor, table) make every frame render the scene twice: about half the render
+    # time on a CPU renderer. Off for policies that were trained without them (the demo VLA).
+    reflections: bool = True
     env_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed on to robosuite.make
 
     @field_validator("cameras")
@@ -185,6 +188,8 @@ class RobosuiteEnv:
             # robosuite's placement samplers and robots hold this very Generator: reseed it in place.
             self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         self._obs = self.env.reset()
+        if not self.config.reflections:
+            self._disable_reflections()
         return self.observation()
 
     def step(self, action: np.ndarray) -> StepResult:
@@ -210,6 +215,13 @@ class RobosuiteEnv:
         self.close()
 
     # -- conversions ----------------------------------------------------------------------------
+
+    @property
+    def ground_truth(self) -> dict[str, Any]:
+        """robosuite's own observation dict (object poses included): for scripted experts, not policies."""
+        if self._obs is None:
+            raise RuntimeError("call reset() first")
+        return self._obs
 
     @property
     def gripper_qpos(self) -> np.ndarray:
@@ -240,6 +252,16 @@ class RobosuiteEnv:
             ee_vel=ee_vel,
             t_sim=float(self.env.sim.data.time),
         )
+
+    def _disable_reflections(self) -> None:
+        import mujoco
+
+        context = getattr(self.env.sim, "_render_context_offscreen", None)
+        flags = context.scn.flags if context is not None else None
+        if flags is not None and flags[mujoco.mjtRndFlag.mjRND_REFLECTION]:
+            flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+            # This episode's first frame was rendered with reflections: render it again.
+            self._obs = self.env._get_observations(force_update=True)
 
     def _image(self, img: np.ndarray) -> np.ndarray:
         if self._flip_rows:

@@ -1,7 +1,10 @@
 """The episode runner: observation -> policy node -> action chunk -> environment, with a callback per step.
 
 Per episode: `client.reset(episode=id, seed=...)`, `env.reset(seed)`, then infer, execute the first
-`execute_steps` actions of the chunk (default: all of it), re-plan, until success or `max_steps`.
+`execute_steps` actions of the chunk (default: all of it), re-plan, until success or `max_steps`. With
+`settle=k`, an episode goes on after success until the task is done *and* the end effector has been still
+(slower than `STILL` m/s) for k consecutive steps, so what the arm does after the goal is reached (how
+high it carries the object, how fast it gets there) is observed too.
 Every executed step calls `on_step(record)` (the recorder's hook); see `run_episodes` for the fields.
 
 Failures end the episode with a clear exception, never a hang:
@@ -31,6 +34,7 @@ from vla_steer.protocol import Code, ProtocolError
 from vla_steer.transport import Client, RemoteError, RequestTimeout
 
 StepCallback = Callable[[dict[str, Any]], None]
+STILL = 0.01  # m/s: an end effector slower than this is holding still
 
 
 @dataclass
@@ -94,10 +98,11 @@ def run_episodes(
     episode_prefix: str = "episode",
     connect_timeout: float = 10.0,
     dead_after: float = 0.25,
+    settle: int = 0,
 ) -> list[EpisodeSummary]:
     """Run `n_episodes` episodes of at most `max_steps` executed steps; returns one summary per episode.
 
-    Episode i is named f"{episode_prefix}-{i:04d}" and seeded `seed + i` (env and node). `steer`
+    Episode i is named f"{episode_prefix}-{seed + i:04d}" and seeded `seed + i` (env and node). `steer`
     ({"fast": 4.0}) is set with `client.set_knobs` once, before the first episode. `activations` (concept
     names or "layer:N") are requested with every inference and passed to `on_step`.
 
@@ -113,6 +118,8 @@ def run_episodes(
         raise ValueError("n_episodes must be >= 0 and max_steps > 0")
     if execute_steps is not None and execute_steps <= 0:
         raise ValueError("execute_steps must be positive (or None for the whole chunk)")
+    if settle < 0:
+        raise ValueError("settle must be >= 0")
     watch = _Watch(client, dead_after)
     if not client.wait_alive(connect_timeout):
         raise PolicyNodeDied(f"no policy node answered at {client.address} within {connect_timeout}s", "", 0)
@@ -121,16 +128,17 @@ def run_episodes(
     wanted = list(activations) if activations is not None else None
     summaries: list[EpisodeSummary] = []
     for i in range(n_episodes):
-        name, ep_seed = f"{episode_prefix}-{i:04d}", seed + i
+        name, ep_seed = f"{episode_prefix}-{seed + i:04d}", seed + i
         state = _Episode()
         t0 = time.perf_counter()
-        step = 0
-        success = False
+        step = still = 0
+        success = done = False
         try:
             watch.call("reset", lambda n=name, s=ep_seed: client.reset(episode=n, seed=s), name, 0, summaries)
             obs = env.reset(ep_seed)
             success = env.success()
-            while step < max_steps and not success:
+            done = success and not settle
+            while step < max_steps and not done:
                 reply = watch.call(
                     "infer",
                     lambda o=obs: client.infer(o.payload(), activations=wanted),
@@ -160,7 +168,9 @@ def run_episodes(
                         )
                     obs = new
                     step += 1
-                    if success or step >= max_steps:
+                    still = still + 1 if float(np.linalg.norm(new.ee_vel)) < STILL else 0
+                    done = success and (not settle or still >= settle)
+                    if done or step >= max_steps:
                         break
         except EpisodeError as e:
             summary = _summary(name, ep_seed, success, step, state, t0, str(e))

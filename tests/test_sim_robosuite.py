@@ -196,7 +196,8 @@ def test_lift_episodes_end_to_end_with_steering_and_activations(lift, served, no
             steer={"fast": 4.0}, activations=["fast"], seed=3,
         )  # fmt: skip
         client.knobs_off()
-    assert [s.episode for s in summaries] == ["episode-0000", "episode-0001"] and ended == summaries
+    # Named by seed: matched episodes of different settings (or workers) share the number.
+    assert [s.episode for s in summaries] == ["episode-0003", "episode-0004"] and ended == summaries
     assert all(s.error is None and s.length == 15 and s.inferences == 15 for s in summaries)
     assert len(records) == 30 and all(set(r) == FIELDS for r in records)
     n_fast = len(node.steerer.neurons("fast"))
@@ -210,7 +211,7 @@ def test_lift_episodes_end_to_end_with_steering_and_activations(lift, served, no
         assert r["state"] is None  # the TinyVLA takes no state
         assert r["ee_pos"].shape == (3,) and r["ee_quat"].shape == (4,) and r["ee_vel"].shape == (3,)
         assert r["instruction"] == "pick up the red cube"
-    first = [r for r in records if r["episode"] == "episode-0000"]
+    first = [r for r in records if r["episode"] == "episode-0003"]
     assert [r["step"] for r in first] == list(range(15))
     assert np.all(np.diff([r["t_sim"] for r in first]) > 0) and np.all(
         np.diff([r["t_wall"] for r in first]) >= 0
@@ -434,3 +435,35 @@ def test_libero_rotation_is_the_upright_image_mirrored(lift, served):
         np.abs(b.astype(int) - a[::-1, ::-1]).mean(),
     )
     assert mirrored < 0.1 * flipped, (mirrored, flipped)  # two renderers differ by a few levels at most
+
+
+class SucceedsAfter(CountingEnv):
+    """The real env whose task counts as done from step `k` on (Lift is not solved by a random policy)."""
+
+    def __init__(self, env, k: int):
+        super().__init__(env)
+        self.k = k
+
+    def reset(self, seed=None):
+        self.steps = 0
+        return super().reset(seed)
+
+    def success(self) -> bool:
+        return self.steps >= self.k
+
+
+def test_settle_goes_on_after_success_until_the_arm_is_still(lift, served):
+    from sim.runner import STILL
+
+    records = []
+    with Client(served.address) as client:
+        plain = run_episodes(client, SucceedsAfter(lift, 3), n_episodes=1, max_steps=12)
+        settled = run_episodes(
+            client, SucceedsAfter(lift, 3), n_episodes=1, max_steps=12, settle=2, on_step=records.append
+        )
+        with pytest.raises(ValueError, match="settle"):
+            run_episodes(client, lift, n_episodes=1, max_steps=5, settle=-1)
+    assert plain[0].length == 3 and plain[0].success
+    assert settled[0].length > 3 and settled[0].success
+    speeds = [float(np.linalg.norm(r["ee_vel"])) for r in records]
+    assert settled[0].length == 12 or all(s < STILL for s in speeds[-2:])
