@@ -13,6 +13,10 @@ Built random by `build()` for tests, loaded with `TinyVLA.load(dir)` from its di
 
 Decoding is restricted to action-bin tokens (`constrain_to_bins`, default on), since a small model
 has no pretraining that keeps it from emitting words where actions belong.
+
+With `plan_words > 0` the policy first says, in that many words, how it will move ("fast high"), then
+decodes its action tokens conditioned on them: an embodied-chain-of-thought VLA (ECoT, Zawalski et al.
+2024) in miniature. The plan is decoded greedily among word tokens and returned in `info["plan"]`.
 """
 
 from __future__ import annotations
@@ -49,11 +53,16 @@ class TinyVLAConfig:
     chunk_length: int = 1
     control_hz: float = 10.0
     constrain_to_bins: bool = True
+    plan_words: int = 0  # words said before the action tokens (0: OpenVLA's format)
     # Per action dimension: un-normalise [-1, 1] to [q01, q99] where mask is true (OpenVLA's rule).
     action_q01: list[float] | None = None
     action_q99: list[float] | None = None
     action_mask: list[bool] | None = None
     action_space: str = "ee_delta"
+    # Proprioceptive state (pi0-style, one token after the image tokens), standardised with these stats.
+    state_dim: int | None = None
+    state_mean: list[float] | None = None
+    state_std: list[float] | None = None
 
     @classmethod
     def from_file(cls, path: Path) -> TinyVLAConfig:
@@ -91,6 +100,7 @@ class TinyVLA(nn.Module, Policy):
         self.projector = nn.Sequential(nn.Linear(cfg.vision_dim, d), nn.GELU(), nn.Linear(d, d))
         # Image tokens on the scale of the word embeddings, so neither drowns the other at init.
         nn.init.normal_(self.projector[2].weight, std=language_model.config.initializer_range)
+        self.state_proj = nn.Linear(cfg.state_dim, d) if cfg.state_dim else None
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.bins = ActionBins(vocab_size=len(tokenizer), n_bins=cfg.n_bins)
@@ -101,7 +111,7 @@ class TinyVLA(nn.Module, Policy):
             cfg.chunk_length,
             cfg.control_hz,
             {cfg.image_key: shape},
-            None,
+            cfg.state_dim,
             cfg.action_space,
         )
         labeler = TokenLabeler.from_tokenizer(
@@ -122,10 +132,15 @@ class TinyVLA(nn.Module, Policy):
         intermediate: int = 96,
         seed: int = 0,
         words=(),
+        corpus=None,
+        vocab_size: int = 768,
+        tie_embeddings: bool = False,
     ) -> TinyVLA:
-        """A randomly initialised TinyVLA with a freshly trained tokenizer."""
+        """A randomly initialised TinyVLA with a freshly trained tokenizer (on `corpus`, if given)."""
         cfg = cfg or TinyVLAConfig()
-        tokenizer = tiny.build_tokenizer(vocab_size=768, extra_words=words, action_bins=cfg.n_bins)
+        tokenizer = tiny.build_tokenizer(
+            vocab_size=vocab_size, extra_words=words, action_bins=cfg.n_bins, corpus=corpus
+        )
         lm = tiny.build_llama(
             tokenizer,
             hidden=hidden,
@@ -133,6 +148,7 @@ class TinyVLA(nn.Module, Policy):
             intermediate=intermediate,
             action_bins=cfg.n_bins,
             seed=seed,
+            tie_embeddings=tie_embeddings,
         )
         torch.manual_seed(seed)
         return cls(cfg, lm, tokenizer)
@@ -144,6 +160,8 @@ class TinyVLA(nn.Module, Policy):
         self.tokenizer.save_pretrained(directory / "language")
         weights = {f"vision.{k}": v for k, v in self.vision.state_dict().items()}
         weights |= {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        if self.state_proj is not None:
+            weights |= {f"state_proj.{k}": v for k, v in self.state_proj.state_dict().items()}
         save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "vision.safetensors"))
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
         return directory
@@ -159,8 +177,12 @@ class TinyVLA(nn.Module, Policy):
         tokenizer = AutoTokenizer.from_pretrained(directory / "language")
         policy = cls(cfg, lm, tokenizer)
         state = load_file(str(directory / "vision.safetensors"))
-        for prefix, module in (("vision.", policy.vision), ("projector.", policy.projector)):
-            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        modules = {"vision.": policy.vision, "projector.": policy.projector, "state_proj.": policy.state_proj}
+        for prefix, module in modules.items():
+            if module is not None:
+                module.load_state_dict(
+                    {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                )
         return policy.to(device).eval()
 
     # -- Policy ------------------------------------------------------------------------------------
@@ -170,38 +192,65 @@ class TinyVLA(nn.Module, Policy):
         return self._backbone
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 [H, W, 3] -> float [1, 3, H, W] in [-1, 1]."""
-        x = torch.tensor(image, dtype=torch.float32, device=self.device)  # copies: wire arrays are read-only
-        return (x.permute(2, 0, 1)[None] / 127.5) - 1.0
+        """uint8 [H, W, 3] (or [B, H, W, 3]) -> float [B, 3, H, W] in [-1, 1]."""
+        x = torch.as_tensor(
+            np.array(image), dtype=torch.float32, device=self.device
+        )  # copy: wire arrays are read-only
+        x = x[None] if x.ndim == 3 else x
+        return (x.permute(0, 3, 1, 2) / 127.5) - 1.0
+
+    def prefix_embeddings(self, pixels: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """[BOS, image tokens, (state token)] embeddings [B, n, d] for preprocessed pixels and raw state."""
+        embed = self.language_model.get_input_embeddings()
+        bos = torch.full((pixels.shape[0], 1), self.tokenizer.bos_token_id, device=self.device)
+        parts = [embed(bos), self.projector(self.vision(pixels))]
+        if self.state_proj is not None:
+            if state is None:
+                raise ValueError(f"{self.cfg.name} takes a state of {self.cfg.state_dim} floats")
+            mean = torch.tensor(self.cfg.state_mean or [0.0] * self.cfg.state_dim, device=self.device)
+            std = torch.tensor(self.cfg.state_std or [1.0] * self.cfg.state_dim, device=self.device)
+            parts.append(self.state_proj((state.to(self.device) - mean) / std)[:, None])
+        return torch.cat(parts, dim=1)
 
     @property
     def device(self) -> torch.device:
         return self.projector[0].weight.device
 
+    def word_mask(self) -> torch.Tensor:
+        """Additive logit mask allowing only word tokens: no action bins, specials or padding rows."""
+        mask = torch.zeros(self.language_model.config.vocab_size, device=self.device)
+        mask[self.bins.first_id :] = float("-inf")
+        mask[self.tokenizer.all_special_ids] = float("-inf")
+        return mask
+
     @torch.no_grad()
     def action_token_ids(self, obs: Observation) -> torch.Tensor:
-        """Greedy decoding of `action_dim` tokens, prefill once then one token per step with the KV cache."""
+        """Greedy decoding of the plan words (if any) then `action_dim` tokens: prefill once, then one token
+        per step with the KV cache. Returns every decoded id, plan first."""
         lm = self.language_model
-        embed = lm.get_input_embeddings()
-        image = self.projector(self.vision(self.preprocess(obs.images[self.cfg.image_key])))
+        state = None if obs.state is None else torch.as_tensor(np.array(obs.state, dtype=np.float32))[None]
+        prefix = self.prefix_embeddings(self.preprocess(obs.images[self.cfg.image_key]), state)
         prompt = self.tokenizer(
             PROMPT.format(instruction=obs.instruction.strip().lower()),
             add_special_tokens=False,
             return_tensors="pt",
         ).input_ids.to(self.device)
-        bos = torch.tensor([[self.tokenizer.bos_token_id]], device=self.device)
-        inputs = torch.cat([embed(bos), image, embed(prompt)], dim=1)
+        inputs = torch.cat([prefix, lm.get_input_embeddings()(prompt)], dim=1)
         bin_mask = torch.full((lm.config.vocab_size,), float("-inf"), device=self.device)
         bin_mask[self.bins.first_id : self.bins.vocab_size] = 0.0
+        word_mask = self.word_mask() if self.cfg.plan_words else None
         out = lm(inputs_embeds=inputs, use_cache=True)
         tokens = []
-        for step in range(self.cfg.action_dim):
+        n = self.cfg.plan_words + self.cfg.action_dim
+        for step in range(n):
             logits = out.logits[:, -1]
-            if self.cfg.constrain_to_bins:
+            if step < self.cfg.plan_words:
+                logits = logits + word_mask
+            elif self.cfg.constrain_to_bins:
                 logits = logits + bin_mask
             token = logits.argmax(-1, keepdim=True)
             tokens.append(token)
-            if step + 1 < self.cfg.action_dim:
+            if step + 1 < n:
                 out = lm(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
         return torch.cat(tokens, dim=1)[0]
 
@@ -216,8 +265,10 @@ class TinyVLA(nn.Module, Policy):
         return actions.astype(np.float32)
 
     def infer(self, obs: Observation) -> ActionChunk:
-        ids = self.action_token_ids(obs).cpu().numpy()
+        decoded = self.action_token_ids(obs).cpu().numpy()
+        plan, ids = decoded[: self.cfg.plan_words], decoded[self.cfg.plan_words :]
         actions = self.decode_actions(ids)
-        return ActionChunk(
-            actions=np.tile(actions, (self.cfg.chunk_length, 1)), info={"action_tokens": ids.tolist()}
-        )
+        info = {"action_tokens": ids.tolist()}
+        if self.cfg.plan_words:
+            info["plan"] = self.tokenizer.decode(plan.tolist()).strip()
+        return ActionChunk(actions=np.tile(actions, (self.cfg.chunk_length, 1)), info=info)

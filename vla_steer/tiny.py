@@ -70,14 +70,18 @@ def instruction_corpus(extra_words: Iterable[str] = (), seed: int = 0) -> list[s
 
 
 def build_tokenizer(
-    vocab_size: int = 768, extra_words: Iterable[str] = (), action_bins: int = 0
+    vocab_size: int = 768,
+    extra_words: Iterable[str] = (),
+    action_bins: int = 0,
+    corpus: Iterable[str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """A trained Metaspace BPE tokenizer; with `action_bins`, that many bin tokens end the vocabulary."""
+    """A trained Metaspace BPE tokenizer; with `action_bins`, that many bin tokens end the vocabulary.
+    `corpus` adds text of its own to the robot-instruction templates it is trained on."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False)
-    tok.train_from_iterator(instruction_corpus(extra_words), trainer=trainer)
+    tok.train_from_iterator(instruction_corpus(extra_words) + list(corpus or ()), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
@@ -100,6 +104,7 @@ def build_llama(
     heads: int = 4,
     action_bins: int = 0,
     seed: int = 0,
+    tie_embeddings: bool = False,
 ) -> LlamaForCausalLM:
     """A random Llama whose embedding is padded to a multiple of 64, as OpenVLA's is (32000 -> 32064)."""
     torch.manual_seed(seed)
@@ -114,6 +119,7 @@ def build_llama(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tie_embeddings,
     )
     if action_bins:
         cfg.n_action_bins = action_bins

@@ -57,6 +57,13 @@ class ActionBins:
         out = centres[idx]
         return float(out) if np.ndim(out) == 0 else out
 
+    def token(self, value: float | np.ndarray) -> int | np.ndarray:
+        """Token id of the bin a value falls in (OpenVLA's `np.digitize` over 256 edges on [low, high])."""
+        edges = np.linspace(self.low, self.high, self.n_bins)
+        idx = np.clip(np.digitize(np.clip(value, self.low, self.high), edges), 1, self.n_bins - 1)
+        out = self.vocab_size - idx
+        return int(out) if np.ndim(out) == 0 else out
+
 
 class TokenLabeler:
     """Maps token ids to (display label, normalised word or None for special tokens)."""
