@@ -116,3 +116,16 @@ def test_bootstrap_statistics():
     assert paired.mean == pytest.approx(1.0) and paired.low == pytest.approx(1.0)  # exact doubling per seed
     unpaired = relative_change({"a": 2.0, "b": 2.2}, {"c": 1.0, "d": 1.1})
     assert unpaired.mean == pytest.approx(1.0) and unpaired.low < 1.0 < unpaired.high
+
+
+def test_carrying_starts_at_the_first_close_command_when_the_gripper_convention_is_known(tmp_path):
+    rec = Recorder(tmp_path)
+    w = rec.start_episode({"setting": {}, "sim": {"gripper": "open_positive"}})  # +1 open, -1 close
+    for t in range(10):
+        gripper = 1.0 if t < 6 else -1.0
+        w.step(ee_pos=np.array([0.0, 0.0, 0.8 + 0.01 * t]), ee_vel=np.zeros(3),
+               action=np.array([0, 0, 0, 0, 0, 0, gripper]), reward=0.0, t_wall=float(t))  # fmt: skip
+    w.end(success=False, seed=0)
+    store = open_store(tmp_path)
+    m = episode_metrics(store.load(store.episode_ids()[0]))
+    assert m.carry_height == pytest.approx(np.mean([0.8 + 0.01 * t for t in range(6, 10)]))

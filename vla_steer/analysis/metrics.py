@@ -4,8 +4,11 @@ Speeds come from the logged end-effector velocity, heights from the end-effector
 metres). Two speed measures are length-controlled, so an episode is not "slower" only because it lasts
 longer or idles at the end: `moving_speed` averages over the steps in which the arm moves at all, and
 `window_speed` over the first `window` steps, which every episode of a comparison has in common.
-"Carrying" steps are the ones where the task's success signal holds (reward > 0; for Lift: the cube is
-off the table); `carry_height` averages the end-effector height over them (NaN if there are none).
+"Carrying" steps are those from the policy's first gripper-close command on, when the episode's metadata
+names the gripper convention (`gripper`, or `sim.gripper`: "open_positive", "close_positive", "open_unit",
+as the sim nodes record it); otherwise the steps where the task's success signal holds (reward > 0).
+`carry_height` averages the end-effector height over them (NaN if there are none): how high the arm
+carries, whether or not the object came along (`success` says whether it did).
 """
 
 from __future__ import annotations
@@ -80,8 +83,7 @@ def episode_metrics(ep: Episode, window: int = WINDOW) -> EpisodeMetrics:
     speed = np.linalg.norm(a["ee_vel"], axis=1) if n else np.zeros(0)
     pos = a["ee_pos"] if n else np.zeros((0, 3))
     steps = np.linalg.norm(np.diff(pos, axis=0), axis=1) if n > 1 else np.zeros(0)
-    reward = a.get("reward", np.zeros(n))
-    carrying = reward > 0
+    carrying = _carrying(ep)
 
     def mean(x: np.ndarray) -> float:
         return float(x.mean()) if x.size else math.nan
@@ -100,6 +102,25 @@ def episode_metrics(ep: Episode, window: int = WINDOW) -> EpisodeMetrics:
         max_height=float(pos[:, 2].max()) if n else math.nan,
         carry_height=mean(pos[carrying, 2]) if n else math.nan,
     )
+
+
+def _carrying(ep: Episode) -> np.ndarray:
+    n = ep.n_steps
+    sim = ep.meta.get("sim")
+    convention = ep.meta.get("gripper") or (sim.get("gripper") if isinstance(sim, dict) else None)
+    action = ep.arrays.get("action")
+    if convention in CLOSED and action is not None and n:
+        closed = CLOSED[convention](np.asarray(action)[:, -1])
+        return np.cumsum(closed) > 0  # from the first close command on
+    return np.asarray(ep.arrays.get("reward", np.zeros(n))) > 0
+
+
+# Gripper conventions (sim.base.to_osc_action): which policy gripper values command "close".
+CLOSED = {
+    "open_positive": lambda g: g < 0,
+    "close_positive": lambda g: g > 0,
+    "open_unit": lambda g: g < 0.5,
+}
 
 
 def store_metrics(store: Store, *, complete_only: bool = True) -> list[EpisodeMetrics]:

@@ -90,7 +90,8 @@ class Analysis:
                 "window_speed": "m/s, mean end-effector speed over the first 20 steps",
                 "mean_speed": "m/s, mean end-effector speed over the episode",
                 "displacement": "m per step, mean end-effector displacement",
-                "carry_height": "m (world z), mean end-effector height while the task's success signal holds",
+                "carry_height": "m (world z), mean end-effector height from the first gripper-close command on "
+                "(or while the task's success signal holds, when the gripper convention is unknown)",
                 "max_height": "m (world z)",
                 "length": "steps",
             },
