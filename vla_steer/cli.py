@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -31,6 +32,20 @@ def parse_layers(text: str) -> tuple[int, int]:
     if lo > hi:
         raise argparse.ArgumentTypeError(f"layer range {text!r} is empty")
     return lo, hi
+
+
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    """'4,8' -> (4.0, 8.0); finite numbers only, the error names the option and the bad item."""
+    out = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"{what}: {item.strip()!r} is not a number (expected e.g. 4,8)") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{what}: {item.strip()!r} is not a finite number")
+        out.append(value)
+    return tuple(out)
 
 
 def default_concepts_dir() -> Path:
@@ -162,24 +177,118 @@ def _cmd_paper(args) -> int:
     return 0
 
 
-# -- demo ----------------------------------------------------------------------------------------
+# -- demo, train-demo, analyze ---------------------------------------------------------------------
 
 
 def _add_demo(sub) -> None:
     p = sub.add_parser(
-        "demo", help="the whole discovery + steering pipeline on a small model built on the spot"
+        "demo",
+        help="the whole method on the bundled demo VLA: discovery, steered robosuite episodes, report",
+        description="Discover the demo VLA's fast/slow/up/down neurons, run baseline, steered and "
+        "random-neuron control episodes on robosuite Lift (policy node + sim node over ZeroMQ), record them, "
+        "and write an analysis report (OUT/report.html, OUT/summary.json).",
+    )
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="run directory (default: demo_out)")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per setting (default: 20)")
+    p.add_argument("--workers", type=int, default=2, help="parallel policy+sim node pairs (default: 2)")
+    p.add_argument(
+        "--strengths", default="8,12", help="clamp values for each direction, comma-separated (default: 8,12)"
     )
     p.add_argument(
-        "--out", type=Path, default=Path("demo_out"), help="where the model, index and directions go"
+        "--weights", type=Path, default=None, help="a demo VLA checkpoint (default: the bundled one)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
+    from policies.demo import WEIGHTS
     from vla_steer.demo import run_demo
 
-    run_demo(args.out, seed=args.seed)
+    strengths = parse_floats(args.strengths, "--strengths")
+    if args.episodes < 1 or args.workers < 1:
+        raise ValueError("--episodes and --workers must be >= 1")
+    verdict = run_demo(
+        args.out, episodes=args.episodes, workers=args.workers, strengths=strengths,
+        weights=args.weights or WEIGHTS, seed=args.seed,
+    )  # fmt: skip
+    return 0 if verdict["lines"] else 1
+
+
+def _add_train_demo(sub) -> None:
+    p = sub.add_parser(
+        "train-demo",
+        help="reproduce the bundled demo VLA: scripted robosuite demonstrations, then training",
+        description="Generate scripted Lift demonstrations at every speed and carrying height (robosuite, "
+        "headless), then train the demo VLA on them, co-trained on language. Seeded.",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("demo_vla"), help="checkpoint directory (default: demo_vla)"
+    )
+    p.add_argument(
+        "--data", type=Path, default=None, help="reuse demonstrations (.npz) instead of generating"
+    )
+    p.add_argument("--episodes-per-setting", type=int, default=20, help="demonstrations per speed x height")
+    p.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
+    p.add_argument("--workers", type=int, default=2, help="processes generating demonstrations")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train_demo)
+
+
+def _cmd_train_demo(args) -> int:
+    import time
+
+    import torch
+
+    from policies.demo.data import generate
+    from policies.demo.train import train
+
+    t0 = time.perf_counter()
+    data = args.data
+    if data is None:
+        data = args.out.with_name(args.out.name + "_demonstrations.npz")
+        print(f"generating {9 * args.episodes_per_setting} scripted demonstrations -> {data}")
+        generate(data, args.episodes_per_setting, seed=args.seed, workers=args.workers)
+        print(f"   {time.perf_counter() - t0:.0f} s")
+    elif not data.is_file():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    train(data, args.out, steps=args.steps, seed=args.seed)
+    print(f"saved the demo VLA to {args.out} ({(time.perf_counter() - t0) / 60:.1f} min in all)")
+    return 0
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="metrics, dose-response, activation probes and an HTML report for a rollout store",
+        description="Analyse RUN_DIR (a rollout store, or a directory holding rollouts/ and directions/): "
+        "per-setting metrics with bootstrap CIs, changes vs baseline over matched seeds, random-neuron "
+        "controls, neurons tracking speed/height, figures. Writes report.html and summary.json.",
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument(
+        "--out", type=Path, default=None, help="where report.html and summary.json go (default: RUN_DIR)"
+    )
+    p.add_argument(
+        "--directions", type=Path, default=None, help="directions directory (default: RUN_DIR/directions)"
+    )
+    p.add_argument("--control-hz", type=float, default=None, help="control rate, for time axes in seconds")
+    p.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_analyze(args) -> int:
+    from vla_steer.analysis import analyze
+    from vla_steer.discovery.direction import load_directions
+
+    if not args.run_dir.exists():
+        raise FileNotFoundError(f"run directory {args.run_dir} does not exist")
+    directions = load_directions(args.directions) if args.directions is not None else None
+    a = analyze(args.run_dir, directions=directions, out=args.out, control_hz=args.control_hz, progress=print)
+    out = args.out or args.run_dir
+    print(
+        f"{len(a.episodes)} episodes in {len(a.settings)} settings -> {out / 'report.html'}, {out / 'summary.json'}"
+    )
     return 0
 
 
@@ -260,13 +369,16 @@ def _add_knobs(sub) -> None:
         "knobs",
         help="list, read and turn the steering knobs of a running policy node",
         description="Examples: `vla-steer knobs list`, `vla-steer knobs set fast=4 up=2`, "
-        "`vla-steer knobs disable fast`, `vla-steer knobs off`.",
+        "`vla-steer knobs disable fast`, `vla-steer knobs off`, `vla-steer knobs ui` (the operator page).",
     )
-    p.add_argument("op", choices=("list", "get", "set", "enable", "disable", "off"))
+    p.add_argument("op", choices=("list", "get", "set", "enable", "disable", "off", "ui"))
     p.add_argument("args", nargs="*", help="set: NAME=STRENGTH ...; get/enable/disable: NAME ...")
     p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the node's address")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the node")
     _add_security(p, server=False)
+    from robot.cli import add_knobs_ui_options
+
+    add_knobs_ui_options(p)
     p.set_defaults(func=_cmd_knobs)
 
 
@@ -287,6 +399,10 @@ def parse_strengths(items: list[str]) -> dict[str, float]:
 
 
 def _cmd_knobs(args) -> int:
+    if args.op == "ui":
+        from robot.cli import cmd_knobs_ui
+
+        return cmd_knobs_ui(args)
     from vla_steer.protocol import KnobsRequest
     from vla_steer.transport import Client, RemoteError, RequestTimeout
 
@@ -468,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim(sub)
     _add_eval(sub)
     _add_demo(sub)
+    _add_train_demo(sub)
+    from robot.cli import add_robot_parser
+
+    add_robot_parser(sub)
+    _add_analyze(sub)
     return parser
 
 
