@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import time
@@ -186,7 +187,7 @@ def acceptance(analysis) -> dict:
     for s in analysis.settings:
         if s.setting.control:
             for m in (metric, "carry_height"):
-                if m in s.change and abs(s.change[m].mean) == abs(s.change[m].mean):
+                if m in s.change and math.isfinite(s.change[m].mean):
                     worst = max(worst, abs(s.change[m].mean))
     ok["controls"] = worst <= TARGETS["control"]
     lines.append(f"random-neuron controls: largest |change| of speed or height {worst:.1%} "
