@@ -48,7 +48,6 @@ class PolicyNode:
         # direction names in provenance["backbone"] (pi0's "action_expert").
         self.steerer = Steerer(policy.backbone, positions=positions)
         self.steerers = {"language": self.steerer}
-        self._owner: dict[str, Steerer] = {}
         backbones = policy.backbones
         for d in directions:
             if not d.neurons:
@@ -63,10 +62,14 @@ class PolicyNode:
             if key not in self.steerers:
                 self.steerers[key] = Steerer(backbones[key], positions=positions)
             self.steerers[key].add_direction(d, mode=mode, strength=0.0, enabled=False)
-            self._owner[d.name] = self.steerers[key]
         self.max_recorded_neurons = max_recorded_neurons
         self.episode: str | None = None
         self.inferences = 0
+
+    @property
+    def _owner(self) -> dict[str, Steerer]:
+        """Concept name -> the Steerer holding it (concepts may also be added to a Steerer directly)."""
+        return {name: st for st in self.steerers.values() for name in st.concepts}
 
     # -- handlers (called by the transport Server) -------------------------------------------------
 
