@@ -132,7 +132,7 @@ def test_checkpoint_with_missing_tensor_is_refused(tmp_path, ckpt):
     state = load_file(str(ckpt / "model.safetensors"))
     del state["projector.fc3.bias"]
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(KeyError, match=r"missing projector\.fc3\.bias"):
+    with pytest.raises(KeyError, match=r"missing keys: projector\.fc3\.bias"):
         OpenVLAPolicy.load(tmp_path, unnorm_key="tiny_suite")
 
 

@@ -24,6 +24,7 @@ from transformers import LlamaForCausalLM
 
 from policies.openvla.config import PrismaticConfig
 from policies.openvla.vit import VisionTransformer
+from policies.weights import check_state_dict, preview
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SINGLE_FILE = "model.safetensors"
@@ -98,19 +99,7 @@ class PrismaticModel(nn.Module):
         state = {}
         for key, tensor in iter_checkpoint(directory, device=device):
             state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise KeyError(
-                f"{directory}: checkpoint does not match the Prismatic layout: "
-                f"missing {_head(missing)}, unexpected {_head(unexpected)}"
-            )
-        for key, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"{directory}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
-                )
+        check_state_dict(state, model.state_dict(), str(directory))
         model.load_state_dict(state, assign=True)
         model._rebuild_buffers(torch.device(device))
         return model.eval()
@@ -121,7 +110,7 @@ class PrismaticModel(nn.Module):
         inner.rotary_emb = type(inner.rotary_emb)(self.language_model.config).to(device)
         leftover = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
         if leftover:
-            raise RuntimeError(f"tensors left uninitialised after loading: {_head(leftover)}")
+            raise RuntimeError(f"tensors left uninitialised after loading: {preview(leftover)}")
 
     def save_pretrained(self, directory: str | Path, *, max_shard_bytes: int | None = None) -> Path:
         """config.json + safetensors (sharded with an index when `max_shard_bytes` is set), official names."""
@@ -168,10 +157,3 @@ def iter_checkpoint(directory: Path, *, device: str | torch.device = "cpu"):
         with safe_open(str(directory / name), framework="pt", device=str(device)) as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield key, f.get_tensor(key)
-
-
-def _head(items: list[str], n: int = 8) -> str:
-    if not items:
-        return "none"
-    more = f" ... (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from policies.pi0.config import ARCH_KEY, PI0Config
+from policies.weights import CheckpointError, check_state_dict
 
 WEIGHTS = "model.safetensors"
 LM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"
@@ -54,10 +55,6 @@ OLD_TO_NEW = (
 VISION_REF = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
 VISION_OURS = "paligemma_with_expert.paligemma.model.vision_tower."
 OLD_STATS_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not hold what a pi0 needs; the message names the file and key."""
 
 
 # -- parameter names ---------------------------------------------------------------------------------
@@ -115,19 +112,7 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{directory}: {WEIGHTS} is missing")
     state = to_module_keys(load_file(str(path)), str(path))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: {len(missing)} missing keys (first: {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (first: {unexpected[:3]})"
-        )
-    for name, ref in expected.items():
-        if tuple(state[name].shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{path}: {name} has shape {list(state[name].shape)}, expected {list(ref.shape)}"
-            )
+    check_state_dict(state, model.state_dict(), str(path))
     model.load_state_dict(state, strict=True)
 
 
