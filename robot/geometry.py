@@ -18,11 +18,14 @@ def skew(w: np.ndarray) -> np.ndarray:
 
 def rotvec_to_mat(r: np.ndarray) -> np.ndarray:
     """Rodrigues' formula. Any finite vector, however long (the angle is taken modulo 2 pi)."""
-    theta = math.hypot(float(r[0]), float(r[1]), float(r[2]))  # no overflow for huge components
-    if theta < 1e-12:
+    r = np.asarray(r, dtype=float)
+    scale = float(np.max(np.abs(r)))
+    if scale < 1e-12:
         return _EYE + skew(r)
-    k = skew(np.asarray(r, dtype=float) / theta)
-    theta = math.fmod(theta, 2.0 * math.pi)
+    u = r / scale  # scaled first: the norm of a huge vector would overflow to inf
+    n = math.hypot(float(u[0]), float(u[1]), float(u[2]))  # in [1, sqrt(3)]
+    k = skew(u / n)
+    theta = n * math.fmod(scale, 2.0 * math.pi / n)  # = |r| mod 2 pi, finite for any finite r
     return _EYE + math.sin(theta) * k + (1.0 - math.cos(theta)) * (k @ k)
 
 

@@ -191,3 +191,10 @@ def test_config_errors_name_file_key_and_allowed_values(tmp_path):
 
 def test_config_by_name():
     assert load_robot_config("ur5e_mujoco").name == CFG.name
+
+
+def test_rotation_vectors_whose_norm_overflows_still_give_a_rotation():
+    from robot.geometry import rotvec_to_mat
+
+    m = rotvec_to_mat(np.array([0.0, 0.0, 0.0, 0.0, 1.27e308, 1.27e308])[3:])  # found by hypothesis
+    assert np.all(np.isfinite(m)) and np.allclose(m @ m.T, np.eye(3)) and np.isclose(np.linalg.det(m), 1.0)
