@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The installed command, as a user runs it (the venv's console script beside this interpreter).
+VLA_STEER = str(Path(sys.executable).with_name("vla-steer"))
 REQUIRED_KEYS = ("name", "value", "unit", "target", "better", "machine", "raw")
 
 

@@ -41,9 +41,9 @@ from common import (  # noqa: E402
     write_result,
 )
 
-from policies.base import Observation  # noqa: E402
 from policies.openvla import OpenVLAPolicy, PrismaticConfig, PrismaticModel, processing, tiny  # noqa: E402
-from vla_steer.steering import Steerer  # noqa: E402
+from vla_steer.core.policy import Observation  # noqa: E402
+from vla_steer.core.steering import Steerer  # noqa: E402
 
 NAME = "openvla_step"
 TARGET = 1.05

@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import arg_parser, interleaved, load_average, machine, median, summary, write_result  # noqa: E402
 
-from policies.base import Observation  # noqa: E402
 from policies.pi0.config import Feature, GemmaDims, PI0Architecture, PI0Config, VisionDims  # noqa: E402
 from policies.pi0.policy import PI0Policy  # noqa: E402
-from vla_steer import tiny  # noqa: E402
-from vla_steer.steering import Steerer  # noqa: E402
+from vla_steer.core import tiny  # noqa: E402
+from vla_steer.core.policy import Observation  # noqa: E402
+from vla_steer.core.steering import Steerer  # noqa: E402
 
 NAME = "pi0_step"
 TARGET = 1.05

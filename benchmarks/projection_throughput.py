@@ -1,4 +1,4 @@
-"""Throughput of the vocabulary projection (`vla_steer.discovery.projection.project`) against plain matmul.
+"""Throughput of the vocabulary projection (`vla_steer.core.discovery.projection.project`) against plain matmul.
 
 Model: a Llama-shaped causal LM built from a LlamaConfig with random weights, float32 (full run:
 d_model 1024, d_mlp 4096, vocab 32000, 4 layers; --quick: 512 / 2048 / 16000 / 2). Only the
@@ -57,8 +57,8 @@ from common import (  # noqa: E402
 )
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from vla_steer.backbone import Backbone  # noqa: E402
-from vla_steer.discovery.projection import Tiling, project  # noqa: E402
+from vla_steer.core.backbone import Backbone  # noqa: E402
+from vla_steer.core.discovery.projection import Tiling, project  # noqa: E402
 
 NAME = "projection_throughput"
 TARGET = 0.5

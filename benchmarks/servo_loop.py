@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from common import arg_parser, load_average, machine, meets_target, write_result  # noqa: E402
+from common import VLA_STEER, arg_parser, load_average, machine, meets_target, write_result  # noqa: E402
 
 
 def _free_port() -> int:
@@ -58,7 +58,7 @@ def main() -> None:
         (tmp / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
         address = f"tcp://127.0.0.1:{_free_port()}"
         server = subprocess.Popen(
-            [sys.executable, "-m", "vla_steer.cli", "serve", "--policy", str(tmp / "policy.yaml"), "--bind", address],
+            [VLA_STEER, "serve", "--policy", str(tmp / "policy.yaml"), "--bind", address],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
         trace = tmp / "trace.npy"

@@ -21,7 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import arg_parser, load_average, machine, median, meets_target, summary, write_result  # noqa: E402
+from common import VLA_STEER, arg_parser, load_average, machine, median, meets_target, summary, write_result  # noqa: E402
+
+from vla_steer.core.config import shipped
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +40,8 @@ def main() -> None:
     from policies.tiny_vla import TinyVLA
     from sim.recording import EpisodeRecorder
     from sim.robosuite_env import RobosuiteEnv, load_sim_config
-    from vla_steer.rollouts import Recorder
-    from vla_steer.transport import Client
+    from vla_steer.core.rollouts import Recorder
+    from vla_steer.wire import Client
 
     steps, blocks = (20, 2) if args.quick else (60, 5)
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,14 +50,14 @@ def main() -> None:
         (tmp / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
         address = f"tcp://127.0.0.1:{_free_port()}"
         server = subprocess.Popen(
-            [sys.executable, "-m", "vla_steer.cli", "serve", "--policy", str(tmp / "policy.yaml"), "--bind", address],
+            [VLA_STEER, "serve", "--policy", str(tmp / "policy.yaml"), "--bind", address],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
         try:
             assert "serving" in server.stdout.readline()
             with Client(address, timeout=30) as client:
                 info = client.hello()
-                env = RobosuiteEnv(load_sim_config(ROOT / "configs/sims/robosuite_lift.yaml"), info)
+                env = RobosuiteEnv(load_sim_config(shipped("sims") / "robosuite_lift.yaml"), info)
                 recorder = EpisodeRecorder(Recorder(tmp / "store"), {"benchmark": "sim_overhead"})
                 obs = env.reset(0)
                 zero = np.zeros(env.action_dim)

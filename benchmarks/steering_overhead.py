@@ -43,8 +43,8 @@ from common import (  # noqa: E402
 )
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from vla_steer.backbone import Backbone  # noqa: E402
-from vla_steer.steering import Steerer  # noqa: E402
+from vla_steer.core.backbone import Backbone  # noqa: E402
+from vla_steer.core.steering import Steerer  # noqa: E402
 
 NAME = "steering_overhead"
 TARGET = 1.02

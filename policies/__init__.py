@@ -16,8 +16,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from policies.base import ActionChunk, Observation, Policy, PolicySpec
-from vla_steer.config import load_yaml_model
+from vla_steer.core.config import load_yaml_model
+from vla_steer.core.policy import ActionChunk, Observation, Policy, PolicySpec
 
 __all__ = [
     "ActionChunk",

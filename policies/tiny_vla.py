@@ -31,10 +31,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from policies.base import ActionChunk, Observation, Policy, PolicySpec
-from vla_steer import tiny
-from vla_steer.backbone import Backbone
-from vla_steer.tokens import ActionBins, TokenLabeler
+from vla_steer.core import tiny
+from vla_steer.core.backbone import Backbone
+from vla_steer.core.policy import ActionChunk, Observation, Policy, PolicySpec
+from vla_steer.core.tokens import ActionBins, TokenLabeler
 
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 CONFIG_FILE = "policy_config.json"

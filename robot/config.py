@@ -1,6 +1,6 @@
 """Robot configs (`configs/robots/*.yaml`): limits, fault behaviour and the policy's action convention.
 
-Validated by pydantic through `vla_steer.config.load_yaml_model`, so a bad file fails with its path, the
+Validated by pydantic through `vla_steer.core.config.load_yaml_model`, so a bad file fails with its path, the
 key and what was allowed ("configs/robots/x.yaml: action.convention: Input should be 'ee_delta', ...").
 Torch-free: the servo process imports it.
 """
@@ -13,9 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vla_steer.config import load_yaml_model
+from vla_steer.core.config import load_yaml_model, resolve_config
 
-REPO_ROBOTS = Path(__file__).resolve().parents[1] / "configs" / "robots"
 N_JOINTS = 6
 
 
@@ -183,8 +182,5 @@ class RobotConfig(_Strict):
 
 
 def load_robot_config(path: str | Path) -> RobotConfig:
-    """A robot config by path, or by name from the repo's configs/robots ("ur5e_mujoco")."""
-    p = Path(path)
-    if not p.suffix and not p.exists():
-        p = REPO_ROBOTS / f"{p}.yaml"
-    return load_yaml_model(p, RobotConfig, "robot config")
+    """A robot config by path, or by the name of a shipped one ("ur5e_mujoco")."""
+    return load_yaml_model(resolve_config(path, "robots"), RobotConfig, "robot config")

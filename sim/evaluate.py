@@ -15,8 +15,8 @@ import numpy as np
 from sim.base import SimEnv
 from sim.recording import EpisodeRecorder
 from sim.runner import EpisodeSummary, run_episodes
-from vla_steer.rollouts import Recorder
-from vla_steer.transport import Client
+from vla_steer.core.rollouts import Recorder
+from vla_steer.wire import Client
 
 
 @dataclass

@@ -51,7 +51,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle, to_osc_action
-from vla_steer.config import load_yaml_model
+from vla_steer.core.config import load_yaml_model
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 # openpi's examples/libero/main.py: the longest demonstration of each suite, plus margin.

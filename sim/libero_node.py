@@ -4,7 +4,7 @@
         --server tcp://127.0.0.1:5555 --episodes 10 --out runs/libero_spatial [--steer fast=4]
 
 The counterpart of `vla-steer sim` for LIBERO, which cannot live in the main venv (robosuite 1.4): it imports
-only the torch-free modules (vla_steer.protocol/transport/rollouts, sim.base/runner/recording/libero_env)
+only the torch-free modules (vla_steer.wire.protocol/transport/rollouts, sim.base/runner/recording/libero_env)
 and LIBERO. Every executed step goes into the rollout store at --out (appended to), with the config's
 conventions in each episode's metadata; a summary table is printed at the end. Exit codes: 0 done,
 2 bad arguments or config, 3 no policy node, 4 an episode failed (what was recorded so far is kept).
@@ -20,9 +20,8 @@ from pathlib import Path
 from sim.libero_env import LiberoEnv, load_libero_config
 from sim.recording import EpisodeRecorder
 from sim.runner import EpisodeError, run_episodes
-from vla_steer.cli import parse_strengths  # stdlib-only at import time: no torch here
-from vla_steer.rollouts import Recorder
-from vla_steer.transport import Client
+from vla_steer.core.rollouts import Recorder
+from vla_steer.wire import Client, parse_strengths
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from sim.runner import EpisodeSummary
-from vla_steer.rollouts import EpisodeWriter, Recorder
+from vla_steer.core.rollouts import EpisodeWriter, Recorder
 
 
 class EpisodeRecorder:

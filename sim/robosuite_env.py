@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle, to_osc_action
-from vla_steer.config import load_yaml_model
+from vla_steer.core.config import load_yaml_model
 
 # Default instruction per robosuite task (override with `instruction:` in the config).
 INSTRUCTIONS: dict[str, str] = {

@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 
 from sim.base import SimEnv, SimObservation
-from vla_steer.protocol import Code, ProtocolError
-from vla_steer.transport import Client, RemoteError, RequestTimeout
+from vla_steer.wire import Client, Code, ProtocolError, RemoteError, RequestTimeout
 
 StepCallback = Callable[[dict[str, Any]], None]
 STILL = 0.01  # m/s: an end effector slower than this is holding still

@@ -10,15 +10,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from vla_steer import tiny  # noqa: E402
-from vla_steer.cli import default_concepts_dir  # noqa: E402
-from vla_steer.discovery import load_lexicons  # noqa: E402
-from vla_steer.loading import load_backbone  # noqa: E402
+from vla_steer.core import tiny  # noqa: E402
+from vla_steer.core.config import shipped  # noqa: E402
+from vla_steer.core.discovery import load_lexicons  # noqa: E402
+from vla_steer.core.loading import load_backbone  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def poles():
-    return load_lexicons(default_concepts_dir())
+    return load_lexicons(shipped("concepts"))
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +58,7 @@ def checkpoint(tmp_path_factory, poles):
     """A TinyVLA saved in its checkpoint layout with a policy config, and directions discovered on it."""
     from policies import load_policy
     from policies.tiny_vla import TinyVLA
-    from vla_steer.discovery import discover
+    from vla_steer.core.discovery import discover
 
     root = tmp_path_factory.mktemp("tiny_vla")
     words = sorted({w for p in poles.values() for w in p.words})

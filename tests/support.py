@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# The installed command, as a user runs it (the venv's console script beside this interpreter).
+VLA_STEER = str(Path(sys.executable).with_name("vla-steer"))
+
 
 def free_address() -> str:
     """A loopback TCP address nobody listens on (for a process that binds it itself)."""
@@ -19,9 +22,7 @@ def free_address() -> str:
 def serve_process(checkpoint: Path, address: str, *, directions: bool = True) -> subprocess.Popen:
     """`vla-steer serve` for the test checkpoint, returned once it says it is serving."""
     cmd = [
-        sys.executable,
-        "-m",
-        "vla_steer.cli",
+        VLA_STEER,
         "serve",
         "--policy",
         str(checkpoint / "policy.yaml"),

@@ -12,10 +12,10 @@ import math
 import numpy as np
 import pytest
 
-from vla_steer.analysis import analyze, episode_metrics, mean_ci, relative_change
-from vla_steer.cli import main
-from vla_steer.discovery.direction import Direction, DirectionNeuron
-from vla_steer.rollouts import Recorder, open_store
+from vla_steer.app.cli import main
+from vla_steer.core.analysis import analyze, episode_metrics, mean_ci, relative_change
+from vla_steer.core.discovery.direction import Direction, DirectionNeuron
+from vla_steer.core.rollouts import Recorder, open_store
 
 SETTINGS = {  # setting -> (speed factor, carrying height offset m)
     (): (1.0, 0.0),

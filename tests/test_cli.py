@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
+from support import VLA_STEER
 
-from vla_steer.cli import main, parse_layers, parse_setting, parse_size
+from vla_steer.app.cli import main, parse_layers, parse_size
+from vla_steer.wire import parse_setting
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vla_steer.cli", *args], capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([VLA_STEER, *args], capture_output=True, text=True, timeout=300)
 
 
 def test_discover_writes_directions_and_reuses_the_index(llama_dir, tmp_path):

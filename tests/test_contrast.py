@@ -9,11 +9,11 @@ import torch
 from test_pi0 import make_obs, noise_of, tiny_config, tiny_stats
 
 from policies.pi0.policy import PI0Policy
-from vla_steer import tiny
-from vla_steer.backbone import Backbone
-from vla_steer.discovery.contrast import contrast_directions, instruction_variants, record_moments
-from vla_steer.discovery.direction import Direction
-from vla_steer.steering import Steerer
+from vla_steer.core import tiny
+from vla_steer.core.backbone import Backbone
+from vla_steer.core.discovery.contrast import contrast_directions, instruction_variants, record_moments
+from vla_steer.core.discovery.direction import Direction
+from vla_steer.core.steering import Steerer
 
 PROMPTS = [
     "pick up the cup",

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 
 from policies import load_policy
-from policies.base import Observation
 from policies.demo import WEIGHTS
-from policies.demo.data import IMAGE_KEY, make_env
-from policies.demo.expert import HEIGHTS, SPEEDS, LiftExpert
-from policies.demo.language import BASELINE_INSTRUCTION
-from vla_steer.cli import default_concepts_dir
-from vla_steer.demo import POLES, SIZE, STRENGTHS, random_control
-from vla_steer.discovery import discover, load_lexicons
-from vla_steer.discovery.lexicon import token_match_weights
-from vla_steer.steering import Steerer
-from vla_steer.tokens import normalize_token
+from vla_steer.app.demo.data import IMAGE_KEY, make_env
+from vla_steer.app.demo.expert import HEIGHTS, SPEEDS, LiftExpert
+from vla_steer.app.demo.language import BASELINE_INSTRUCTION
+from vla_steer.app.demo.run import POLES, SIZE, STRENGTHS, random_control
+from vla_steer.core.config import shipped
+from vla_steer.core.discovery import discover, load_lexicons
+from vla_steer.core.discovery.lexicon import token_match_weights
+from vla_steer.core.policy import Observation
+from vla_steer.core.steering import Steerer
+from vla_steer.core.tokens import normalize_token
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def policy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def directions(policy, tmp_path_factory):
-    poles = {k: v for k, v in load_lexicons(default_concepts_dir()).items() if k in POLES}
+    poles = {k: v for k, v in load_lexicons(shipped("concepts")).items() if k in POLES}
     bb = policy.backbone
     found = discover(bb, poles, index_dir=tmp_path_factory.mktemp("index"), size=SIZE,
                      layers=(1, bb.n_layers - 1), progress=False)  # fmt: skip
@@ -110,7 +110,7 @@ def test_steering_moves_the_commanded_speed_the_way_the_direction_says(policy, d
 @pytest.mark.slow
 def test_train_demo_generates_demonstrations_and_a_loadable_vla(tmp_path):
     from policies.tiny_vla import TinyVLA
-    from vla_steer.cli import main
+    from vla_steer.app.cli import main
 
     out = tmp_path / "vla"
     assert main(["train-demo", "--out", str(out), "--episodes-per-setting", "1", "--steps", "20"]) == 0
@@ -128,7 +128,7 @@ def test_train_demo_generates_demonstrations_and_a_loadable_vla(tmp_path):
 def test_demo_pipeline_end_to_end(tmp_path):
     import json
 
-    from vla_steer.demo import run_demo
+    from vla_steer.app.demo.run import run_demo
 
     verdict = run_demo(tmp_path, episodes=1, workers=2, strengths=(16.0,))
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vla_steer.discovery.direction import (
+from vla_steer.core.discovery.direction import (
     Direction,
     DirectionNeuron,
     export_paper_yaml,

@@ -5,12 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vla_steer.backbone import Backbone
-from vla_steer.discovery import discover
-from vla_steer.discovery.grouping import group_direction
-from vla_steer.discovery.lexicon import load_lexicon, load_lexicons, select_direction, token_match_weights
-from vla_steer.discovery.projection import project
-from vla_steer.tokens import ActionBins, TokenLabeler, normalize_token
+from vla_steer.core.backbone import Backbone
+from vla_steer.core.discovery import discover
+from vla_steer.core.discovery.grouping import group_direction
+from vla_steer.core.discovery.lexicon import (
+    load_lexicon,
+    load_lexicons,
+    select_direction,
+    token_match_weights,
+)
+from vla_steer.core.discovery.projection import project
+from vla_steer.core.tokens import ActionBins, TokenLabeler, normalize_token
 
 
 def test_normalize_token_strips_markers_case_and_punctuation():

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
-from support import free_address, serve_process
+from support import VLA_STEER, free_address, serve_process
 
 from policies import load_policy
-from vla_steer.discovery import load_directions
-from vla_steer.node import PolicyNode
-from vla_steer.transport import Client, RemoteError, Server, TelemetrySubscriber
+from vla_steer.core.discovery import load_directions
+from vla_steer.core.node import PolicyNode
+from vla_steer.wire import Client, RemoteError, Server, TelemetrySubscriber
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 OBS = {"instruction": "pick up the red block", "images": {"agentview": IMAGE}}
@@ -128,7 +127,7 @@ def test_telemetry_carries_actions_and_steering_state(served):
 
 def _knobs(address, *args):
     return subprocess.run(
-        [sys.executable, "-m", "vla_steer.cli", "knobs", *args, "--server", address],
+        [VLA_STEER, "knobs", *args, "--server", address],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -172,7 +171,7 @@ def test_cli_serve_and_knobs_then_sigkill_and_restart(checkpoint):
 
 def test_knobs_cli_reports_a_bad_address():
     r = subprocess.run(
-        [sys.executable, "-m", "vla_steer.cli", "knobs", "list", "--server", "foo"],
+        [VLA_STEER, "knobs", "list", "--server", "foo"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 2 and "tcp://127.0.0.1:5555" in r.stderr and "Traceback" not in r.stderr
@@ -180,7 +179,7 @@ def test_knobs_cli_reports_a_bad_address():
 
 def test_knobs_cli_reports_a_missing_node():
     r = subprocess.run(
-        [sys.executable, "-m", "vla_steer.cli", "knobs", "list", "--server", free_address(), "--timeout", "0.5"],
+        [VLA_STEER, "knobs", "list", "--server", free_address(), "--timeout", "0.5"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 3 and "no policy node answered" in r.stderr

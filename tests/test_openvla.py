@@ -18,10 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from policies.base import Observation
 from policies.openvla import ConfigError, OpenVLAPolicy, PrismaticConfig, PrismaticModel, processing, tiny
 from policies.openvla.reference import reference_weights
-from vla_steer.steering import Steerer
+from vla_steer.core.config import shipped
+from vla_steer.core.policy import Observation
+from vla_steer.core.steering import Steerer
 
 DATA = Path(__file__).parent / "data"
 LAYER, NEURON = 3, 7  # the planted neuron: last layer of the tiny Llama
@@ -272,7 +273,7 @@ def test_backbone_exposes_gated_mlps_unembedding_and_action_labels(policy):
     assert bb.layers_path == "model.layers" and bb.n_layers == 4 and bb.vocab_size == 32064
     assert bb.root is policy.model.language_model
     assert bb.labeler.label(31999) == "[action -0.996]" and bb.labeler.label(32010) == "[padding]"
-    from vla_steer.discovery.projection import project
+    from vla_steer.core.discovery.projection import project
 
     proj = project(bb, k=3, device="cpu", progress=False)
     assert proj.top_ids[proj.row(LAYER), NEURON, 0].item() == TARGET  # discovery finds the planted neuron
@@ -309,8 +310,8 @@ def test_steering_reaches_the_prefill_and_every_decoded_token(policy, positions)
 
 
 def test_serves_through_the_policy_node(policy):
-    from vla_steer.node import PolicyNode
-    from vla_steer.transport import Client, Server
+    from vla_steer.core.node import PolicyNode
+    from vla_steer.wire import Client, Server
 
     node = PolicyNode(policy)
     node.steerer.add("planted", [(LAYER, NEURON)], strength=0.0, enabled=False)
@@ -331,7 +332,7 @@ def test_policy_configs_use_load_arguments():
     import yaml
 
     params = set(inspect.signature(OpenVLAPolicy.load).parameters) - {"cls", "path"}
-    configs = sorted((Path(__file__).parents[1] / "configs" / "policies").glob("openvla*.yaml"))
+    configs = sorted(shipped("policies").glob("openvla*.yaml"))
     assert configs
     for path in configs:
         data = yaml.safe_load(path.read_text())

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from policies.base import Observation
 from policies.pi0 import checkpoint as ckpt
 from policies.pi0.config import Feature, GemmaDims, PI0Architecture, PI0Config, VisionDims, read_config
 from policies.pi0.modeling import PI0Model, make_att_2d_masks, time_embedding
 from policies.pi0.policy import PI0Policy
-from vla_steer import tiny
-from vla_steer.steering import Steerer
+from vla_steer.core import tiny
+from vla_steer.core.policy import Observation
+from vla_steer.core.steering import Steerer
 
 REFERENCE = Path(__file__).parent / "data" / "pi0_reference_layout.json"
 CHUNK, MAX_STATE, MAX_ACTION = 6, 12, 10
@@ -355,9 +355,9 @@ def test_full_size_backbones_have_pi0_dimensions(full_size_meta, pi0_tokenizer):
 
 
 def test_policy_node_steers_and_records_the_action_expert(policy):
-    from vla_steer.discovery.direction import Direction, DirectionNeuron
-    from vla_steer.node import PolicyNode
-    from vla_steer.transport import Client, Server
+    from vla_steer.core.discovery.direction import Direction, DirectionNeuron
+    from vla_steer.core.node import PolicyNode
+    from vla_steer.wire import Client, Server
 
     expert = Direction(
         "careful", "care", [DirectionNeuron(0, 3), DirectionNeuron(1, 5)], {"backbone": "action_expert"}

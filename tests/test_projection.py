@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-from vla_steer.backbone import Backbone, BackboneError
-from vla_steer.discovery.index import load_or_project, read_manifest
-from vla_steer.discovery.projection import Tiling, project
-from vla_steer.loading import load_backbone
+from vla_steer.core.backbone import Backbone, BackboneError
+from vla_steer.core.discovery.index import load_or_project, read_manifest
+from vla_steer.core.discovery.projection import Tiling, project
+from vla_steer.core.loading import load_backbone
 
 
 def dense_reference(bb: Backbone, k: int, rank_by: str = "logit"):

@@ -1,4 +1,4 @@
-"""Codec and schema tests for vla_steer.protocol (no sockets)."""
+"""Codec and schema tests for vla_steer.wire.protocol (no sockets)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from vla_steer.protocol import (
+from vla_steer.wire.protocol import (
     ALLOWED_DTYPES,
     MAX_DEPTH,
     MAX_HEADER_BYTES,
@@ -182,7 +182,7 @@ def test_values_roundtrip() -> None:
 
 
 def test_protocol_module_never_imports_torch() -> None:
-    code = "import sys, vla_steer.protocol, vla_steer.transport; assert 'torch' not in sys.modules"
+    code = "import sys, vla_steer.wire.protocol, vla_steer.wire.transport; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

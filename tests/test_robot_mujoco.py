@@ -16,7 +16,7 @@ from robot.config import load_robot_config
 from robot.control import ControlClient, ControlError
 from robot.node import RobotNode
 from robot.shared import Mode, Reason
-from vla_steer.rollouts import open_store
+from vla_steer.core.rollouts import open_store
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 pytest.importorskip("mujoco")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ from hypothesis import strategies as st
 from robot.config import RobotConfig, load_robot_config
 from robot.geometry import mat_to_rotvec, rotvec_to_mat, rpy_to_mat
 from robot.safety import GripperFilter, JointFilter, JointGuard, PoseFilter, brake_speed
+from vla_steer.core.config import shipped
 
-ROBOTS = Path(__file__).resolve().parents[1] / "configs" / "robots"
+ROBOTS = shipped("robots")
 CFG = load_robot_config(ROBOTS / "ur5e_mujoco.yaml")
 LIM = CFG.limits
 DT = CFG.dt

@@ -17,8 +17,8 @@ from test_robot_mujoco import gentle_config, wait_for
 from robot.node import RobotNode
 from robot.shared import Mode, Reason
 from robot.ui.server import KnobsUI
-from vla_steer.rollouts import open_store
-from vla_steer.transport import Client
+from vla_steer.core.rollouts import open_store
+from vla_steer.wire import Client
 
 
 def chromium() -> str | None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vla_steer import rollouts
-from vla_steer.rollouts import LOG, Recorder, SchemaError, export_lerobot, open_store
+from vla_steer.core import rollouts
+from vla_steer.core.rollouts import LOG, Recorder, SchemaError, export_lerobot, open_store
 
 STEER = {"fast": {"mode": "clamp", "strength": 4.0, "enabled": True, "layers": [15, 16]}}
 
@@ -190,7 +190,7 @@ CHILD = textwrap.dedent(
     """
     import os, sys, time
     import numpy as np
-    from vla_steer.rollouts import Recorder
+    from vla_steer.core.rollouts import Recorder
     ep = Recorder(sys.argv[1], flush_interval_s=0.2).start_episode({"task": "kill me"})
     progress = open(sys.argv[2], "w")
     i = 0

@@ -20,13 +20,14 @@ import pytest
 from policies import load_policy
 from sim.base import to_osc_action
 from sim.libero_env import MAX_STEPS, LiberoConfig, load_libero_config, quat2axisangle
-from vla_steer.discovery import load_directions
-from vla_steer.node import PolicyNode
-from vla_steer.rollouts import open_store
-from vla_steer.transport import Server
+from vla_steer.core.config import shipped
+from vla_steer.core.discovery import load_directions
+from vla_steer.core.node import PolicyNode
+from vla_steer.core.rollouts import open_store
+from vla_steer.wire import Server
 
 ROOT = Path(__file__).resolve().parents[1]
-SIMS = ROOT / "configs" / "sims"
+SIMS = shipped("sims")
 LIBERO_PYTHON = Path(os.environ.get("VLA_STEER_LIBERO_PYTHON", ROOT / ".venv-libero" / "bin" / "python"))
 SPATIAL_0 = "pick up the black bowl between the plate and the ramekin and place it on the plate"
 
@@ -107,7 +108,7 @@ def test_quat2axisangle_matches_known_rotations():
 def test_node_modules_import_without_torch():
     """The LIBERO node's whole import graph stays torch-free (it runs where torch is not installed)."""
     code = (
-        "import sys, sim.libero_node, sim.libero_env, sim.recording, vla_steer.rollouts; "
+        "import sys, sim.libero_node, sim.libero_env, sim.recording, vla_steer.core.rollouts; "
         "bad = [m for m in ('torch', 'transformers', 'libero', 'robosuite', 'mujoco') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -122,7 +123,7 @@ ENV_CHECK = textwrap.dedent(
     import json, sys
     import numpy as np
     from sim.libero_env import LiberoEnv, LiberoConfig
-    from vla_steer.protocol import ServerInfo
+    from vla_steer.wire import ServerInfo
 
     info = ServerInfo("p", 7, 1, 20.0, {"agentview": (32, 32, 3)}, info={"state_dim": 8})
     out = {}

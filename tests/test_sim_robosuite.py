@@ -7,27 +7,25 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from support import free_address, serve_process
+from support import VLA_STEER, free_address, serve_process
 
 from policies import load_policy
 from sim.base import StepResult
 from sim.robosuite_env import RobosuiteConfig, load_sim_config, quat2axisangle
 from sim.runner import BadActionError, PolicyNodeDied, run_episodes
-from vla_steer.discovery import load_directions
-from vla_steer.node import PolicyNode
-from vla_steer.protocol import InferResult
-from vla_steer.rollouts import open_store
-from vla_steer.transport import Client, Server
+from vla_steer.core.config import shipped
+from vla_steer.core.discovery import load_directions
+from vla_steer.core.node import PolicyNode
+from vla_steer.core.rollouts import open_store
+from vla_steer.wire import Client, InferResult, Server
 
 os.environ.setdefault("MUJOCO_GL", "egl")
-SIMS = Path(__file__).resolve().parents[1] / "configs" / "sims"
+SIMS = shipped("sims")
 FIELDS = {
     "episode", "step", "chunk_step", "instruction", "images", "state", "ee_pos", "ee_quat", "ee_vel",
     "action_chunk", "action", "reward", "success", "t_wall", "t_sim", "steering", "activations", "policy_info",
@@ -116,7 +114,7 @@ def test_quat2axisangle_matches_known_rotations():
 
 def test_env_rejects_a_policy_it_cannot_serve(robosuite):
     from sim.robosuite_env import RobosuiteEnv
-    from vla_steer.protocol import ServerInfo
+    from vla_steer.wire import ServerInfo
 
     two_cams = ServerInfo("p", 7, 1, 10.0, {"agentview": (32, 32, 3), "wrist": (32, 32, 3)})
     with pytest.raises(ValueError, match=r"no camera for \['wrist'\]"):
@@ -365,7 +363,7 @@ def test_cli_sim_records_episodes_into_a_rollout_store(robosuite, served, tmp_pa
     """`vla-steer sim` against a live node: every executed step lands in the store, knobs included."""
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "vla_steer.cli", "sim", "--env", str(SIMS / "robosuite_lift.yaml"),
+        VLA_STEER, "sim", "--env", str(SIMS / "robosuite_lift.yaml"),
         "--server", served.address, "--episodes", "2", "--max-steps", "4", "--out", str(out),
         "--steer", "fast=4", "--activations", "fast",
     ]  # fmt: skip
@@ -391,7 +389,7 @@ def test_cli_sim_records_episodes_into_a_rollout_store(robosuite, served, tmp_pa
 def test_cli_eval_grid_with_matched_seeds_and_videos(robosuite, served, tmp_path):
     out = tmp_path / "grid"
     cmd = [
-        sys.executable, "-m", "vla_steer.cli", "eval", "--env", str(SIMS / "robosuite_lift.yaml"),
+        VLA_STEER, "eval", "--env", str(SIMS / "robosuite_lift.yaml"),
         "--server", served.address, "--settings", "off", "fast=60,up=60", "--episodes", "2",
         "--max-steps", "3", "--out", str(out), "--video", "agentview",
     ]  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from vla_steer.steering import Neuron, Steerer
+from vla_steer.core.steering import Neuron, Steerer
 
 NEURONS = [Neuron(0, 3), Neuron(0, 17, -1.0), Neuron(2, 5), Neuron(3, 40, -1.0)]
 

@@ -20,18 +20,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vla_steer.protocol import (
-    ALLOWED_DTYPES,
-    Code,
-    InferResult,
-    KnobsRequest,
-    Message,
-    ProtocolError,
-    ServerInfo,
-    decode,
-    encode,
-)
-from vla_steer.transport import (
+from vla_steer.wire import (
     Client,
     InsecureBindError,
     Keypair,
@@ -44,6 +33,17 @@ from vla_steer.transport import (
     generate_keypair,
     is_loopback,
     load_keypair,
+)
+from vla_steer.wire.protocol import (
+    ALLOWED_DTYPES,
+    Code,
+    InferResult,
+    KnobsRequest,
+    Message,
+    ProtocolError,
+    ServerInfo,
+    decode,
+    encode,
 )
 
 LOCAL = "tcp://127.0.0.1:*"

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policies.base import ActionChunk, Observation, Policy, PolicySpec
 from policies.openvla import processing
 from policies.openvla.modeling import DTYPES, PrismaticModel
-from vla_steer.backbone import Backbone
-from vla_steer.tokens import ActionBins, TokenLabeler
+from vla_steer.core.backbone import Backbone
+from vla_steer.core.policy import ActionChunk, Observation, Policy, PolicySpec
+from vla_steer.core.tokens import ActionBins, TokenLabeler
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]  # never the checkpoint's *.py
 

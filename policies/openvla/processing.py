@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from policies.openvla.config import PrismaticConfig, normalization_for
-from vla_steer.tokens import ActionBins
+from vla_steer.core.tokens import ActionBins
 
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 EMPTY_PIECE = "▁"  # Llama-2 id 29871

@@ -22,7 +22,7 @@ from policies.openvla.config import PrismaticConfig
 from policies.openvla.modeling import PrismaticModel
 from policies.openvla.processing import EMPTY_PIECE, PROMPT, STATS_FILE
 from policies.openvla.reference import reference_weights
-from vla_steer.tiny import instruction_corpus
+from vla_steer.core.tiny import instruction_corpus
 
 TOKENIZER_VOCAB = 32000
 EMPTY_ID = 29871

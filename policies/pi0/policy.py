@@ -6,7 +6,7 @@
 
 Steerable stacks (`policy.backbones`): "language" (the PaliGemma Gemma-2B; projectable onto the
 vocabulary; it reaches the actions only through the prefix key/value cache) and "action_expert" (the
-Gemma-300M expert; no vocabulary: find its directions by contrast, `vla_steer.discovery.contrast`).
+Gemma-300M expert; no vocabulary: find its directions by contrast, `vla_steer.core.discovery.contrast`).
 `policy.backbone` is the language stack. Both share one root module whose single `forward` is a whole
 inference, so a Steerer's forward lock spans the prefix pass and every denoising step.
 
@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from policies.base import ActionChunk, Observation, Policy, PolicySpec
 from policies.pi0 import checkpoint as ckpt
 from policies.pi0.config import PI0Config, read_config
 from policies.pi0.modeling import PI0Model
-from vla_steer.backbone import Backbone
+from vla_steer.core.backbone import Backbone
+from vla_steer.core.policy import ActionChunk, Observation, Policy, PolicySpec
 
 DEFAULT_TOKENIZER = "google/paligemma-3b-pt-224"  # what LeRobot and openpi tokenise pi0 prompts with
 LANGUAGE_LAYERS = "paligemma_with_expert.paligemma.model.language_model.layers"

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from robot.control import ControlClient, ControlError
-from vla_steer.protocol import KnobsRequest, ProtocolError
-from vla_steer.transport import Client, RemoteError, RequestTimeout, is_loopback
+from vla_steer.wire import Client, KnobsRequest, ProtocolError, RemoteError, RequestTimeout, is_loopback
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"

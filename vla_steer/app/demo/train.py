@@ -1,0 +1,164 @@
+"""Training the demo VLA: behaviour cloning of the scripted expert, co-trained on language.
+
+Each step draws a batch of demonstration frames, phrases every frame's (speed, height) labels as a fresh
+instruction, and trains next-token prediction, after the OpenVLA prompt, of a two-word plan (a speed word
+and a height word, drawn from their synonyms: "quick raised") and then the expert's 7 action tokens
+(cross-entropy over the whole vocabulary, as OpenVLA does). Every `language_every`-th step is a language
+batch instead: "describe" examples (instruction -> speed and height words) and sentences relating the
+manner words, with next-token loss on every token. Seeded; CPU-only by design.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from policies.tiny_vla import PROMPT, TinyVLA, TinyVLAConfig
+from vla_steer.app.demo import language
+from vla_steer.app.demo.data import CONTROL_HZ, IMAGE_KEY, IMAGE_SIZE, STATE_DIM
+from vla_steer.app.demo.expert import HEIGHTS, SPEEDS
+
+MODEL = dict(hidden=128, layers=6, intermediate=512, vocab_size=1024, tie_embeddings=True)
+
+
+def build_model(data: dict[str, np.ndarray], seed: int) -> TinyVLA:
+    states = data["states"].astype(np.float64)
+    cfg = TinyVLAConfig(
+        name="demo-vla",
+        image_key=IMAGE_KEY,
+        image_size=IMAGE_SIZE,
+        patch_size=16,
+        vision_dim=64,
+        vision_layers=2,
+        control_hz=CONTROL_HZ,
+        state_dim=STATE_DIM,
+        state_mean=states.mean(0).tolist(),
+        state_std=(states.std(0) + 1e-3).tolist(),
+        plan_words=2,
+    )
+    return TinyVLA.build(cfg, seed=seed, corpus=language.corpus(seed=seed), **MODEL)
+
+
+class Batches:
+    """Tokenised training batches (right-padded) from the demonstrations and the language tasks."""
+
+    def __init__(self, model: TinyVLA, data: dict[str, np.ndarray], seed: int):
+        self.model, self.data = model, data
+        self.rng = random.Random(seed)
+        self.np_rng = np.random.default_rng(seed)
+        self.speeds, self.heights = list(SPEEDS), list(HEIGHTS)
+        self.pad = model.tokenizer.pad_token_id
+
+    def _ids(self, text: str) -> list[int]:
+        return self.model.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _word(self, word: str) -> int:
+        ids = self._ids(word)
+        if len(ids) != 1:
+            raise ValueError(
+                f"plan word {word!r} is {len(ids)} tokens; the demo tokenizer must keep it whole"
+            )
+        return ids[0]
+
+    def actions(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pixels, states, text ids [B, T], labels [B, T]): prompt, plan words, the 7 action tokens."""
+        idx = self.np_rng.integers(0, len(self.data["actions"]), size)
+        rows, labels = [], []
+        for i in idx:
+            speed, height = self.speeds[self.data["speed"][i]], self.heights[self.data["height"][i]]
+            prompt = self._ids(PROMPT.format(instruction=language.instruction(self.rng, speed, height)))
+            plan = [self._word(self.rng.choice(language.SPEED_WORDS[speed])),
+                    self._word(self.rng.choice(language.HEIGHT_WORDS[height]))]  # fmt: skip
+            action = [int(t) for t in self.model.bins.token(self.data["actions"][i])]
+            rows.append(prompt + plan + action)
+            labels.append([-100] * len(prompt) + plan + action)
+        ids, lab = self._pad(rows, labels)
+        pixels = self.model.preprocess(self.data["images"][idx])
+        return pixels, torch.as_tensor(self.data["states"][idx]), ids, lab
+
+    def language(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for _ in range(size):
+            s, h = self.rng.choice(self.speeds), self.rng.choice(self.heights)
+            text = (
+                language.description(self.rng, s, h)
+                if self.rng.random() < 0.6
+                else language.sentence(self.rng)
+            )
+            rows.append([self.model.tokenizer.bos_token_id] + self._ids(text))
+        ids, lab = self._pad(rows, rows)
+        return ids, lab
+
+    def _pad(self, rows: list[list[int]], labels: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = max(len(r) for r in rows)
+        ids = torch.tensor([r + [self.pad] * (n - len(r)) for r in rows])
+        lab = torch.tensor([list(lb) + [-100] * (n - len(lb)) for lb in labels])
+        return ids, lab
+
+
+def action_loss(model: TinyVLA, pixels, states, ids, labels) -> torch.Tensor:
+    lm = model.language_model
+    prefix = model.prefix_embeddings(pixels, states)
+    inputs = torch.cat([prefix, lm.get_input_embeddings()(ids)], dim=1)
+    mask = torch.cat(
+        [torch.ones(prefix.shape[:2], dtype=torch.long), (ids != model.tokenizer.pad_token_id).long()], 1
+    )
+    logits = lm(inputs_embeds=inputs, attention_mask=mask).logits[:, prefix.shape[1] - 1 : -1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def language_loss(model: TinyVLA, ids, labels) -> torch.Tensor:
+    mask = (ids != model.tokenizer.pad_token_id).long()
+    logits = model.language_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def train(
+    data_path: str | Path,
+    out: str | Path,
+    *,
+    steps: int = 1500,
+    batch: int = 48,
+    lr: float = 2e-3,
+    language_every: int = 3,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> TinyVLA:
+    torch.manual_seed(seed)
+    data = dict(np.load(data_path))
+    model = build_model(data, seed)
+    model.train()
+    batches = Batches(model, data, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    t0, acc = time.perf_counter(), {"action": [], "language": []}
+    for step in range(steps):
+        if step % language_every == language_every - 1:
+            loss = language_loss(model, *batches.language(batch))
+            acc["language"].append(float(loss))
+        else:
+            loss = action_loss(model, *batches.actions(batch))
+            acc["action"].append(float(loss))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            a = np.mean(acc["action"][-60:]) if acc["action"] else float("nan")
+            g = np.mean(acc["language"][-30:]) if acc["language"] else float("nan")
+            log(f"step {step + 1}/{steps}  action loss {a:.3f}  language loss {g:.3f}  "
+                f"{time.perf_counter() - t0:.0f}s")  # fmt: skip
+    model.eval()
+    model.save(out)
+    return model

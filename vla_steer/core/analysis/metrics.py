@@ -1,0 +1,140 @@
+"""Per-episode behaviour metrics from a rollout store, for any node that wrote it (sim, LIBERO, robot).
+
+Speeds come from the logged end-effector velocity, heights from the end-effector position (world frame,
+metres). Two speed measures are length-controlled, so an episode is not "slower" only because it lasts
+longer or idles at the end: `moving_speed` averages over the steps in which the arm moves at all, and
+`window_speed` over the first `window` steps, which every episode of a comparison has in common.
+"Carrying" steps are those from the policy's first gripper-close command on, when the episode's metadata
+names the gripper convention (`gripper`, or `sim.gripper`: "open_positive", "close_positive", "open_unit",
+as the sim nodes record it); otherwise the steps where the task's success signal holds (reward > 0).
+`carry_height` averages the end-effector height over them (NaN if there are none): how high the arm
+carries, whether or not the object came along (`success` says whether it did).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from vla_steer.core.rollouts import Episode, Store
+
+MOVING = 0.01  # m/s: slower than this is holding still
+WINDOW = 20  # steps
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the knobs were during an episode: one direction (or its random control) at one strength."""
+
+    direction: str  # "baseline" when every knob was off
+    strength: float
+    control: bool = False  # random neurons of the same size instead of the direction's
+    mode: str = "clamp"
+
+    @property
+    def label(self) -> str:
+        if self.direction == "baseline":
+            return "baseline"
+        return f"{self.direction}{' (random)' if self.control else ''}={self.strength:g}"
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Setting:
+        """From an episode's `setting` metadata ({"fast": 8.0}, {"fast:random": 8.0} or {})."""
+        setting = meta.get("setting") or {}
+        mode = str(meta.get("steer_mode", "clamp"))
+        if not setting:
+            return cls("baseline", 0.0, mode=mode)
+        if len(setting) > 1:
+            name = ",".join(sorted(setting))
+            return cls(name, float(np.mean(list(setting.values()))), mode=mode)
+        ((name, strength),) = setting.items()
+        control = name.endswith(":random")
+        return cls(name.removesuffix(":random"), float(strength), control, mode)
+
+
+@dataclass
+class EpisodeMetrics:
+    episode: str
+    seed: int | None
+    setting: Setting
+    length: int
+    success: bool | None
+    mean_speed: float  # m/s over every step
+    moving_speed: float  # m/s over steps where the arm moves
+    window_speed: float  # m/s over the first WINDOW steps
+    displacement: float  # m per step (the paper's step-wise displacement)
+    mean_height: float  # m
+    max_height: float  # m
+    carry_height: float  # m, mean over carrying steps (NaN: never carried)
+
+    def row(self) -> dict:
+        d = asdict(self)
+        s = d.pop("setting")
+        return d | {"direction": s["direction"], "strength": s["strength"], "control": s["control"],
+                    "mode": s["mode"], "label": self.setting.label}  # fmt: skip
+
+
+def episode_metrics(ep: Episode, window: int = WINDOW) -> EpisodeMetrics:
+    a = ep.arrays
+    n = ep.n_steps
+    speed = np.linalg.norm(a["ee_vel"], axis=1) if n else np.zeros(0)
+    pos = a["ee_pos"] if n else np.zeros((0, 3))
+    steps = np.linalg.norm(np.diff(pos, axis=0), axis=1) if n > 1 else np.zeros(0)
+    carrying = _carrying(ep)
+
+    def mean(x: np.ndarray) -> float:
+        return float(x.mean()) if x.size else math.nan
+
+    return EpisodeMetrics(
+        episode=ep.id,
+        seed=ep.meta.get("seed"),
+        setting=Setting.from_meta(ep.meta),
+        length=n,
+        success=ep.meta.get("success"),
+        mean_speed=mean(speed),
+        moving_speed=mean(speed[speed > MOVING]),
+        window_speed=mean(speed[:window]),
+        displacement=mean(steps),
+        mean_height=mean(pos[:, 2]) if n else math.nan,
+        max_height=float(pos[:, 2].max()) if n else math.nan,
+        carry_height=mean(pos[carrying, 2]) if n else math.nan,
+    )
+
+
+def _carrying(ep: Episode) -> np.ndarray:
+    n = ep.n_steps
+    sim = ep.meta.get("sim")
+    convention = ep.meta.get("gripper") or (sim.get("gripper") if isinstance(sim, dict) else None)
+    action = ep.arrays.get("action")
+    if convention in CLOSED and action is not None and n:
+        closed = CLOSED[convention](np.asarray(action)[:, -1])
+        return np.cumsum(closed) > 0  # from the first close command on
+    return np.asarray(ep.arrays.get("reward", np.zeros(n))) > 0
+
+
+# Gripper conventions (sim.base.to_osc_action): which policy gripper values command "close".
+CLOSED = {
+    "open_positive": lambda g: g < 0,
+    "close_positive": lambda g: g > 0,
+    "open_unit": lambda g: g < 0.5,
+}
+
+
+def store_metrics(store: Store, *, complete_only: bool = True) -> list[EpisodeMetrics]:
+    """Metrics of every (complete) episode in the store; images are not read."""
+    out = []
+    for info in store.episodes():
+        if complete_only and not info.complete:
+            continue
+        out.append(episode_metrics(store.load(info.id, images=False, activations=False)))
+    return out
+
+
+def by_setting(rows: Iterable[EpisodeMetrics]) -> dict[Setting, list[EpisodeMetrics]]:
+    groups: dict[Setting, list[EpisodeMetrics]] = {}
+    for r in rows:
+        groups.setdefault(r.setting, []).append(r)
+    return groups

@@ -1,0 +1,96 @@
+"""Figures for the report (matplotlib, Agg backend: no display needed). Each returns PNG bytes."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vla_steer.core.analysis.stats import Estimate  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def dose_response(
+    curves: Mapping[str, Mapping[float, Estimate]],
+    controls: Mapping[str, Mapping[float, Estimate]],
+    metric: str,
+) -> bytes:
+    """Relative change vs baseline (%) against strength, one line per direction; controls as hollow marks."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for i, (name, points) in enumerate(sorted(curves.items())):
+        color = f"C{i}"
+        xs = sorted(points)
+        ys = np.array([points[x].mean for x in xs]) * 100
+        lo = ys - np.array([points[x].low for x in xs]) * 100
+        hi = np.array([points[x].high for x in xs]) * 100 - ys
+        ax.errorbar(xs, ys, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)], marker="o", capsize=3, color=color,
+                    label=name)  # fmt: skip
+        for x, est in sorted(controls.get(name, {}).items()):
+            ax.errorbar([x], [est.mean * 100], yerr=[[max(0.0, (est.mean - est.low) * 100)],
+                        [max(0.0, (est.high - est.mean) * 100)]], marker="o", mfc="none", color=color,
+                        capsize=3, linestyle="none")  # fmt: skip
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xlabel("steering strength (clamp value)")
+    ax.set_ylabel(f"{metric}: change vs baseline (%)")
+    ax.set_title(f"{metric}: dose-response (filled: direction, hollow: random neurons)", fontsize=9)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def trajectories(paths: Mapping[str, Sequence[np.ndarray]], dt: float | None = None) -> bytes:
+    """End-effector height over time and the x-z path, for each setting's episodes (one colour per setting)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.0, 3.4))
+    for i, (label, eps) in enumerate(paths.items()):
+        for j, p in enumerate(eps):
+            t = np.arange(len(p)) * (dt or 1.0)
+            kw = dict(color=f"C{i}", alpha=0.7, lw=1.0, label=label if j == 0 else None)
+            a.plot(t, p[:, 2], **kw)
+            b.plot(p[:, 0], p[:, 2], **kw)
+    a.set_xlabel("time (s)" if dt else "step")
+    a.set_ylabel("end-effector height (m)")
+    b.set_xlabel("x (m)")
+    b.set_ylabel("z (m)")
+    b.set_title("end-effector path (side view)", fontsize=9)
+    a.legend(fontsize=7)
+    return _png(fig)
+
+
+def speed_profiles(profiles: Mapping[str, Sequence[np.ndarray]], dt: float | None = None) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    for i, (label, eps) in enumerate(profiles.items()):
+        n = max(len(p) for p in eps)
+        grid = np.full((len(eps), n), np.nan)
+        for j, p in enumerate(eps):
+            grid[j, : len(p)] = p
+        t = np.arange(n) * (dt or 1.0)
+        ax.plot(t, np.nanmean(grid, 0), color=f"C{i}", label=label)
+    ax.set_xlabel("time (s)" if dt else "step")
+    ax.set_ylabel("mean end-effector speed (m/s)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def layer_counts(hist: Mapping[str, Sequence[int]]) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.0, 3.0))
+    names = sorted(hist)
+    n = max(len(v) for v in hist.values())
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ax.bar(np.arange(n) + i * width, hist[name], width=width, label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("neurons")
+    ax.set_xticks(np.arange(n) + 0.4 - width / 2, [str(i) for i in range(n)])
+    ax.set_title("where each direction's neurons sit", fontsize=9)
+    ax.legend(fontsize=8)
+    return _png(fig)

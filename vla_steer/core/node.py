@@ -1,0 +1,228 @@
+"""The policy node: a policy and its Steerer behind the transport's request handlers.
+
+`PolicyNode` answers hello (the policy's spec and its concepts), infer (one action chunk under one steering
+setting, plus the activations asked for), reset, and knobs (list / get / set / enable / disable / off,
+from any client while inferences run). Every infer reply's telemetry carries the action, the steering
+state in force and the time spent in the policy.
+
+Activation names a client may ask for: a concept name (the coefficients of that concept's neurons) or
+`layer:N` (every coefficient of layer N); each comes back as float32 [forwards, neurons], the last
+token position of the prefill and of each decoded token, recorded before steering is applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from vla_steer.core.activations import ActivationRecorder
+from vla_steer.core.discovery.direction import Direction
+from vla_steer.core.policy import Observation, Policy
+from vla_steer.core.steering import Steerer
+from vla_steer.wire import Code, InferResult, KnobsRequest, ProtocolError, Reply, Request, ServerInfo
+
+_LAYER = re.compile(r"^layer:(\d+)$")
+MAX_RECORDED_NEURONS = 65536
+
+
+class PolicyNode:
+    """Request handlers for `vla_steer.wire.transport.Server`: `Server(PolicyNode(policy, directions), address)`."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        directions: Iterable[Direction] = (),
+        *,
+        mode: str = "clamp",
+        positions: str = "all",
+        max_recorded_neurons: int = MAX_RECORDED_NEURONS,
+    ):
+        self.policy = policy
+        # One Steerer per steered stack: "language" (the vocabulary-projectable backbone) and any other a
+        # direction names in provenance["backbone"] (pi0's "action_expert").
+        self.steerer = Steerer(policy.backbone, positions=positions)
+        self.steerers = {"language": self.steerer}
+        backbones = policy.backbones
+        for d in directions:
+            if not d.neurons:
+                continue
+            key = d.provenance.get("backbone", "language")
+            if key not in backbones:
+                raise ValueError(
+                    f"direction {d.name!r} steers backbone {key!r}; {policy.spec.name} has {sorted(backbones)}"
+                )
+            if d.name in self._owner:
+                raise ValueError(f"two directions are named {d.name!r}")
+            if key not in self.steerers:
+                self.steerers[key] = Steerer(backbones[key], positions=positions)
+            self.steerers[key].add_direction(d, mode=mode, strength=0.0, enabled=False)
+        self.max_recorded_neurons = max_recorded_neurons
+        self.episode: str | None = None
+        self.inferences = 0
+
+    @property
+    def _owner(self) -> dict[str, Steerer]:
+        """Concept name -> the Steerer holding it (concepts may also be added to a Steerer directly)."""
+        return {name: st for st in self.steerers.values() for name in st.concepts}
+
+    # -- handlers (called by the transport Server) -------------------------------------------------
+
+    def hello(self, req: Request) -> ServerInfo:
+        spec = self.policy.spec
+        return ServerInfo(
+            policy=spec.name,
+            action_dim=spec.action_dim,
+            chunk_length=spec.chunk_length,
+            control_hz=spec.control_hz,
+            image_keys=spec.image_keys,
+            concepts=tuple(self._owner),
+            info={
+                "state_dim": spec.state_dim,
+                "action_space": spec.action_space,
+                "positions": self.steerer.positions,
+            },
+        )
+
+    def infer(self, req: Request) -> Reply:
+        try:
+            obs = Observation.from_payload(dict(req.payload["observation"]), self.policy.spec)
+        except ValueError as e:
+            raise ProtocolError(Code.BAD_PAYLOAD, str(e), "observation") from None
+        selection = self._selection(req.payload.get("activations") or [])
+        t0 = time.perf_counter()
+        # One inference, one steering setting: a knob change made meanwhile applies from the next one.
+        with contextlib.ExitStack() as stack:
+            for st in self.steerers.values():
+                stack.enter_context(st.consistent())
+            steering = {k: v for st in self.steerers.values() for k, v in st.applied_state().items()}
+            recorders = []
+            for key, group in _by_backbone(selection).items():
+                neurons = [n for _, ns in group for n in ns]
+                rec = ActivationRecorder(
+                    self.steerers[key].backbone, neurons, max_neurons=self.max_recorded_neurons
+                )
+                recorders.append((stack.enter_context(rec), group))
+            chunk = self.policy.infer(obs)
+            activations = {k: v for rec, group in recorders for k, v in _split(rec.result(), group).items()}
+        policy_ms = (time.perf_counter() - t0) * 1e3
+        actions = np.asarray(chunk.actions, dtype=np.float32)
+        if actions.shape != (self.policy.spec.chunk_length, self.policy.spec.action_dim) or not np.all(
+            np.isfinite(actions)
+        ):
+            raise ProtocolError(
+                Code.HANDLER_ERROR,
+                f"policy produced invalid actions (shape {actions.shape}, finite: {bool(np.all(np.isfinite(actions)))})",
+            )
+        self.inferences += 1
+        info = {"steering": steering, "policy_ms": policy_ms, "episode": self.episode, **chunk.info}
+        telemetry = {
+            "actions": actions.tolist(),
+            "steering": steering,
+            "policy_ms": policy_ms,
+            "episode": self.episode,
+        }
+        return Reply(InferResult(actions, activations, info), telemetry)
+
+    def reset(self, req: Request) -> dict[str, Any]:
+        self.policy.reset()
+        self.episode = req.payload.get("episode")
+        return {}
+
+    def knobs(self, req: Request) -> dict[str, Any]:
+        k: KnobsRequest = req.knobs
+        names = list(k.concepts) if k.concepts is not None else None
+        try:
+            with contextlib.ExitStack() as stack:  # a multi-knob change lands whole, between two inferences
+                for st in self.steerers.values():
+                    stack.enter_context(st.batch())
+                self._apply_knobs(k, names)
+        except KeyError as e:
+            raise ProtocolError(Code.BAD_PAYLOAD, str(e).strip("'\""), "concepts") from None
+        except ValueError as e:
+            raise ProtocolError(Code.BAD_PAYLOAD, str(e), "strengths") from None
+        state = {k_: v for st in self.steerers.values() for k_, v in st.state().items()}
+        if k.op == "get" and names is not None:
+            unknown = [n for n in names if n not in state]
+            if unknown:
+                raise ProtocolError(
+                    Code.BAD_PAYLOAD, f"unknown concepts {unknown} (known: {sorted(state)})", "concepts"
+                )
+            state = {n: state[n] for n in names}
+        return {"knobs": state}
+
+    def _apply_knobs(self, k: KnobsRequest, names: list[str] | None) -> None:
+        """Apply one knobs op. Never waits for a running inference: it lands at the next one."""
+        for name in [*(names or []), *k.strengths]:
+            if name not in self._owner:
+                known = ", ".join(self._owner) or "none"
+                raise KeyError(f"unknown concept {name!r} (known: {known})")
+        if k.op == "set":
+            for name, strength in k.strengths.items():
+                self._owner[name].update({name: strength})
+            # Setting a knob turns it on, unless the request names which concepts to enable.
+            for n in names if names is not None else k.strengths:
+                self._owner[n].enable(n)
+        elif k.op in ("enable", "disable"):
+            for n in names:
+                st = self._owner[n]
+                (st.enable if k.op == "enable" else st.disable)(n)
+        elif k.op == "off":
+            for st in self.steerers.values():
+                st.off()
+
+    # -- activations -------------------------------------------------------------------------------
+
+    def _selection(self, names: list[str]) -> list[tuple[str, str, list[tuple[int, int]]]]:
+        """(name, backbone key, neurons) per requested activation; `layer:N` is the language backbone's."""
+        bb = self.policy.backbone
+        out = []
+        concepts = set(self._owner)
+        keys = {id(st): key for key, st in self.steerers.items()}
+        for name in dict.fromkeys(names):  # each name once, in order
+            m = _LAYER.match(name)
+            if m:
+                layer = int(m.group(1))
+                if layer >= bb.n_layers:
+                    raise ProtocolError(
+                        Code.BAD_PAYLOAD,
+                        f"activation {name!r}: the model has {bb.n_layers} layers",
+                        "activations",
+                    )
+                out.append((name, "language", [(layer, i) for i in range(bb.d_mlp)]))
+            elif name in concepts:
+                st = self._owner[name]
+                out.append((name, keys[id(st)], [(n.layer, n.index) for n in st.neurons(name)]))
+            else:
+                raise ProtocolError(
+                    Code.BAD_PAYLOAD,
+                    f"unknown activation {name!r}: ask for a concept ({sorted(concepts)}) or 'layer:N'",
+                    "activations",
+                )
+        total = sum(len(ns) for _, _, ns in out)
+        if total > self.max_recorded_neurons:
+            raise ProtocolError(
+                Code.TOO_LARGE,
+                f"{total} neurons requested; this node records at most {self.max_recorded_neurons}",
+                "activations",
+            )
+        return out
+
+
+def _by_backbone(selection: list[tuple[str, str, list]]) -> dict[str, list[tuple[str, list]]]:
+    out: dict[str, list[tuple[str, list]]] = {}
+    for name, key, neurons in selection:
+        out.setdefault(key, []).append((name, neurons))
+    return out
+
+
+def _split(values: np.ndarray, selection: list[tuple[str, list]]) -> dict[str, np.ndarray]:
+    out, col = {}, 0
+    for name, neurons in selection:
+        out[name] = np.ascontiguousarray(values[:, col : col + len(neurons)])
+        col += len(neurons)
+    return out

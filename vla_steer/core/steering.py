@@ -1,0 +1,434 @@
+"""Live neuron steering: one forward pre-hook per steered `down_proj`, driven by in-place tensors.
+
+The input of `down_proj` is the coefficient vector `m = act(gate_proj(x)) * up_proj(x)`; steering rewrites
+chosen coefficients before `down_proj` runs, so nothing is computed twice. Each hooked layer owns two
+fixed-size buffers that fold its clamp mask, clamp value, gain and offset into one fused multiply-add
+(a NaN or inf coefficient at a clamped neuron stays NaN), and the Steerer only ever updates them with
+`copy_`: a knob change takes effect at the next forward and never re-traces or recompiles a
+`torch.compile`d model (Python numbers and index lists would be baked into the graph; tensors are not).
+
+    m' = where(clamp_mask, value, m * gain + offset)  ==  fill + m * keep      at the steered positions
+
+Modes per concept: `clamp` (the paper's: set the neurons to `sign * strength`), `add` (`+= sign * strength`),
+`scale` (`*= strength`). With every concept disabled the buffers are (keep 1, fill 0) and the output is
+bit-identical to the unhooked model; `remove()` takes the hooks out entirely. Changing `positions`
+re-installs the hooks (one recompile), since the position rule is code, not data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vla_steer.core.backbone import Backbone
+
+MODES = ("clamp", "add", "scale")
+POSITIONS = ("all", "last")
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """One FFN neuron; `sign` is the polarity its concept is expressed with (+1 top tokens, -1 bottom)."""
+
+    layer: int
+    index: int
+    sign: float = 1.0
+
+
+@dataclass
+class ConceptState:
+    name: str
+    neurons: tuple[Neuron, ...]
+    mode: str
+    strength: float
+    enabled: bool
+
+
+class _LayerBuffers:
+    """The fixed-size state one hook reads, only ever written in place.
+
+    `keep` and `fill` fold the four settings into one fused op, `m' = fill + m * keep`:
+    clamped neurons get (keep 0, fill value), the others (keep gain, fill offset).
+    """
+
+    def __init__(self, d_mlp: int, device: torch.device, dtype: torch.dtype):
+        self.keep = torch.ones(d_mlp, dtype=dtype, device=device)
+        self.fill = torch.zeros(d_mlp, dtype=dtype, device=device)
+
+    def hook_all(self, module: nn.Module, args: tuple) -> tuple:
+        return (torch.addcmul(self.fill, args[0], self.keep), *args[1:])
+
+    def hook_last(self, module: nn.Module, args: tuple) -> tuple:
+        # Token positions are on dim -2; a one-token decode step is its own last position.
+        m = args[0]
+        out = m.clone()
+        out[..., -1, :] = torch.addcmul(self.fill, m[..., -1, :], self.keep)
+        return (out, *args[1:])
+
+
+class Steerer:
+    """Steer named concepts (sets of neurons) of a backbone, live and thread-safe.
+
+        steerer = Steerer(backbone)
+        steerer.add("fast", direction.neurons, mode="clamp", strength=4.0)
+        steerer.set("fast", 8.0)          # from any thread; next forward sees it
+        with steerer.apply(fast=6.0): ... # temporary settings, restored on exit
+        steerer.remove()                  # unhooked, exactly
+
+    Consistency: every forward of `backbone.root` holds the steerer's forward lock, and the hook buffers
+    are written only under it: a `set` from another thread returns at once and is applied when the next
+    forward starts, never inside one (no forward mixes old and new settings).
+    Under `torch.compile`, register concepts first: a concept on a layer not yet hooked adds a hook
+    (one recompile); strengths, modes and on/off never recompile. Known limit: torch runs the
+    releasing post-hook only for `Exception`s, so a KeyboardInterrupt inside a forward leaves the
+    forward lock with that thread (knob changes still work; other threads' forwards then wait).
+    """
+
+    def __init__(self, backbone: Backbone, *, positions: str = "all"):
+        self.backbone = backbone
+        self._concepts: dict[str, ConceptState] = {}
+        self._buffers: dict[int, _LayerBuffers] = {}
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._guard_handles: list[torch.utils.hooks.RemovableHandle] = []
+        # Two locks, so a knob change never waits for an inference: `_lock` guards the settings (held
+        # briefly), `_forward` is held for a whole forward or `consistent()` block, and the hook buffers
+        # are written only under it. A change made while a forward runs is applied when the next starts.
+        self._lock = threading.RLock()
+        self._forward = threading.RLock()
+        self._frozen = 0  # depth of consistent() blocks, touched only by the thread holding _forward
+        self._dirty = False
+        self._applied: dict[str, dict] = {}
+        self._batch_owner: int | None = None
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        self._positions = positions
+
+    # -- concepts ----------------------------------------------------------------------------------
+
+    def add(
+        self,
+        name: str,
+        neurons: Iterable[Neuron | tuple[int, int] | tuple[int, int, float]],
+        *,
+        mode: str = "clamp",
+        strength: float = 0.0,
+        enabled: bool = True,
+    ) -> None:
+        """Register a concept and hook its layers (once per layer, whatever the number of concepts)."""
+        _check_mode(mode)
+        _check_strength(name, strength)
+        parsed = tuple(_parse_neuron(name, n) for n in neurons)
+        if not parsed:
+            raise ValueError(f"concept {name!r} has no neurons")
+        for n in parsed:
+            if not 0 <= n.layer < self.backbone.n_layers:
+                raise ValueError(
+                    f"concept {name!r}: layer {n.layer} out of range 0..{self.backbone.n_layers - 1}"
+                )
+            if not 0 <= n.index < self.backbone.d_mlp:
+                raise ValueError(
+                    f"concept {name!r}: neuron {n.index} out of range 0..{self.backbone.d_mlp - 1}"
+                )
+        with self._structural():
+            if name in self._concepts:
+                raise ValueError(f"concept {name!r} is already registered; discard it first")
+            self._concepts[name] = ConceptState(name, parsed, mode, float(strength), enabled)
+            for layer in sorted({n.layer for n in parsed}):
+                self._hook_layer(layer)
+            self._refresh()
+
+    def add_direction(
+        self,
+        direction,
+        *,
+        mode: str = "clamp",
+        strength: float = 0.0,
+        enabled: bool = True,
+        name: str | None = None,
+    ) -> None:
+        """Register a discovered `Direction` under its name."""
+        self.add(
+            name or direction.name, direction.steer_neurons(), mode=mode, strength=strength, enabled=enabled
+        )
+
+    def discard(self, name: str) -> None:
+        with self._structural():
+            self._get(name)
+            del self._concepts[name]
+            self._refresh()
+
+    def set(
+        self, name: str, strength: float, *, mode: str | None = None, enabled: bool | None = None
+    ) -> None:
+        """Change a concept's strength (and optionally mode / enabled); takes effect at the next forward."""
+        strength = _check_strength(name, strength)
+        if mode is not None:
+            _check_mode(mode)
+        with self._lock:
+            c = self._get(name)
+            c.strength = strength
+            if mode is not None:
+                c.mode = mode
+            if enabled is not None:
+                c.enabled = enabled
+            self._refresh()
+
+    def update(self, strengths: Mapping[str, float], *, enable: bool = False) -> None:
+        """Set several strengths at once (and enable them, with `enable`): all or nothing, and no
+        forward ever sees some of them changed and not others."""
+        with self._lock:
+            checked = {name: _check_strength(name, strength) for name, strength in strengths.items()}
+            for name in checked:
+                self._get(name)
+            for name, strength in checked.items():
+                c = self._concepts[name]
+                c.strength = strength
+                if enable:
+                    c.enabled = True
+            self._refresh()
+
+    def enable(self, name: str) -> None:
+        with self._lock:
+            self._get(name).enabled = True
+            self._refresh()
+
+    def disable(self, name: str) -> None:
+        with self._lock:
+            self._get(name).enabled = False
+            self._refresh()
+
+    def off(self) -> None:
+        """Disable every concept: outputs equal the unhooked model's until something is enabled."""
+        with self._lock:
+            for c in self._concepts.values():
+                c.enabled = False
+            self._refresh()
+
+    def set_positions(self, positions: str) -> None:
+        """Steer every token position ('all') or only the last one of each forward ('last')."""
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        with self._structural():
+            if positions != self._positions:
+                self._positions = positions
+                for layer in list(self._handles):
+                    self._handles.pop(layer).remove()
+                    self._hook_layer(layer)
+
+    @property
+    def concepts(self) -> list[str]:
+        return list(self._concepts)
+
+    def neurons(self, name: str) -> tuple[Neuron, ...]:
+        return self._get(name).neurons
+
+    def state(self) -> dict[str, dict]:
+        """A snapshot of every concept's settings (what telemetry and the knobs UI show)."""
+        with self._lock:
+            return {
+                c.name: {
+                    "mode": c.mode,
+                    "strength": c.strength,
+                    "enabled": c.enabled,
+                    "n_neurons": len(c.neurons),
+                    "layers": sorted({n.layer for n in c.neurons}),
+                }
+                for c in self._concepts.values()
+            }
+
+    @property
+    def positions(self) -> str:
+        return self._positions
+
+    @contextlib.contextmanager
+    def apply(self, settings: Mapping[str, float] | None = None, /, **strengths: float) -> Iterator[Steerer]:
+        """Enable the named concepts at the given strengths for the block; restore everything after."""
+        settings = {**(settings or {}), **strengths}
+        with self._lock:
+            saved = {n: (c.strength, c.mode, c.enabled) for n, c in self._concepts.items()}
+        try:
+            self.update(settings, enable=True)
+            yield self
+        finally:
+            with self._lock:
+                for name, (strength, mode, enabled) in saved.items():
+                    if name in self._concepts:
+                        c = self._concepts[name]
+                        c.strength, c.mode, c.enabled = strength, mode, enabled
+                self._refresh()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Steerer]:
+        """Make several setting changes (set, update, enable, disable, off) land together: no forward
+        starts with only some of them applied. Adding or removing concepts inside is an error."""
+        with self._lock:
+            self._batch_owner = threading.get_ident()
+            try:
+                yield self
+            finally:
+                self._batch_owner = None
+
+    def applied_state(self) -> dict[str, dict]:
+        """The settings the hooks hold now (`state()` may be newer, until the next forward starts)."""
+        with self._lock:
+            return {name: dict(s) for name, s in self._applied.items()}
+
+    @contextlib.contextmanager
+    def consistent(self) -> Iterator[Steerer]:
+        """Run a block under one setting: a whole inference (prefill and every decoded token) sees the
+        settings in force at entry; changes made meanwhile are applied when the next forward starts."""
+        with self._forward:
+            if not self._frozen:
+                self._sync()
+            self._frozen += 1
+            try:
+                yield self
+            finally:
+                self._frozen -= 1
+
+    # -- hooks -------------------------------------------------------------------------------------
+
+    @property
+    def hooked_layers(self) -> list[int]:
+        return sorted(self._handles)
+
+    def remove(self) -> None:
+        """Take every hook out; the model is exactly as it was. Concepts are kept for `attach()`."""
+        with self._structural():
+            for h in [*self._handles.values(), *self._guard_handles]:
+                h.remove()
+            self._handles.clear()
+            self._guard_handles.clear()
+
+    def attach(self) -> None:
+        """Re-install hooks for the registered concepts after `remove()`."""
+        with self._structural():
+            for layer in sorted({n.layer for c in self._concepts.values() for n in c.neurons}):
+                self._hook_layer(layer)
+            self._refresh()
+
+    def __enter__(self) -> Steerer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _hook_layer(self, layer: int) -> None:
+        if layer in self._handles:
+            return
+        down = self.backbone.down_proj(layer)
+        if layer not in self._buffers:
+            self._buffers[layer] = _LayerBuffers(down.in_features, down.weight.device, down.weight.dtype)
+        buf = self._buffers[layer]
+        self._handles[layer] = down.register_forward_pre_hook(
+            buf.hook_last if self._positions == "last" else buf.hook_all
+        )
+        if not self._guard_handles:
+            root = self.backbone.root
+            self._guard_handles = [
+                root.register_forward_pre_hook(self._enter_forward),
+                root.register_forward_hook(self._exit_forward, always_call=True),
+            ]
+
+    @torch.compiler.disable
+    def _enter_forward(self, module, args) -> None:
+        self._forward.acquire()
+        if not self._frozen:
+            self._sync()
+
+    @torch.compiler.disable
+    def _exit_forward(self, module, args, output) -> None:
+        self._forward.release()
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _structural(self) -> contextlib.AbstractContextManager:
+        """Locks for adding/removing hooks or concepts: waits for a running forward to finish."""
+        if self._batch_owner == threading.get_ident():
+            # We hold the settings lock; a forward holding the forward lock may be waiting for it.
+            raise RuntimeError("add/discard/remove/attach/set_positions cannot run inside Steerer.batch()")
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._forward)
+        stack.enter_context(self._lock)
+        return stack
+
+    def _get(self, name: str) -> ConceptState:
+        try:
+            return self._concepts[name]
+        except KeyError:
+            known = ", ".join(self._concepts) or "none registered"
+            raise KeyError(f"unknown concept {name!r} (known: {known})") from None
+
+    def _refresh(self) -> None:
+        """The settings changed: apply them now if no forward is running, else when the next one starts."""
+        self._dirty = True
+        if self._forward.acquire(blocking=False):
+            try:
+                if not self._frozen:
+                    self._sync()
+            finally:
+                self._forward.release()
+
+    def _sync(self) -> None:
+        """Recompute every hooked layer's buffers from the settings and copy them in. Needs `_forward`."""
+        with self._lock:
+            if not self._dirty:
+                return
+            d_mlp = self.backbone.d_mlp
+            fresh = {
+                layer: (
+                    torch.zeros(d_mlp, dtype=torch.bool),
+                    torch.zeros(d_mlp),
+                    torch.ones(d_mlp),
+                    torch.zeros(d_mlp),
+                )
+                for layer in self._buffers
+            }
+            # Registration order decides overlaps: a later clamp wins; offsets add; gains multiply.
+            for c in self._concepts.values():
+                if not c.enabled:
+                    continue
+                for n in c.neurons:
+                    clamp, value, gain, offset = fresh[n.layer]
+                    if c.mode == "clamp":
+                        clamp[n.index] = True
+                        value[n.index] = n.sign * c.strength
+                    elif c.mode == "add":
+                        offset[n.index] += n.sign * c.strength
+                    else:
+                        gain[n.index] *= c.strength
+            for layer, (clamp, value, gain, offset) in fresh.items():
+                buf = self._buffers[layer]
+                buf.keep.copy_(torch.where(clamp, 0.0, gain))
+                buf.fill.copy_(torch.where(clamp, value, offset))
+            self._applied = self.state()
+            self._dirty = False
+
+
+def _parse_neuron(concept: str, n) -> Neuron:
+    """A Neuron from a Neuron or a (layer, index[, sign]) tuple, with integer indices and a finite sign."""
+    layer, index, sign = (n.layer, n.index, n.sign) if isinstance(n, Neuron) else (*n, 1.0)[:3]
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (layer, index)):
+        raise ValueError(f"concept {concept!r}: neuron {n!r} needs integer layer and index")
+    if not isinstance(sign, numbers.Real) or isinstance(sign, bool) or not math.isfinite(sign) or sign == 0:
+        raise ValueError(f"concept {concept!r}: neuron {n!r} needs a finite, non-zero sign")
+    return Neuron(int(layer), int(index), float(sign))
+
+
+def _check_strength(name: str, strength: float) -> float:
+    strength = float(strength)
+    if not math.isfinite(strength):
+        raise ValueError(f"strength for {name!r} must be finite, got {strength}")
+    return strength
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
