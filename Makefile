@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/servo_loop.py $(BENCH_ARGS)
 
 lint: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -41,3 +41,21 @@ def serve_process(checkpoint: Path, address: str, *, directions: bool = True) ->
     line = proc.stdout.readline()
     assert "serving tiny-vla on" in line, proc.stderr.read() if proc.poll() is not None else line
     return proc
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    """Poll `condition()` until it returns a truthy value, which is returned; fail the test after `timeout`.
+
+    The one way tests wait for something to happen (instead of sleeping and then asserting): generous
+    timeouts, because a loaded CI machine is slow, and an event rather than a duration is what is tested.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -26,7 +26,7 @@ from vla_steer.core.node import PolicyNode
 from vla_steer.core.rollouts import open_store
 from vla_steer.wire import Server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIMS = shipped("sims")
 LIBERO_PYTHON = Path(os.environ.get("VLA_STEER_LIBERO_PYTHON", ROOT / ".venv-libero" / "bin" / "python"))
 SPATIAL_0 = "pick up the black bowl between the plate and the ramekin and place it on the plate"

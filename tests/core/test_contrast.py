@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_pi0 import make_obs, noise_of, tiny_config, tiny_stats
+from tiny_pi0 import make_obs, noise_of, tiny_config, tiny_stats
 
 from policies.pi0.policy import PI0Policy
 from vla_steer.core import tiny

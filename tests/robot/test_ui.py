@@ -12,7 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 from support import free_address, serve_process
-from test_robot_mujoco import gentle_config, wait_for
+from test_mujoco_backend import gentle_config, wait_for
 
 from robot.node import RobotNode
 from robot.shared import Mode, Reason

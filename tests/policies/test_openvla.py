@@ -24,7 +24,7 @@ from vla_steer.core.config import shipped
 from vla_steer.core.policy import Observation
 from vla_steer.core.steering import Steerer
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 LAYER, NEURON = 3, 7  # the planted neuron: last layer of the tiny Llama
 TARGET = 31744 + 10  # the action token it writes: bin 245
 INSTRUCTION = "Pick up the cube"
