@@ -13,6 +13,9 @@ Modes per concept: `clamp` (the paper's: set the neurons to `sign * strength`), 
 `scale` (`*= strength`). With every concept disabled the buffers are (keep 1, fill 0) and the output is
 bit-identical to the unhooked model; `remove()` takes the hooks out entirely. Changing `positions`
 re-installs the hooks (one recompile), since the position rule is code, not data.
+
+Over 400 lines on purpose: the Steerer, its hook buffers and its two-lock scheme (settings vs forward) are
+one piece of concurrency that must be read in one place to be trusted.
 """
 
 from __future__ import annotations
