@@ -1,11 +1,11 @@
-"""Policies the node can serve: the interface (`base`) and its implementations, loaded from YAML configs.
+"""Policies the node can serve (the interface is `vla_steer.core.policy`), loaded from YAML configs.
 
-A policy config (`configs/policies/*.yaml`) names its `kind` and checkpoint `path` (a directory, relative
-to the YAML file or absolute; `openvla` and `pi0` also take a hub id on a machine that has a hub), plus
-options of that kind:
+A policy config (a path, or the name of a shipped one in `vla_steer/configs/policies`) names its `kind` and
+checkpoint `path` (a directory, relative to the YAML file or absolute; `openvla` and `pi0` also take a hub
+id on a machine that has a hub), plus options of that kind:
 
     kind: tiny_vla          # the small OpenVLA-style policy (the bundled demo VLA is one)
-    path: ../../policies/demo/weights
+    path: ../../../policies/demo/weights
     device: cpu
 """
 
@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from vla_steer.core.config import load_yaml_model
+from vla_steer.core.config import load_yaml_model, resolve_config
 from vla_steer.core.policy import ActionChunk, Observation, Policy, PolicySpec
 
 __all__ = [
@@ -79,8 +79,9 @@ def _looks_like_hub_id(path: Path) -> bool:
 
 
 def read_policy_config(path: str | Path) -> PolicyConfig:
-    """Parse and validate a policy config; errors name the file, the key and what is allowed."""
-    path = Path(path)
+    """Parse and validate a policy config (a path or a shipped config's name); errors name the file, the key
+    and what is allowed."""
+    path = resolve_config(path, "policies")
     cfg = load_yaml_model(path, _PolicyFile, "policy config").root
     if not cfg.path.is_absolute():
         local = (path.parent / cfg.path).resolve()
