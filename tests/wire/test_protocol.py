@@ -468,6 +468,14 @@ def test_require_finite_names_the_offending_field() -> None:
         ("knobs", {"op": "set", "strengths": {"up": float("inf")}}, Code.BAD_PAYLOAD, "strengths"),
         ("knobs", {"op": "enable"}, Code.MISSING_FIELD, "concepts"),
         ("reset", {"seed": "x"}, Code.BAD_PAYLOAD, "seed"),
+        ("control", {"args": {}}, Code.MISSING_FIELD, "op"),
+        ("control", {"op": "stop"}, Code.MISSING_FIELD, "args"),
+        ("control", {"op": "", "args": {}}, Code.BAD_PAYLOAD, "op"),
+        ("control", {"op": "x" * 65, "args": {}}, Code.BAD_PAYLOAD, "op"),
+        ("control", {"op": 3, "args": {}}, Code.BAD_PAYLOAD, "op"),
+        ("control", {"op": "event", "args": [1]}, Code.BAD_PAYLOAD, "args"),
+        ("control", {"op": "event", "args": {"data": {"x": np.zeros(2)}}}, Code.BAD_PAYLOAD, "args"),
+        ("control", {"op": "stop", "args": {}, "why": "x"}, Code.BAD_PAYLOAD, "why"),
         ("error", {"code": "x", "message": "y"}, Code.BAD_KIND, "kind"),
         ("telemetry", {}, Code.BAD_KIND, "kind"),
     ],
@@ -486,6 +494,7 @@ def test_check_request_accepts_every_knob_op() -> None:
     check_request(Message("knobs", {"op": "set", "strengths": {"up": 3, "down": -2.5}}))
     check_request(Message("heartbeat", {}))
     check_request(Message("reset", {"episode": "e1", "seed": 3, "info": {"task": 2}}))
+    check_request(Message("control", {"op": "event", "args": {"kind": "knobs", "data": {"up": [1, 2.5]}}}))
 
 
 @pytest.mark.parametrize(

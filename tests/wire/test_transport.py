@@ -216,6 +216,72 @@ def test_missing_handler_is_unsupported() -> None:
         Server({"teleport": print}, LOCAL)
 
 
+class FakeRobotControl:
+    """A robot node's control socket: ops that change and report a latched stop, and recorded events."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.events: list[dict[str, Any]] = []
+
+    def control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "stop":
+            self.stopped = True
+        elif op == "resume":
+            self.stopped = False
+        elif op == "event":
+            self.events.append(args)
+        elif op != "status":
+            raise ProtocolError(Code.BAD_PAYLOAD, f"unknown control op {op!r}", "op")
+        return {"status": {"stopped": self.stopped, "events": len(self.events)}}
+
+
+def test_control_requests_reach_the_handlers_control_method() -> None:
+    robot = FakeRobotControl()
+    with serving(robot) as srv, Client(srv.address) as c:
+        assert c.control("status") == {"status": {"stopped": False, "events": 0}}
+        assert c.control("stop")["status"]["stopped"] is True and robot.stopped
+        reply = c.control("event", kind="knobs", data={"up": 4.0}, t=1.5)
+        assert reply == {"status": {"stopped": True, "events": 1}}
+        assert robot.events == [{"kind": "knobs", "data": {"up": 4.0}, "t": 1.5}]
+        assert c.control("resume")["status"]["stopped"] is False
+        with pytest.raises(RemoteError) as e:
+            c.control("teleport")
+        assert (e.value.code, e.value.field) == (Code.BAD_PAYLOAD, "op")
+        with pytest.raises(RemoteError) as e:  # a robot control socket serves no policy
+            c.hello()
+        assert e.value.code == Code.UNSUPPORTED
+        assert c.control("status")["status"]["stopped"] is False  # and it goes on serving
+
+
+def test_control_is_unsupported_without_a_control_method_and_bad_payloads_are_refused() -> None:
+    with serving() as srv, Client(srv.address) as c:
+        with pytest.raises(RemoteError) as e:
+            c.control("stop")
+        assert (e.value.code, e.value.field) == (Code.UNSUPPORTED, "kind")
+    with serving(FakeRobotControl()) as srv, Client(srv.address) as c:
+        for payload, code, field in [
+            ({"op": "", "args": {}}, Code.BAD_PAYLOAD, "op"),
+            ({"op": "stop", "args": "now"}, Code.BAD_PAYLOAD, "args"),
+            ({"op": "stop"}, Code.MISSING_FIELD, "args"),
+            ({"op": "event", "args": {"frame": np.zeros(3)}}, Code.BAD_PAYLOAD, "args"),
+        ]:
+            with pytest.raises(RemoteError) as e:
+                c.request("control", payload)
+            assert (e.value.code, e.value.field) == (code, field), payload
+        assert c.control("status") == {"status": {"stopped": False, "events": 0}}
+
+
+def test_a_control_handler_that_returns_no_map_is_a_handler_error() -> None:
+    with (
+        serving({"control": lambda op, args: None if op == "quiet" else [op]}) as srv,
+        Client(srv.address) as c,
+    ):
+        assert c.control("quiet") == {}
+        with pytest.raises(RemoteError) as e:
+            c.control("list")
+        assert e.value.code == Code.HANDLER_ERROR
+
+
 def _has_ipv6_loopback() -> bool:
     with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
         sock.linger, sock.ipv6 = 0, True

@@ -34,7 +34,9 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 
-REQUEST_KINDS = ("hello", "infer", "reset", "knobs", "heartbeat")
+# "control" is a generic op + args request for a node's own control socket (the robot node: stop, resume,
+# status, event), so such a socket speaks this protocol rather than one of its own.
+REQUEST_KINDS = ("hello", "infer", "reset", "knobs", "heartbeat", "control")
 # "error" only ever travels as a reply; "telemetry" only on the server's PUB socket.
 KINDS = (*REQUEST_KINDS, "error", "telemetry")
 KNOB_OPS = ("list", "get", "set", "enable", "disable", "off")
@@ -49,6 +51,7 @@ MAX_DIM = 2**31 - 1  # per axis; bounds shapes of empty arrays, which the byte l
 MAX_ARRAYS = 4096  # arrays (frames) per message
 MAX_DEPTH = 32  # payload nesting
 MAX_NAMES = 1024  # concepts / activation names in one request
+MAX_OP_CHARS = 64  # a control op is a name, not data
 # The header frame carries only plain values and the array table (arrays travel in frames of their own), so
 # it is small; its own caps keep a few bytes of msgpack from expanding into gigabytes of Python objects on
 # the server's socket thread (each empty list or map is 1 byte on the wire and ~60 bytes in memory).
@@ -556,6 +559,25 @@ def _t_opt_str(v: Any) -> bool:
     return v is None or isinstance(v, str)
 
 
+def _t_op(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_OP_CHARS
+
+
+def _t_plain_map(v: Any) -> bool:
+    """A map holding plain values only, no arrays (decode has already bounded depth and key types)."""
+    return isinstance(v, dict) and not _holds_array(v)
+
+
+def _holds_array(v: Any) -> bool:
+    if isinstance(v, np.ndarray):
+        return True
+    if isinstance(v, dict):
+        return any(_holds_array(x) for x in v.values())
+    if isinstance(v, list):
+        return any(_holds_array(x) for x in v)
+    return False
+
+
 # (required, check, what the check wants); every kind also accepts a free-form "info" dict.
 _Spec = dict[str, tuple[bool, Any, str]]
 _INFO = {"info": (False, _t_dict, "a map")}
@@ -574,6 +596,10 @@ _REQUESTS: dict[str, _Spec] = {
         **_INFO,
     },
     "heartbeat": {"client": (False, _t_str, "a string"), **_INFO},
+    "control": {
+        "op": (True, _t_op, f"a non-empty string of <= {MAX_OP_CHARS} characters"),
+        "args": (True, _t_plain_map, "a map of plain values (no arrays)"),
+    },
 }
 _REPLIES: dict[str, _Spec] = {
     "hello": {
@@ -640,6 +666,8 @@ def check_reply(msg: Message, expected_kind: str) -> None:
     """Validate a reply: either an error or the same kind as the request, with that kind's schema."""
     if msg.kind != "error" and msg.kind != expected_kind:
         raise ProtocolError(Code.BAD_KIND, f"expected a {expected_kind!r} reply, got {msg.kind!r}", "kind")
+    if msg.kind == "control":  # free-form: whatever map the node's control handler returned
+        return
     _check_spec(msg.payload, _REPLIES[msg.kind], f"{msg.kind} reply")
 
 

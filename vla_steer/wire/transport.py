@@ -73,7 +73,7 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 LIVENESS_S = 1.0  # a peer silent for this long is considered gone
 HEARTBEAT_INTERVAL_S = 0.25
 TELEMETRY_TOPIC = b"vla-steer/telemetry"
-HANDLED_KINDS = ("hello", "infer", "reset", "knobs")  # heartbeat is answered by the server itself
+HANDLED_KINDS = ("hello", "infer", "reset", "knobs", "control")  # the server answers heartbeats itself
 _ZMQ_HEARTBEAT_MS = 250  # ZMTP-level pings: dead TCP peers are dropped after _ZMQ_HEARTBEAT_TIMEOUT_MS
 _ZMQ_HEARTBEAT_TIMEOUT_MS = 1000
 _MAX_CLIENT_NAME = 256  # characters of a heartbeat's client name the server keeps
@@ -255,12 +255,14 @@ class _Job:
 class Server:
     """Serves a policy over ZeroMQ. Construct (binds), then `start()` or use as a context manager.
 
-    `handler` is a mapping kind -> callable, or an object with methods `hello`, `infer`, `reset`, `knobs`
-    (missing ones answer "unsupported"). A handler takes a `Request` and returns a mapping, a value with
-    `to_payload()` (`ServerInfo`, `InferResult`), a `Reply` (to add telemetry), or None; it may raise
-    `ProtocolError(code, message, field)` to answer a specific error. Infer replies keep only the
-    activations the request asked for. Handlers in `worker_kinds` run one at a time in a worker thread;
-    the others run on the socket thread, concurrently with it, and must be quick and thread-safe with
+    `handler` is a mapping kind -> callable, or an object with methods `hello`, `infer`, `reset`, `knobs`,
+    `control` (missing ones answer "unsupported"). `control(op, args)` gets the request's op name and args
+    map (a node's control socket: stop, resume, status, ...); every other handler gets a `Request`. A
+    handler returns a mapping, a value with `to_payload()` (`ServerInfo`, `InferResult`), a `Reply` (to add
+    telemetry), or None; it may raise `ProtocolError(code, message, field)` to answer a specific error.
+    Infer replies keep only the activations the request asked for. Handlers in `worker_kinds` run one at a
+    time in a worker thread; the others (control included, so a stop never queues behind an inference) run
+    on the socket thread, concurrently with the worker, and must be quick and thread-safe with
     respect to the worker (the steering knobs are built for that). Reply arrays are sent zero-copy: return
     arrays you will not mutate afterwards. Requests over `max_message_bytes` get a "too_large" error; a
     single frame over twice that is cut off by zmq (MAXMSGSIZE) and its sender disconnected unanswered.
@@ -661,8 +663,13 @@ def _resolve_handlers(handler: Any) -> dict[str, Handler]:
         unknown = sorted(set(handler) - set(HANDLED_KINDS))
         if unknown:
             raise ValueError(f"no such handler kinds {unknown}; handlers exist for {HANDLED_KINDS}")
-        return dict(handler)
-    return {k: getattr(handler, k) for k in HANDLED_KINDS if callable(getattr(handler, k, None))}
+        handlers = dict(handler)
+    else:
+        handlers = {k: getattr(handler, k) for k in HANDLED_KINDS if callable(getattr(handler, k, None))}
+    if "control" in handlers:
+        control = handlers["control"]
+        handlers["control"] = lambda req: control(req.payload["op"], dict(req.payload["args"]))
+    return handlers
 
 
 def _to_payload(result: Any) -> dict[str, Any]:
@@ -874,6 +881,14 @@ class Client:
 
     def knobs_off(self) -> dict[str, dict[str, Any]]:
         return self.knobs(KnobsRequest("off"))
+
+    def control(self, op: str, **args: Any) -> dict[str, Any]:
+        """Run `op` on a node's control socket (a `Server` whose handler has `control(op, args)`).
+
+        Retried like the other requests (the client's `retries`), so ops should be safe to repeat; build
+        the client with `retries=0` for one that is not.
+        """
+        return self.request("control", {"op": op, "args": args}).payload
 
     # -- liveness
 
