@@ -15,6 +15,9 @@ from wire_support import LOCAL, FakePolicy, serving
 
 from vla_steer.wire import (
     Client,
+    InferResult,
+    Observation,
+    RemoteError,
     Request,
     RequestTimeout,
     Server,
@@ -144,3 +147,18 @@ def test_nothing_listening_times_out_in_bounded_time() -> None:
         assert not c.alive and c.ping(0.05) is None
     with pytest.raises(ValueError):
         Client(timeout=float("inf"))
+
+
+def test_infer_sends_an_observation_as_its_payload() -> None:
+    keys = {"agentview": (8, 8, 3)}
+
+    def infer(req: Request) -> InferResult:  # as a policy node does: the one schema checks what arrived
+        obs = Observation.from_payload(req.payload["observation"], keys, state_dim=2)
+        return InferResult(np.tile(np.append(obs.state, obs.images["agentview"][0, 0, 0]), (4, 1)))
+
+    image = np.full((8, 8, 3), 7, np.uint8)
+    with serving({"infer": infer}) as srv, Client(srv.address, retries=0) as c:
+        actions = c.infer(Observation("go", {"agentview": image}, np.array([1.0, 2.0]))).actions
+        np.testing.assert_array_equal(actions, np.tile([1.0, 2.0, 7.0], (4, 1)))
+        with pytest.raises(RemoteError, match="missing"):  # a plain map still goes through as it is
+            c.infer({"instruction": "go", "images": {}, "state": np.zeros(2)})
