@@ -11,6 +11,7 @@ only the standard library, numpy and msgpack. `Store.to_pandas` needs pandas; `e
     reader    open_store -> Store: list, load (damaged logs keep their intact prefix), to_pandas
     export    export_lerobot: the LeRobot v3.0 layout
     video     write_video and the mp4 encoder export uses
+    recorder  EpisodeRecorder: the one recorder of sim and robot nodes, `Step`s in, episodes and events out
 
 Images are stored raw: two 224x224 RGB cameras are ~300 KB per step (~90 MB for a 300-step episode).
 """
@@ -19,6 +20,7 @@ from vla_steer.core.rollouts.episode import Episode, EpisodeInfo
 from vla_steer.core.rollouts.export import export_lerobot
 from vla_steer.core.rollouts.format import LOG, SUMMARY, SchemaError
 from vla_steer.core.rollouts.reader import Store, open_store
+from vla_steer.core.rollouts.recorder import EpisodeRecorder, Event
 from vla_steer.core.rollouts.video import write_video
 from vla_steer.core.rollouts.writer import EpisodeWriter, Recorder
 
@@ -27,7 +29,9 @@ __all__ = [
     "SUMMARY",
     "Episode",
     "EpisodeInfo",
+    "EpisodeRecorder",
     "EpisodeWriter",
+    "Event",
     "Recorder",
     "SchemaError",
     "Store",
