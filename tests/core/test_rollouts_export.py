@@ -17,10 +17,10 @@ def test_export_lerobot_v3(tmp_path):
     pytest.importorskip("pandas")
     av = pytest.importorskip("av")
     root = tmp_path / "store"
-    _, steps0 = record(root, 6, seed=0)
+    _, steps0 = record(root, 6, seed=0, robot="panda")
     _, steps1 = record(root, 4, seed=1, instruction="open the drawer")
-    record(root, 3, seed=2, end=False)  # incomplete: left out by default
-    out = export_lerobot(root, tmp_path / "lerobot", fps=10, robot_type="panda")
+    record(root, 3, seed=2, end=False)  # incomplete: left out
+    out = export_lerobot(root, tmp_path / "lerobot", fps=10)
 
     info = json.loads((out / "meta/info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["fps"] == 10 and info["robot_type"] == "panda"
@@ -83,8 +83,6 @@ def test_export_lerobot_v3(tmp_path):
 
     with pytest.raises(FileExistsError, match="not empty"):
         export_lerobot(root, out, fps=10)
-    assert export_lerobot(root, tmp_path / "all", fps=10, include_incomplete=True).exists()
-    assert json.loads((tmp_path / "all/meta/info.json").read_text())["total_frames"] == 13
 
 
 def test_export_failure_leaves_nothing(tmp_path):

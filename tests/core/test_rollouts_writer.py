@@ -15,25 +15,29 @@ import numpy as np
 import pytest
 from rollout_steps import assert_steps_equal, make_step, record
 
-from vla_steer.core.rollouts import LOG, Recorder, open_store
+from vla_steer.core.rollouts import Recorder, open_store, writer
+from vla_steer.core.rollouts.format import LOG
 
 
-def test_writer_is_a_context_manager(tmp_path):
+def test_abort_leaves_an_incomplete_episode_and_a_closed_writer_refuses_steps(tmp_path):
     rec = Recorder(tmp_path)
     rng = np.random.default_rng(0)
-    with pytest.raises(RuntimeError, match="sim exploded"), rec.start_episode({"task": "x"}) as ep:
-        ep.step(**make_step(0, rng))
-        raise RuntimeError("sim exploded")
-    with rec.start_episode({"task": "y"}) as ok:
-        ok.step(**make_step(0, rng))
+    bad = rec.start_episode({"task": "x"})
+    bad.step(**make_step(0, rng))
+    bad.abort("RuntimeError: sim exploded")
+    bad.abort("again")  # closed already: nothing more is written
+    ok = rec.start_episode({"task": "y"})
+    ok.step(**make_step(0, rng))
+    assert ok.end().complete
     store = open_store(tmp_path)
-    bad, good = store.episodes()
-    assert not bad.complete and bad.n_steps == 1
-    assert good.complete and good.success is None
-    events = store.load(bad.id).events
-    assert events[-1]["kind"] == "abort" and "sim exploded" in events[-1]["reason"]
-    with pytest.raises(RuntimeError, match="closed"):
-        ep.step(**make_step(1, rng))
+    aborted, ended = store.episodes()
+    assert not aborted.complete and aborted.n_steps == 1 and aborted.meta["length"] == 1
+    assert ended.complete and ended.meta["success"] is None
+    events = store.load(aborted.id).events
+    assert [e["kind"] for e in events] == ["abort"] and events[0]["reason"] == "RuntimeError: sim exploded"
+    for closed in (bad, ok):
+        with pytest.raises(RuntimeError, match="closed"):
+            closed.step(**make_step(1, rng))
 
 
 # ----------------------------------------------------------------------------------------- crash safety
@@ -43,7 +47,7 @@ CHILD = textwrap.dedent(
     import os, sys, time
     import numpy as np
     from vla_steer.core.rollouts import Recorder
-    ep = Recorder(sys.argv[1], flush_interval_s=0.2).start_episode({"task": "kill me"})
+    ep = Recorder(sys.argv[1]).start_episode({"task": "kill me"})
     progress = open(sys.argv[2], "w")
     i = 0
     while True:
@@ -65,7 +69,7 @@ def test_sigkill_mid_episode_keeps_what_was_written(tmp_path):
         while time.monotonic() < deadline and len(_lines(progress)) < 50:
             assert child.poll() is None, "the recording child died on its own"
             time.sleep(0.05)
-        time.sleep(0.5)  # let it run through a few flush intervals
+        time.sleep(0.5)  # let it write on: the kill lands wherever it is, between fsyncs or not
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
@@ -95,7 +99,8 @@ def _lines(path: Path) -> list[str]:
 
 
 def test_flush_is_rate_limited(tmp_path, monkeypatch):
-    ep = Recorder(tmp_path, flush_interval_s=60).start_episode({})
+    monkeypatch.setattr(writer, "FLUSH_INTERVAL_S", 60.0)
+    ep = Recorder(tmp_path).start_episode({})
     calls = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))

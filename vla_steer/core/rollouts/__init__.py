@@ -1,8 +1,8 @@
 """The rollout store: every simulator/robot node writes its episodes here, every offline analysis reads them.
 
 Torch-free on purpose (the LIBERO node writes rollouts from its own environment): the writer and reader need
-only the standard library, numpy and msgpack. `Store.to_pandas` needs pandas; `export_lerobot` and
-`write_video` need pyarrow, pandas and PyAV. Nothing is ever pickled.
+only the standard library, numpy and msgpack. `Store.to_pandas` needs pandas, `write_video` PyAV, and
+`export_lerobot` pyarrow, pandas and PyAV. Nothing is ever pickled.
 
     format    the framed record (length + crc32 + msgpack header + raw arrays) and value checks, SchemaError
     files     the store's marker, atomic JSON, directory fsync, the id-claiming lock
@@ -18,15 +18,13 @@ Images are stored raw: two 224x224 RGB cameras are ~300 KB per step (~90 MB for 
 
 from vla_steer.core.rollouts.episode import Episode, EpisodeInfo
 from vla_steer.core.rollouts.export import export_lerobot
-from vla_steer.core.rollouts.format import LOG, SUMMARY, SchemaError
+from vla_steer.core.rollouts.format import SchemaError
 from vla_steer.core.rollouts.reader import Store, open_store
 from vla_steer.core.rollouts.recorder import EpisodeRecorder, Event
 from vla_steer.core.rollouts.video import write_video
 from vla_steer.core.rollouts.writer import EpisodeWriter, Recorder
 
 __all__ = [
-    "LOG",
-    "SUMMARY",
     "Episode",
     "EpisodeInfo",
     "EpisodeRecorder",

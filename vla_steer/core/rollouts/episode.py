@@ -19,10 +19,6 @@ class EpisodeInfo:
     n_steps: int
     complete: bool
 
-    @property
-    def success(self) -> bool | None:
-        return self.meta.get("success")
-
 
 @dataclass
 class Episode:

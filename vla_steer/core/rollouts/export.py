@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,13 @@ def export_lerobot(
     out_dir: str | os.PathLike,
     *,
     fps: int,
-    episodes: Sequence[str] | None = None,
-    include_incomplete: bool = False,
-    robot_type: str | None = None,
-    vcodec: str = "libx264",
-    crf: int = 18,
 ) -> Path:
-    """Write the store (or the chosen episodes) as a LeRobot v3.0 dataset at `out_dir` (must be empty).
+    """Write the store's complete episodes as a LeRobot v3.0 dataset at `out_dir` (must be empty).
 
     One data parquet, one episodes parquet and one mp4 per camera (`observation.images.<key>`), all
     episodes back to back. `timestamp` is `frame_index / fps`, which is what LeRobot's video lookup needs;
-    the recorded wall and sim times stay in the store. Requires pyarrow, pandas and av.
+    the recorded wall and sim times stay in the store. `robot_type` is the first episode's "robot"
+    metadata. Requires pyarrow, pandas and av.
     """
     store = store if isinstance(store, Store) else open_store(store)
     if not isinstance(fps, int) or isinstance(fps, bool) or fps <= 0:
@@ -44,19 +39,15 @@ def export_lerobot(
     out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export directory {str(out)!r} is not empty")
-    ids = list(episodes) if episodes is not None else store.episode_ids()
-    infos = [store.info(i) for i in ids]
-    chosen = [i for i in infos if i.n_steps > 0 and (include_incomplete or i.complete)]
+    chosen = [i.id for i in store.episodes() if i.n_steps > 0 and i.complete]
     if not chosen:
-        raise ValueError(f"no {'' if include_incomplete else 'complete '}episodes with steps to export")
+        raise ValueError("no complete episodes with steps to export")
 
     # Build next to the target and rename at the end: a failed export leaves nothing half-written behind.
     work = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     work.mkdir(parents=True)
     try:
-        _write_lerobot(
-            store, [i.id for i in chosen], work, fps=fps, robot_type=robot_type, vcodec=vcodec, crf=crf
-        )
+        _write_lerobot(store, chosen, work, fps=fps)
         os.replace(work, out)  # out is absent or an empty directory
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -64,9 +55,7 @@ def export_lerobot(
     return out
 
 
-def _write_lerobot(
-    store: Store, ids: list[str], work: Path, *, fps: int, robot_type: str | None, vcodec: str, crf: int
-) -> None:
+def _write_lerobot(store: Store, ids: list[str], work: Path, *, fps: int) -> None:
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -81,6 +70,7 @@ def _write_lerobot(
         if shape[2] != 3:
             raise SchemaError(f"images[{k!r}]", f"only RGB (H, W, 3) can be exported, got {shape}")
     conv = first.meta.get("conventions") or {}
+    robot_type = first.meta.get("robot") if isinstance(first.meta.get("robot"), str) else None
     features: dict[str, dict] = {
         "observation.state": {
             "dtype": "float32",
@@ -106,7 +96,7 @@ def _write_lerobot(
     data_path = work / "data/chunk-000/file-000.parquet"
     data_path.parent.mkdir(parents=True)
     videos = {
-        k: VideoWriter(work / f"videos/{key}/chunk-000/file-000.mp4", cams[k], fps, vcodec, crf)
+        k: VideoWriter(work / f"videos/{key}/chunk-000/file-000.mp4", cams[k], fps, crf=18)
         for k, key in video_keys.items()
     }
     tasks: dict[str, int] = {}
@@ -233,8 +223,10 @@ def _stats(values: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _image_stats(frames: np.ndarray, max_frames: int = 100, max_side: int = 64) -> dict[str, np.ndarray]:
-    """Per-channel stats in [0, 1] shaped (3, 1, 1) like LeRobot's, on a subsample (quantiles sort)."""
+def _image_stats(frames: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-channel stats in [0, 1] shaped (3, 1, 1) like LeRobot's, on a subsample (quantiles sort): at most
+    100 frames, each at most 64 pixels on a side."""
+    max_frames, max_side = 100, 64
     idx = np.linspace(0, len(frames) - 1, min(len(frames), max_frames)).round().astype(int)
     step = max(1, -(-max(frames.shape[1:3]) // max_side))
     px = frames[idx, ::step, ::step].reshape(-1, 3).astype(np.float64) / 255.0

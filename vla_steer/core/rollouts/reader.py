@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +57,10 @@ class Store:
             data = b""
         return _parse(episode_id, data, images=images, activations=activations)
 
-    def __iter__(self) -> Iterator[EpisodeInfo]:
-        return iter(self.episodes())
-
     def __len__(self) -> int:
         return len(self.episode_ids())
 
-    def to_pandas(self, *, complete_only: bool = False) -> Any:
+    def to_pandas(self) -> Any:
         """One row per step of every episode: ids, scalars, 1-D vectors as `<name>_<i>` columns and the
         steering state as `steer_<concept>_<key>`. Images, action chunks and activations stay in `load`."""
         import pandas as pd
@@ -71,7 +68,7 @@ class Store:
         frames = []
         for episode_id in self.episode_ids():
             ep = self.load(episode_id, images=False, activations=False)
-            if ep.n_steps == 0 or (complete_only and not ep.complete):
+            if ep.n_steps == 0:
                 continue
             cols: dict[str, Any] = {
                 "episode": ep.id,

@@ -12,17 +12,19 @@ import numpy as np
 
 from vla_steer.core.rollouts.reader import Store, open_store
 
+VIDEO_FPS = 20  # a preview's frame rate (an export uses the dataset's)
+
 
 def write_video(
-    store: Store | str | os.PathLike, episode_id: str, camera: str, path: str | os.PathLike, *, fps: int = 20
+    store: Store | str | os.PathLike, episode_id: str, camera: str, path: str | os.PathLike
 ) -> Path:
-    """One episode's frames from one camera as an mp4 (needs PyAV)."""
+    """One episode's frames from one camera as an mp4 at `VIDEO_FPS` (needs PyAV)."""
     store = store if isinstance(store, Store) else open_store(store)
     ep = store.load(episode_id, activations=False)
     if camera not in ep.images:
         raise KeyError(f"episode {episode_id} has no camera {camera!r} (cameras: {sorted(ep.images)})")
     frames = ep.images[camera]
-    writer = VideoWriter(Path(path), frames.shape[1:], fps, "libx264", 23)
+    writer = VideoWriter(Path(path), frames.shape[1:], VIDEO_FPS, crf=23)
     try:
         writer.write(frames)
     finally:
@@ -31,9 +33,9 @@ def write_video(
 
 
 class VideoWriter:
-    """One mp4 per camera, episodes appended back to back; frame i has pts i at time base 1/fps."""
+    """H.264 (libx264) at quality `crf`; episodes appended back to back; frame i has pts i at time base 1/fps."""
 
-    def __init__(self, path: Path, shape: tuple[int, ...], fps: int, vcodec: str, crf: int):
+    def __init__(self, path: Path, shape: tuple[int, ...], fps: int, *, crf: int):
         import av
 
         self._av = av
@@ -43,8 +45,7 @@ class VideoWriter:
         self.n_frames = 0
         self.pix_fmt = "yuv420p" if self.h % 2 == 0 and self.w % 2 == 0 else "yuv444p"
         self.container = av.open(str(path), mode="w")
-        opts = {"crf": str(crf), "g": "2"} if vcodec in ("libx264", "libsvtav1") else {"g": "2"}
-        self.stream = self.container.add_stream(vcodec, rate=fps, options=opts)
+        self.stream = self.container.add_stream("libx264", rate=fps, options={"crf": str(crf), "g": "2"})
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.w, self.h, self.pix_fmt
         self.codec = self.stream.codec_context.codec.canonical_name  # type: ignore[union-attr]
         self._closed = False

@@ -9,7 +9,7 @@ On disk::
 The first record is the episode's metadata, then steps and events as they happen, and an "end" record
 when the episode ends normally. Each record reaches the OS with one `write` as soon as it is made, so a
 SIGKILLed writer loses at most the record being written; `fsync` (for power loss) runs at most every
-`flush_interval_s` and at the end. Several recorders may share a root, even at once: an id is claimed
+`FLUSH_INTERVAL_S` and at the end. Several recorders may share a root, even at once: an id is claimed
 with an atomic mkdir under a lock.
 """
 
@@ -49,15 +49,14 @@ from vla_steer.core.rollouts.format import (
     plain,
 )
 
+FLUSH_INTERVAL_S = 1.0  # at most this long between fsyncs of an episode's log (power loss, not crashes)
+
 
 class Recorder:
     """Creates episodes under `root` (made if missing). Several recorders may share a root, even at once."""
 
-    def __init__(self, root: str | os.PathLike, *, flush_interval_s: float | None = 1.0):
+    def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        if flush_interval_s is not None and not flush_interval_s >= 0:
-            raise ValueError(f"flush_interval_s must be >= 0 or None, got {flush_interval_s!r}")
-        self.flush_interval_s = flush_interval_s
         (self.root / "episodes").mkdir(parents=True, exist_ok=True)
         marker = self.root / MARKER
         if marker.exists():
@@ -65,11 +64,10 @@ class Recorder:
         else:
             atomic_json(marker, {"format": FORMAT_NAME, "version": FORMAT_VERSION})
 
-    def start_episode(self, meta: Mapping[str, Any] | None = None) -> EpisodeWriter:
+    def start_episode(self, meta: Mapping[str, Any]) -> EpisodeWriter:
         """Claim a new episode id and write its metadata record (fsynced) before returning."""
-        meta = plain(dict(meta or {}), "meta")
-        path = self._claim()
-        return EpisodeWriter(path, meta, self.flush_interval_s)
+        meta = plain(dict(meta), "meta")
+        return EpisodeWriter(self._claim(), meta)
 
     def _claim(self) -> Path:
         """mkdir is atomic; the lock keeps the counter unique among writers on this machine."""
@@ -89,19 +87,18 @@ class Recorder:
 
 
 class EpisodeWriter:
-    """Writes one episode as it happens. Use as a context manager: an exception inside leaves the episode
-    incomplete (no "end" record) but readable; a clean exit without `end()` ends it with success None."""
+    """Writes one episode as it happens, from any thread: steps and events, then `end` (complete) or
+    `abort` (incomplete, as a crash would leave it; a writer dropped unclosed leaves it so too)."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], flush_interval_s: float | None):
+    def __init__(self, path: Path, meta: dict[str, Any]):
         self.path = path
         self.id = path.name
         self.meta = meta
         self.n_steps = 0
-        self.flush_interval_s = flush_interval_s
         self._schema: dict[str, tuple[str, tuple[int, ...]]] | None = None
         self._scalars: tuple[str, ...] = ()
         self._lock = threading.Lock()
-        self._closed = self._complete = False
+        self._closed = False
         self._bytes = 0
         self._last_flush = time.monotonic()
         self._fd = os.open(
@@ -109,10 +106,8 @@ class EpisodeWriter:
         )
         self._finalizer = weakref.finalize(self, os.close, self._fd)
         self._write({"k": "meta", "format": FORMAT_VERSION, "t": time.time(), "meta": meta}, {})
-        self.flush()
+        self._flush()
         fsync_dir(path)
-
-    # -- public API
 
     def step(
         self,
@@ -202,9 +197,9 @@ class EpisodeWriter:
             )
             self.meta = {**self.meta, **final, "success": ok, "length": self.n_steps}
             self._close(complete=True)
-        return self.info
+        return EpisodeInfo(self.id, self.path, dict(self.meta), self.n_steps, complete=True)
 
-    def abort(self, reason: str = "aborted") -> None:
+    def abort(self, reason: str) -> None:
         """Close without an "end" record: the episode stays incomplete (what a crash would leave)."""
         with self._lock:
             if self._closed:
@@ -218,30 +213,6 @@ class EpisodeWriter:
             )
             self.meta = {**self.meta, "length": self.n_steps}
             self._close(complete=False)
-
-    def flush(self) -> None:
-        """fsync what has been written (it already survives a killed process; this is for power loss)."""
-        os.fsync(self._fd)
-        self._last_flush = time.monotonic()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def info(self) -> EpisodeInfo:
-        return EpisodeInfo(self.id, self.path, dict(self.meta), self.n_steps, self._closed and self._complete)
-
-    def __enter__(self) -> EpisodeWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._closed:
-            return
-        if exc_type is None:
-            self.end()
-        else:
-            self.abort(f"{exc_type.__name__}: {exc}")
 
     # -- internals
 
@@ -285,13 +256,18 @@ class EpisodeWriter:
         self._bytes += len(record)
 
     def _maybe_flush(self) -> None:
-        if self.flush_interval_s is not None and time.monotonic() - self._last_flush >= self.flush_interval_s:
-            self.flush()
+        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        """fsync what has been written (it already survives a killed process; this is for power loss)."""
+        os.fsync(self._fd)
+        self._last_flush = time.monotonic()
 
     def _close(self, complete: bool) -> None:
-        self.flush()
+        self._flush()
         self._finalizer()
-        self._closed, self._complete = True, complete
+        self._closed = True
         summary = {
             "id": self.id,
             "meta": self.meta,
