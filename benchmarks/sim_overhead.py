@@ -2,7 +2,7 @@
 
 One control step of the full loop = observation -> `Client.infer` over loopback ZeroMQ to a policy node in
 its own process (`vla-steer serve`, the TinyVLA) -> `env.step` (robosuite Lift, MuJoCo, EGL rendering)
--> `EpisodeRecorder.on_step` into a rollout store. Per step we time the whole step, the env step inside
+-> `EpisodeRecorder.step` into a rollout store. Per step we time the whole step, the env step inside
 it, and take the policy's own time from the reply (`info.policy_ms`); the rest is the stack's overhead
 (codec, sockets, threads, validation, recording). In the same run, blocks of bare `env.step` calls give
 the reference. Headline: median overhead / median bare env step; target <= 0.10.
@@ -38,10 +38,10 @@ def main() -> None:
     args = arg_parser(__doc__.splitlines()[0]).parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
     from policies.tiny_vla import TinyVLA
-    from sim.recording import EpisodeRecorder
     from sim.robosuite_env import RobosuiteEnv, load_sim_config
-    from vla_steer.core.rollouts import Recorder
+    from vla_steer.core.rollouts import EpisodeRecorder, Recorder
     from vla_steer.wire import Client
+    from vla_steer.wire.messages import Observation, Step
 
     steps, blocks = (20, 2) if args.quick else (60, 5)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,26 +71,24 @@ def main() -> None:
                         env.step(zero)
                         bare.append(time.perf_counter() - t)
                     obs = env.reset(block + 1)
-                    for i in range(steps):  # the full loop, as sim.runner runs it
+                    for _ in range(steps):  # the full loop, as sim.runner runs it
                         t0 = time.perf_counter()
                         reply = client.infer(obs.payload())
                         chunk = np.array(reply.actions, dtype=np.float64)
                         t1 = time.perf_counter()
                         result = env.step(chunk[0])
                         t2 = time.perf_counter()
-                        recorder.on_step({
-                            "episode": f"bench-{block}", "step": i, "chunk_step": 0, "instruction": obs.instruction,
-                            "images": obs.images, "state": obs.state, "ee_pos": obs.ee_pos, "ee_quat": obs.ee_quat,
-                            "ee_vel": obs.ee_vel, "action_chunk": chunk, "action": chunk[0], "reward": result.reward,
-                            "t_wall": time.time(), "t_sim": result.observation.t_sim,
-                            "steering": reply.info.get("steering", {}), "activations": {},
-                        })  # fmt: skip
+                        recorder.step(Step(
+                            Observation(obs.instruction, obs.images, obs.state), action=chunk[0], action_chunk=chunk,
+                            ee_pos=obs.ee_pos, ee_quat=obs.ee_quat, ee_vel=obs.ee_vel, reward=result.reward,
+                            t_sim=result.observation.t_sim, steering=reply.info.get("steering", {}),
+                        ), episode=f"bench-{block}")  # fmt: skip
                         t3 = time.perf_counter()
                         total.append(t3 - t0)
                         env_in_loop.append(t2 - t1)
                         model.append(reply.info["policy_ms"] / 1e3)
                         obs = result.observation
-                    recorder.on_episode_end(None)
+                    recorder.end()
                 env.close()
         finally:
             server.terminate()

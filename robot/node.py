@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,9 @@ from robot.control import DEFAULT_CONTROL, ControlServer, PolicyLiveness
 from robot.geometry import mat_to_quat, rotvec_to_mat
 from robot.servo import ServoProcess
 from robot.shared import Mode, Status
+from vla_steer.core.rollouts import EpisodeRecorder, Event, Recorder
 from vla_steer.wire import Client, ProtocolError, RemoteError, RequestTimeout, ServerInfo
+from vla_steer.wire.messages import Observation, Step
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 class NodeStats:
     inferences: int = 0
     errors: int = 0
-    episodes: list[str] = field(default_factory=list)
     last_error: str | None = None
 
 
@@ -74,15 +75,17 @@ class RobotNode:
         self.infer_timeout = infer_timeout
         self.stats = NodeStats()
         self._stop = threading.Event()
-        self._writer = None
-        self._writer_lock = threading.Lock()
-        self._steering: Any = None
-        self._pending_events: list[tuple[str, float | None, dict]] = []  # while no episode is open
-        self.recorder = None
+        self.recorder: EpisodeRecorder | None = None  # the policy's name joins the metadata once known
         if out is not None:
-            from vla_steer.core.rollouts import Recorder
-
-            self.recorder = Recorder(out)
+            meta = {
+                "task": self.prompt,
+                "robot": config.name,
+                "backend": backend,
+                "action_convention": config.action.model_dump(),
+                "controller_hz": config.controller_hz,
+                "source": "robot",
+            }
+            self.recorder = EpisodeRecorder(Recorder(out), meta)
         self.servo = ServoProcess(
             backend,
             config,
@@ -189,7 +192,7 @@ class RobotNode:
             inferences=self.stats.inferences,
             errors=self.stats.errors,
             last_error=self.stats.last_error,
-            episode=self._writer.id if self._writer is not None else None,
+            episode=self.recorder.episode_id if self.recorder is not None else None,
         )
         return d
 
@@ -280,58 +283,31 @@ class RobotNode:
         """Ends the episode the moment the arm stops, whatever the inference thread is waiting on."""
         while not self._stop.wait(0.01):
             st = self.shared.status()
-            if st.mode not in (Mode.RUNNING, Mode.HOLD) and self._writer is not None:
+            if st.mode not in (Mode.RUNNING, Mode.HOLD):
                 self._end_episode(st.reason.name.lower())
 
     def _record(self, st: Status, obs: dict, result: Any, wps: np.ndarray) -> None:
         if self.recorder is None:
             return
-        steering = result.info.get("steering")
-        with self._writer_lock:
-            if self._writer is None:
-                self._writer = self.recorder.start_episode(
-                    {
-                        "task": self.prompt,
-                        "instruction": self.prompt,
-                        "robot": self.config.name,
-                        "backend": self.backend,
-                        "policy": self.info.policy if self.info else None,
-                        "action_convention": self.config.action.model_dump(),
-                        "controller_hz": self.config.controller_hz,
-                        "source": "robot",
-                    }
-                )
-                self.stats.episodes.append(self._writer.id)
-                self._steering = None
-                for kind, t, data in self._pending_events:  # changes made while stopped, as they happened
-                    self._writer.event(kind, t=t, **data)
-                self._pending_events.clear()
-            if steering != self._steering:
-                self._writer.event("steering", state=steering)
-                self._steering = steering
-            self._writer.step(
-                images=obs["images"],
-                state=obs.get("state", np.concatenate([st.q, [st.gripper]])),
-                ee_pos=st.tcp_pose[:3],
-                ee_quat=mat_to_quat(rotvec_to_mat(st.tcp_pose[3:])),
-                ee_vel=st.tcp_speed,
-                action_chunk=np.asarray(result.actions, dtype=np.float32),
-                action=np.asarray(result.actions[0], dtype=np.float32),
-                steering=steering,
-            )
+        chunk = np.asarray(result.actions, dtype=np.float32)
+        state = obs.get("state", np.concatenate([st.q, [st.gripper]]))  # the arm's, if the policy takes none
+        step = Step(
+            Observation(obs["instruction"], obs["images"], state),
+            action=chunk[0],
+            action_chunk=chunk,
+            ee_pos=st.tcp_pose[:3],
+            ee_quat=mat_to_quat(rotvec_to_mat(st.tcp_pose[3:])),
+            ee_vel=st.tcp_speed,
+            steering=result.info.get("steering"),
+        )
+        self.recorder.step(step, policy=self.info.policy if self.info else None)
 
     def _event(self, kind: str, t: float | None = None, **data: Any) -> None:
-        with self._writer_lock:
-            if self._writer is not None:
-                self._writer.event(kind, t=t, **data)
-            elif len(self._pending_events) < 1000:
-                self._pending_events.append((kind, t if t is not None else time.time(), data))
+        if self.recorder is not None:
+            self.recorder.event(kind, t=t, **data)  # kept for the next episode while none is open
 
     def _end_episode(self, reason: str) -> None:
-        with self._writer_lock:
-            if self._writer is None:
-                return
-            st = self.shared.status()
-            self._writer.event("stop", reason=reason, mode=st.mode.name.lower())
-            self._writer.end(success=None, stop_reason=reason)
-            self._writer = None
+        if self.recorder is None or self.recorder.episode_id is None:
+            return
+        mode = self.shared.status().mode.name.lower()
+        self.recorder.end(event=Event("stop", {"reason": reason, "mode": mode}), stop_reason=reason)

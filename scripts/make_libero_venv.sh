@@ -57,7 +57,6 @@ from libero.libero import benchmark, get_libero_path
 
 import sim.libero_env  # noqa: F401
 import sim.libero_node  # noqa: F401
-import sim.recording  # noqa: F401
 import vla_steer.core.rollouts  # noqa: F401
 
 suite = benchmark.get_benchmark_dict()["libero_spatial"]()

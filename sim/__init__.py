@@ -6,7 +6,7 @@ adapters import their simulator lazily, so `import sim` works where robosuite is
     from sim import RobosuiteEnv, load_sim_config, run_episodes
     with Client("tcp://127.0.0.1:5555") as client:
         env = RobosuiteEnv(load_sim_config("configs/sims/robosuite_lift.yaml"), client.hello())
-        summaries = run_episodes(client, env, n_episodes=5, max_steps=200, on_step=recorder_callback)
+        summaries = run_episodes(client, env, n_episodes=5, max_steps=200, recorder=episode_recorder)
 """
 
 from __future__ import annotations

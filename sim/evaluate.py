@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.base import SimEnv
-from sim.recording import EpisodeRecorder
 from sim.runner import EpisodeSummary, run_episodes
-from vla_steer.core.rollouts import Recorder
+from vla_steer.core.rollouts import EpisodeRecorder, Recorder
 from vla_steer.wire import Client
 
 
@@ -66,8 +65,8 @@ def evaluate(
                     recorder, episode_meta | {"setting": dict(setting), "setting_label": label}
                 )
                 summaries = run_episodes(
-                    client, env, episodes, max_steps, execute_steps=execute_steps, on_step=rec.on_step,
-                    on_episode_end=rec.on_episode_end, steer=dict(setting) or None, activations=activations,
+                    client, env, episodes, max_steps, execute_steps=execute_steps, recorder=rec,
+                    steer=dict(setting) or None, activations=activations,
                     seed=seed, episode_prefix=f"{task}-{label}", settle=settle,
                 )  # fmt: skip
                 results.append(_aggregate(task, label, summaries, rec.episode_ids))

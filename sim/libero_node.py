@@ -4,7 +4,7 @@
         --server tcp://127.0.0.1:5555 --episodes 10 --out runs/libero_spatial [--steer fast=4]
 
 The counterpart of `vla-steer sim` for LIBERO, which cannot live in the main venv (robosuite 1.4): it imports
-only the torch-free modules (vla_steer.wire.protocol/transport/rollouts, sim.base/runner/recording/libero_env)
+only the torch-free modules (vla_steer.wire, vla_steer.core.rollouts, sim.base/runner/libero_env)
 and LIBERO. Every executed step goes into the rollout store at --out (appended to), with the config's
 conventions in each episode's metadata; a summary table is printed at the end. Exit codes: 0 done,
 2 bad arguments or config, 3 no policy node, 4 an episode failed (what was recorded so far is kept).
@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 from sim.libero_env import LiberoEnv, load_libero_config
-from sim.recording import EpisodeRecorder
 from sim.runner import EpisodeError, run_episodes
-from vla_steer.core.rollouts import Recorder
+from vla_steer.core.rollouts import EpisodeRecorder, Recorder
 from vla_steer.wire import Client, parse_strengths
 
 
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 summaries = run_episodes(
                     client, env, args.episodes, max_steps, execute_steps=args.execute_steps,
-                    on_step=recorder.on_step, on_episode_end=recorder.on_episode_end,
-                    steer=steer or None, activations=wanted, seed=args.seed,
+                    recorder=recorder, steer=steer or None, activations=wanted, seed=args.seed,
                 )  # fmt: skip
             except EpisodeError as e:
                 print(f"error: {e}", file=sys.stderr)

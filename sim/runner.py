@@ -5,7 +5,8 @@ Per episode: `client.reset(episode=id, seed=...)`, `env.reset(seed)`, then infer
 `settle=k`, an episode goes on after success until the task is done *and* the end effector has been still
 (slower than `STILL` m/s) for k consecutive steps, so what the arm does after the goal is reached (how
 high it carries the object, how fast it gets there) is observed too.
-Every executed step calls `on_step(record)` (the recorder's hook); see `run_episodes` for the fields.
+Every executed step is a `vla_steer.wire.messages.Step`: the runner hands it to its `EpisodeRecorder`, if
+given one, and to `on_step` (wrapped in a `RunStep` with the runner's bookkeeping).
 
 Failures end the episode with a clear exception, never a hang:
 - the policy node stops answering (no heartbeat for the client's liveness window, or a request timeout):
@@ -16,7 +17,7 @@ Failures end the episode with a clear exception, never a hang:
   `require_finite_actions=False` cannot let one through);
 - the node answers a request with an error: `EpisodeError` carrying the remote message.
 Each carries `episode`, `step` and the `summaries` of episodes finished before (the failed one last, with
-`error` set); `on_episode_end` is called for the failed episode too, so a recorder can close it.
+`error` set); the recorder's episode is aborted with the error.
 """
 
 from __future__ import annotations
@@ -29,11 +30,24 @@ from typing import Any
 
 import numpy as np
 
-from sim.base import SimEnv, SimObservation
+from sim.base import SimEnv
+from vla_steer.core.rollouts import EpisodeRecorder, Event
 from vla_steer.wire import Client, Code, ProtocolError, RemoteError, RequestTimeout
+from vla_steer.wire.messages import Observation, Step
 
-StepCallback = Callable[[dict[str, Any]], None]
 STILL = 0.01  # m/s: an end effector slower than this is holding still
+
+
+@dataclass
+class RunStep:
+    """What `on_step` gets for every executed step: the `Step` and where the runner was."""
+
+    episode: str  # the episode's name
+    index: int  # 0-based, within the episode
+    chunk_index: int  # the action's row in its chunk
+    success: bool  # the task's state after the step
+    step: Step  # observation (the one the action was executed from), chunk, action, pose, reward, ...
+    policy_info: dict[str, Any]  # the reply's info, less "steering" (that is `step.steering`)
 
 
 @dataclass
@@ -89,8 +103,8 @@ def run_episodes(
     max_steps: int,
     *,
     execute_steps: int | None = None,
-    on_step: StepCallback | None = None,
-    on_episode_end: Callable[[EpisodeSummary], None] | None = None,
+    recorder: EpisodeRecorder | None = None,
+    on_step: Callable[[RunStep], None] | None = None,
     steer: Mapping[str, float] | None = None,
     activations: Iterable[str] | None = None,
     seed: int = 0,
@@ -103,15 +117,15 @@ def run_episodes(
 
     Episode i is named f"{episode_prefix}-{seed + i:04d}" and seeded `seed + i` (env and node). `steer`
     ({"fast": 4.0}) is set with `client.set_knobs` once, before the first episode. `activations` (concept
-    names or "layer:N") are requested with every inference and passed to `on_step`.
+    names or "layer:N") are requested with every inference and recorded with each step.
 
-    `on_step` gets, for every executed step, a dict with: episode, step (0-based), chunk_step (index of
-    the action in its chunk), instruction, images, state (the observation the action was executed from),
-    ee_pos, ee_quat, ee_vel (same moment), action_chunk [chunk, action_dim], action (the executed row, as
-    the policy sent it), reward, success (after the step), t_wall (time.time() after the step), t_sim
-    (sim seconds after the step), steering (the reply's info["steering"]), activations (the reply's, name
-    -> array), policy_info (the rest of the reply's info). The runner never reuses or mutates these
-    arrays, so a recorder may keep them without copying.
+    Every executed step goes to `recorder` (one episode of its store per episode run, with the episode's
+    name in its metadata; ended with success and seed, or aborted on an error) and to `on_step`. In the
+    `Step`: the observation the action was executed from, with ee_pos, ee_quat, ee_vel at the same moment;
+    action_chunk [chunk, action_dim] and action (the executed row, as the policy sent it); reward; t_wall
+    (time.time() after the step) and t_sim (sim seconds after the step); steering (the reply's
+    info["steering"]) and activations (the reply's, name -> array). The runner never reuses or mutates
+    these arrays, so a recorder may keep them without copying.
     """
     if n_episodes < 0 or max_steps <= 0:
         raise ValueError("n_episodes must be >= 0 and max_steps > 0")
@@ -160,11 +174,22 @@ def run_episodes(
                     state.speeds.append(float(np.linalg.norm(new.ee_vel)))
                     state.displacements.append(float(np.linalg.norm(new.ee_pos - obs.ee_pos)))
                     state.heights.append(float(new.ee_pos[2]))
+                    executed = Step(
+                        observation=Observation(obs.instruction, obs.images, obs.state),
+                        action=action,
+                        action_chunk=chunk,
+                        ee_pos=obs.ee_pos,
+                        ee_quat=obs.ee_quat,
+                        ee_vel=obs.ee_vel,
+                        reward=result.reward,
+                        t_sim=new.t_sim,
+                        steering=steering,
+                        activations=acts,
+                    )
+                    if recorder is not None:
+                        recorder.step(executed, episode=name)
                     if on_step is not None:
-                        on_step(
-                            _record(name, step, k, obs, chunk, action, result.reward, success, new)
-                            | {"steering": steering, "activations": acts, "policy_info": info}
-                        )
+                        on_step(RunStep(name, step, k, success, executed, info))
                     obs = new
                     step += 1
                     still = still + 1 if float(np.linalg.norm(new.ee_vel)) < STILL else 0
@@ -172,47 +197,19 @@ def run_episodes(
                     if done or step >= max_steps:
                         break
         except EpisodeError as e:
-            summary = _summary(name, ep_seed, success, step, state, t0, str(e))
-            summaries.append(summary)
+            summaries.append(_summary(name, ep_seed, success, step, state, t0, str(e)))
             e.summaries = summaries
-            if on_episode_end is not None:
-                on_episode_end(summary)
+            if recorder is not None:
+                recorder.abort(str(e), event=Event("error", {"message": str(e)}))
             raise
-        summary = _summary(name, ep_seed, success, step, state, t0, None)
-        summaries.append(summary)
-        if on_episode_end is not None:
-            on_episode_end(summary)
+        except BaseException as e:  # interrupted, or the env failed: the episode stays incomplete
+            if recorder is not None:
+                recorder.abort(f"{type(e).__name__}: {e}")
+            raise
+        summaries.append(_summary(name, ep_seed, success, step, state, t0, None))
+        if recorder is not None:
+            recorder.end(success, seed=ep_seed)
     return summaries
-
-
-def _record(
-    episode: str,
-    step: int,
-    chunk_step: int,
-    obs: SimObservation,
-    chunk: np.ndarray,
-    action: np.ndarray,
-    reward: float,
-    success: bool,
-    after: SimObservation,
-) -> dict[str, Any]:
-    return {
-        "episode": episode,
-        "step": step,
-        "chunk_step": chunk_step,
-        "instruction": obs.instruction,
-        "images": obs.images,
-        "state": obs.state,
-        "ee_pos": obs.ee_pos,
-        "ee_quat": obs.ee_quat,
-        "ee_vel": obs.ee_vel,
-        "action_chunk": chunk,
-        "action": action,
-        "reward": reward,
-        "success": success,
-        "t_wall": time.time(),
-        "t_sim": after.t_sim,
-    }
 
 
 def _summary(
@@ -330,6 +327,6 @@ __all__ = [
     "EpisodeError",
     "EpisodeSummary",
     "PolicyNodeDied",
-    "StepCallback",
+    "RunStep",
     "run_episodes",
 ]

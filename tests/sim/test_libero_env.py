@@ -108,7 +108,7 @@ def test_quat2axisangle_matches_known_rotations():
 def test_node_modules_import_without_torch():
     """The LIBERO node's whole import graph stays torch-free (it runs where torch is not installed)."""
     code = (
-        "import sys, sim.libero_node, sim.libero_env, sim.recording, vla_steer.core.rollouts; "
+        "import sys, sim.libero_node, sim.libero_env, vla_steer.core.rollouts; "
         "bad = [m for m in ('torch', 'transformers', 'libero', 'robosuite', 'mujoco') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -21,15 +21,11 @@ from sim.runner import BadActionError, PolicyNodeDied, run_episodes
 from vla_steer.core.config import shipped
 from vla_steer.core.discovery import load_directions
 from vla_steer.core.node import PolicyNode
-from vla_steer.core.rollouts import open_store
+from vla_steer.core.rollouts import EpisodeRecorder, Recorder, open_store
 from vla_steer.wire import Client, InferResult, Server
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 SIMS = shipped("sims")
-FIELDS = {
-    "episode", "step", "chunk_step", "instruction", "images", "state", "ee_pos", "ee_quat", "ee_vel",
-    "action_chunk", "action", "reward", "success", "t_wall", "t_sim", "steering", "activations", "policy_info",
-}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -186,36 +182,44 @@ def test_seeds_reproduce_and_differ(lift):
 # -- the runner against a served policy -----------------------------------------------------------
 
 
-def test_lift_episodes_end_to_end_with_steering_and_activations(lift, served, node):
-    records, ended = [], []
+def test_lift_episodes_end_to_end_with_steering_and_activations(lift, served, node, tmp_path):
+    records = []
+    recorder = EpisodeRecorder(Recorder(tmp_path), {"task": "Lift"})
     with Client(served.address) as client:
         summaries = run_episodes(
-            client, lift, n_episodes=2, max_steps=15, on_step=records.append, on_episode_end=ended.append,
+            client, lift, n_episodes=2, max_steps=15, recorder=recorder, on_step=records.append,
             steer={"fast": 4.0}, activations=["fast"], seed=3,
         )  # fmt: skip
         client.knobs_off()
     # Named by seed: matched episodes of different settings (or workers) share the number.
-    assert [s.episode for s in summaries] == ["episode-0003", "episode-0004"] and ended == summaries
+    assert [s.episode for s in summaries] == ["episode-0003", "episode-0004"]
     assert all(s.error is None and s.length == 15 and s.inferences == 15 for s in summaries)
-    assert len(records) == 30 and all(set(r) == FIELDS for r in records)
+    assert len(records) == 30
+    store = open_store(tmp_path)
+    assert [e.id for e in store.episodes()] == recorder.episode_ids
+    for info, summary in zip(store.episodes(), summaries, strict=True):
+        assert info.complete and info.n_steps == 15
+        assert info.meta["episode"] == summary.episode and info.meta["seed"] == summary.seed
+        assert info.meta["task"] == "Lift" and info.meta["instruction"] == "pick up the red cube"
+        assert info.meta["success"] is False
     n_fast = len(node.steerer.neurons("fast"))
     for r in records:
-        img = r["images"]["agentview"]
+        img = r.step.observation.images["agentview"]
         assert img.shape == (32, 32, 3) and img.dtype == np.uint8
         assert img[-8:].mean() > img[:8].mean() + 30  # right side up: the white table fills the bottom
-        assert r["action_chunk"].shape == (1, 7) and np.array_equal(r["action"], r["action_chunk"][0])
-        assert r["steering"]["fast"]["strength"] == 4.0 and r["steering"]["fast"]["enabled"]
-        assert r["activations"]["fast"].shape == (7, n_fast)
-        assert r["state"] is None  # the TinyVLA takes no state
-        assert r["ee_pos"].shape == (3,) and r["ee_quat"].shape == (4,) and r["ee_vel"].shape == (3,)
-        assert r["instruction"] == "pick up the red cube"
-    first = [r for r in records if r["episode"] == "episode-0003"]
-    assert [r["step"] for r in first] == list(range(15))
-    assert np.all(np.diff([r["t_sim"] for r in first]) > 0) and np.all(
-        np.diff([r["t_wall"] for r in first]) >= 0
+        assert r.step.action_chunk.shape == (1, 7) and np.array_equal(r.step.action, r.step.action_chunk[0])
+        assert r.step.steering["fast"]["strength"] == 4.0 and r.step.steering["fast"]["enabled"]
+        assert r.step.activations["fast"].shape == (7, n_fast)
+        assert r.step.observation.state is None  # the TinyVLA takes no state
+        assert r.step.ee_pos.shape == (3,) and r.step.ee_quat.shape == (4,) and r.step.ee_vel.shape == (3,)
+        assert r.step.observation.instruction == "pick up the red cube"
+    first = [r for r in records if r.episode == "episode-0003"]
+    assert [r.index for r in first] == list(range(15))
+    assert np.all(np.diff([r.step.t_sim for r in first]) > 0) and np.all(
+        np.diff([r.step.t_wall for r in first]) >= 0
     )
     # The (random) policy's actions move the arm.
-    assert np.linalg.norm(first[-1]["ee_pos"] - first[0]["ee_pos"]) > 0.01
+    assert np.linalg.norm(first[-1].step.ee_pos - first[0].step.ee_pos) > 0.01
     s = summaries[0]
     assert s.mean_ee_displacement > 0.001 and s.mean_ee_speed > 0.01 and 0.8 < s.mean_ee_height < 1.5
     assert not s.success
@@ -250,10 +254,14 @@ def test_state_is_sent_and_chunks_replan_after_execute_steps(robosuite, node):
         finally:
             env.close()
     assert s.length == 7 and s.inferences == 3 == len(states)
-    assert [r["chunk_step"] for r in records] == [0, 1, 2, 0, 1, 2, 0]
+    assert [r.chunk_index for r in records] == [0, 1, 2, 0, 1, 2, 0]
     assert all(st.shape == (8,) and st.dtype == np.float32 for st in states)
-    assert np.allclose(records[0]["state"], states[0]) and np.allclose(states[0][:3], records[0]["ee_pos"])
-    assert np.allclose(records[0]["state"][3:6], quat2axisangle(records[0]["ee_quat"]), atol=1e-5)
+    assert np.allclose(records[0].step.observation.state, states[0]) and np.allclose(
+        states[0][:3], records[0].step.ee_pos
+    )
+    assert np.allclose(
+        records[0].step.observation.state[3:6], quat2axisangle(records[0].step.ee_quat), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("client_checks", [True, False])
@@ -284,7 +292,7 @@ def test_wrong_action_shape_is_refused(lift, node):
     assert env.steps == 0
 
 
-def test_node_dying_during_an_inference_ends_the_episode_within_2s(lift, node):
+def test_node_dying_during_an_inference_ends_the_episode_within_2s(lift, node, tmp_path):
     """The node goes away while an inference is in flight: the runner notices from heartbeats, not timeouts."""
     calls = 0
     gone = threading.Event()
@@ -305,21 +313,28 @@ def test_node_dying_during_an_inference_ends_the_episode_within_2s(lift, node):
         threading.Thread(target=server.close, daemon=True).start()
 
     records = []
+    recorder = EpisodeRecorder(Recorder(tmp_path))
 
     def on_step(r):
         records.append(r)
-        if r["step"] == 2:  # the next inference (the 4th) hangs and the node dies during it
+        if r.index == 2:  # the next inference (the 4th) hangs and the node dies during it
             threading.Thread(target=close_soon, daemon=True).start()
 
     # Waiting for the reply would take the client's timeout (4 s). Closing the client waits for the
     # abandoned request to time out (Client.close takes the request lock), hence not a longer timeout.
     with Client(server.address, timeout=4.0, retries=0) as c:
         with pytest.raises(PolicyNodeDied, match="stopped answering during infer") as e:
-            run_episodes(c, lift, 1, max_steps=50, on_step=on_step)
+            run_episodes(c, lift, 1, max_steps=50, recorder=recorder, on_step=on_step)
         elapsed = time.monotonic() - t_close[0]
         gone.set()
     assert elapsed < 2.0, f"took {elapsed:.2f}s to notice"
     assert e.value.step == 3 and len(records) == 3 and e.value.summaries[0].length == 3
+    # What was recorded is kept, incomplete, with why it stopped.
+    (info,) = open_store(tmp_path).episodes()
+    assert not info.complete and info.n_steps == 3
+    events = open_store(tmp_path).load(info.id, images=False).events
+    assert [ev["kind"] for ev in events][-2:] == ["error", "abort"]
+    assert "stopped answering" in events[-2]["message"] and events[-1]["reason"] == events[-2]["message"]
 
 
 def test_sigkilled_node_process_ends_the_episode_within_2s(lift, checkpoint):
@@ -329,7 +344,7 @@ def test_sigkilled_node_process_ends_the_episode_within_2s(lift, checkpoint):
         t_kill = []
 
         def on_step(r):
-            if r["step"] == 4:
+            if r.index == 4:
                 proc.send_signal(signal.SIGKILL)
                 t_kill.append(time.monotonic())
 
@@ -355,8 +370,8 @@ def test_other_tasks_and_robots_run_with_the_policy(robosuite, served, config):
         finally:
             env.close()
     assert s.length == 10 and s.error is None
-    assert records[0]["images"]["agentview"].shape == (32, 32, 3)
-    assert np.linalg.norm(records[-1]["ee_pos"] - records[0]["ee_pos"]) > 0.005
+    assert records[0].step.observation.images["agentview"].shape == (32, 32, 3)
+    assert np.linalg.norm(records[-1].step.ee_pos - records[0].step.ee_pos) > 0.005
 
 
 def test_cli_sim_records_episodes_into_a_rollout_store(robosuite, served, tmp_path):
@@ -463,5 +478,5 @@ def test_settle_goes_on_after_success_until_the_arm_is_still(lift, served):
             run_episodes(client, lift, n_episodes=1, max_steps=5, settle=-1)
     assert plain[0].length == 3 and plain[0].success
     assert settled[0].length > 3 and settled[0].success
-    speeds = [float(np.linalg.norm(r["ee_vel"])) for r in records]
+    speeds = [float(np.linalg.norm(r.step.ee_vel)) for r in records]
     assert settled[0].length == 12 or all(s < STILL for s in speeds[-2:])

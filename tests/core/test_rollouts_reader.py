@@ -1,0 +1,96 @@
+"""Rollout reader: round trips, the pandas view, missing stores, torn and corrupt logs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rollout_steps import assert_steps_equal, record
+
+from vla_steer.core.rollouts import Episode, open_store
+from vla_steer.core.rollouts.format import LOG, SUMMARY
+
+
+def test_round_trip_two_episodes(tmp_path):
+    id0, steps0 = record(tmp_path, 6, seed=0)
+    id1, steps1 = record(tmp_path, 4, seed=1, policy="tiny_vla", policy_fingerprint="abc")
+    store = open_store(tmp_path)
+    infos = store.episodes()
+    assert [i.id for i in infos] == [id0, id1]
+    assert [i.n_steps for i in infos] == [6, 4]
+    assert all(i.complete for i in infos)
+    assert infos[1].meta["success"] is True and infos[0].meta["success"] is False
+    assert infos[1].meta["policy_fingerprint"] == "abc" and infos[1].meta["final_note"] == "done"
+    assert infos[1].meta["length"] == 4
+
+    for ep_id, steps in ((id0, steps0), (id1, steps1)):
+        ep = store.load(ep_id)
+        assert ep.complete and ep.tail_error is None
+        assert_steps_equal(ep, steps)
+        knobs = [e for e in ep.events if e["kind"] == "knobs"]
+        assert knobs == [{"t": 123.0, "kind": "knobs", "op": "set", "strengths": {"fast": 8.0}, "step": 2}]
+
+    light = store.load(id0, images=False, activations=False)
+    assert light.images == {} and light.activations == {} and light.n_steps == 6
+
+
+def test_to_pandas(tmp_path):
+    pytest.importorskip("pandas")
+    record(tmp_path, 6, seed=0)
+    record(tmp_path, 4, seed=1, end=False)
+    df = open_store(tmp_path).to_pandas()
+    assert len(df) == 10
+    assert {"episode", "step", "reward", "t_sim", "state_7", "ee_quat_3", "action_6"} <= set(df.columns)
+    assert "steer_fast_strength" in df.columns and "steer_fast_layers" not in df.columns
+    assert df["step"].tolist() == [*range(6), *range(4)]
+    assert df["complete"].tolist() == [True] * 6 + [False] * 4
+
+
+def test_missing_store_names_the_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+        open_store(missing)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError, match="plain.*not a rollout store"):
+        open_store(tmp_path / "plain")
+    record(tmp_path / "s", 1, seed=0)
+    with pytest.raises(KeyError, match="000999-deadbeef"):
+        open_store(tmp_path / "s").load("000999-deadbeef")
+
+
+def test_torn_and_corrupt_logs_keep_the_intact_prefix(tmp_path):
+    ep_id, steps = record(tmp_path, 8, seed=3)
+    store = open_store(tmp_path)
+    log = tmp_path / "episodes" / ep_id / LOG
+    original = log.read_bytes()
+    rng = np.random.default_rng(0)
+
+    def check(data: bytes) -> Episode:
+        log.write_bytes(data)
+        ep = store.load(ep_id)  # never raises
+        assert_steps_equal(ep, steps[: ep.n_steps])
+        if len(data) != len(original):  # the summary (a cache) no longer matches the log: listing rescans
+            info = store.info(ep_id)
+            assert info.n_steps == ep.n_steps and info.complete == ep.complete
+        return ep
+
+    for cut in sorted(rng.integers(1, len(original), 25)):  # truncated anywhere, mid-record included
+        ep = check(original[:cut])
+        assert not ep.complete and ep.tail_error
+    assert check(original[:0]).n_steps == 0
+
+    flipped = bytearray(original)
+    flipped[len(original) // 2] ^= 0xFF  # a bit flip in the middle: stop there, keep what came before
+    ep = check(bytes(flipped))
+    assert 0 < ep.n_steps < 8 and "crc" in ep.tail_error
+
+    lengths = bytearray(original)
+    lengths[4:8] = b"\xff\xff\xff\x7f"  # the first record's header length: nothing readable follows
+    ep = check(bytes(lengths))
+    assert ep.n_steps == 0 and ep.meta == {"length": 0}
+
+    ep = check(original + rng.integers(0, 256, 100, dtype=np.uint8).tobytes())  # trailing garbage
+    assert ep.complete and ep.n_steps == 8 and ep.tail_error
+
+    log.write_bytes(original)
+    (tmp_path / "episodes" / ep_id / SUMMARY).write_text("{not json")
+    assert store.info(ep_id).n_steps == 8  # a damaged summary is only a cache
