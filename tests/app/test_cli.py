@@ -8,7 +8,8 @@ import subprocess
 import pytest
 from support import VLA_STEER
 
-from vla_steer.app.cli import main, parse_layers, parse_size
+from vla_steer.app.cli import main
+from vla_steer.app.cli.args import parse_layers, parse_size
 from vla_steer.wire import parse_setting
 
 
