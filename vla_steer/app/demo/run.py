@@ -64,24 +64,19 @@ def _worker(job: dict) -> None:
     """One policy node + one robosuite node, running every setting for a slice of the seeds."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     torch.set_num_threads(1)
-    from sim.evaluate import evaluate
-    from sim.robosuite_env import RobosuiteConfig, RobosuiteEnv
+    from sim import session
+    from sim.robosuite_env import RobosuiteConfig
     from vla_steer.core.node import PolicyNode
-    from vla_steer.core.rollouts import Recorder
-    from vla_steer.wire import Client, Server
+    from vla_steer.wire import Server
 
-    policy = load_policy(job["policy"])
     directions = list(load_directions(job["directions"]).values())
     directions += list(load_directions(job["controls"]).values())
-    node = PolicyNode(policy, directions)
+    node = PolicyNode(load_policy(job["policy"]), directions)
     config = RobosuiteConfig(**DEMO_SIM, instruction=BASELINE_INSTRUCTION)
-    with Server(node, "tcp://127.0.0.1:0").start() as server, Client(server.address) as client:
-        env = RobosuiteEnv(config, client.hello())
-        evaluate(
-            client, {"Lift": lambda: env}, job["settings"], episodes=job["episodes"], max_steps=MAX_STEPS,
-            recorder=Recorder(job["store"]), seed=job["seed"], settle=SETTLE, activations=list(POLES),
-            meta={"policy": policy.spec.name, "sim": config.model_dump(mode="json"),
-                  "control_hz": config.control_freq, "table_height": 0.8},
+    with Server(node, "tcp://127.0.0.1:0").start() as server:
+        session.run(
+            server.address, {"Lift": config}, job["settings"], out=Path(job["store"]), episodes=job["episodes"],
+            max_steps=MAX_STEPS, seed=job["seed"], settle=SETTLE, activations=list(POLES),
             progress=lambda _: None,
         )  # fmt: skip
 
