@@ -22,7 +22,10 @@ def add_parsers(sub) -> None:
         "--strengths", default="8,12", help="clamp values for each direction, comma-separated (default: 8,12)"
     )
     p.add_argument(
-        "--weights", type=Path, default=None, help="a demo VLA checkpoint (default: the bundled one)"
+        "--weights",
+        type=Path,
+        default=None,
+        help="a demo VLA checkpoint (default: the bundled one, shipped config demo_vla)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
@@ -47,7 +50,6 @@ def add_parsers(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from policies.demo import WEIGHTS
     from vla_steer.app.demo.run import run_demo
 
     strengths = parse_floats(args.strengths, "--strengths")
@@ -55,7 +57,7 @@ def cmd_demo(args) -> int:
         raise ValueError("--episodes and --workers must be >= 1")
     run_demo(
         args.out, episodes=args.episodes, workers=args.workers, strengths=strengths,
-        weights=args.weights or WEIGHTS, seed=args.seed,
+        weights=args.weights, seed=args.seed,
     )  # fmt: skip
     return 0
 

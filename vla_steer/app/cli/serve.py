@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vla_steer.app.cli.args import add_security
+from vla_steer.app.cli.args import add_security, config_path
 
 
 def add_parsers(sub) -> None:
@@ -12,9 +12,15 @@ def add_parsers(sub) -> None:
         "serve",
         help="serve a policy and its steering knobs over ZeroMQ",
         description="Load a policy, register its directions as knobs (all off), and serve infer / reset / "
-        "knobs requests until interrupted. Binds loopback only unless keys (or --allow-insecure) are given.",
+        "knobs requests until interrupted. Binds loopback only unless keys (or --allow-insecure) are given. "
+        "Example: vla-steer serve --policy demo_vla --directions demo_out/directions",
     )
-    p.add_argument("--policy", type=Path, required=True, help="policy config YAML (configs/policies/*.yaml)")
+    p.add_argument(
+        "--policy",
+        type=config_path("policies"),
+        required=True,
+        help="policy config: a YAML file, or the name of a shipped one (demo_vla, openvla_7b, pi0_libero, ...)",
+    )
     p.add_argument("--directions", type=Path, help="directory of direction JSON files to offer as knobs")
     p.add_argument(
         "--bind", default="tcp://127.0.0.1:5555", help="request socket (default tcp://127.0.0.1:5555)"

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vla_steer.app.cli.args import add_run_options
+from vla_steer.app.cli.args import add_run_options, config_path
+
+ENV_HELP = (
+    "robosuite sim config: a YAML file, or the name of a shipped one (robosuite_lift, robosuite_stack, ...)"
+)
+EXIT_CODES = "Exit codes: 0 done, 2 bad arguments, 3 no policy node, 4 an episode failed (what ran is kept)."
 
 
 def add_parsers(sub) -> None:
@@ -12,10 +17,10 @@ def add_parsers(sub) -> None:
         "sim",
         help="run simulated episodes against a policy node and record them",
         description="Connect to a running policy node (`vla-steer serve`), run episodes in a simulator, record "
-        "every step into a rollout store, and print a summary. Example: vla-steer sim --env "
-        "configs/sims/robosuite_lift.yaml --episodes 5 --out runs/lift --steer fast=4",
+        "every step into a rollout store, and print a summary. Example: vla-steer sim --env robosuite_lift "
+        f"--episodes 5 --out runs/lift --steer fast=4. {EXIT_CODES}",
     )
-    p.add_argument("--env", type=Path, required=True, help="simulator config YAML (configs/sims/*.yaml)")
+    p.add_argument("--env", type=config_path("sims"), required=True, help=ENV_HELP)
     p.add_argument(
         "--steer", nargs="*", default=[], metavar="NAME=STRENGTH", help="knobs to set (others off)"
     )
@@ -26,11 +31,15 @@ def add_parsers(sub) -> None:
         "eval",
         help="a grid of tasks x steering settings x seeded episodes, recorded and summarised",
         description="Every setting starts from all knobs off and uses the same seeds, so baseline and steered "
-        "episodes start alike. Example: vla-steer eval --env configs/sims/robosuite_lift.yaml --settings off "
-        "fast=4 fast=8 slow=4 --episodes 10 --out runs/grid",
+        "episodes start alike. Example: vla-steer eval --env robosuite_lift --settings off fast=4 fast=8 "
+        f"slow=4 --episodes 10 --out runs/grid. {EXIT_CODES}",
     )
     p.add_argument(
-        "--env", type=Path, action="append", required=True, help="simulator config (repeat for several)"
+        "--env",
+        type=config_path("sims"),
+        action="append",
+        required=True,
+        help=f"{ENV_HELP}; repeat for several",
     )
     p.add_argument("--settings", nargs="+", default=["off"], help="off, or NAME=S[,NAME=S...] per setting")
     add_run_options(p)
