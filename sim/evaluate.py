@@ -7,6 +7,7 @@ runs it for each task of a run; this is the one place the sim records episodes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -84,8 +85,12 @@ def evaluate(
                 results.append(_aggregate(task, label, e.summaries, rec.episode_ids))
                 raise EvaluationError(str(e), results) from e
             results.append(_aggregate(task, label, summaries, rec.episode_ids))
-    finally:
-        client.knobs_off()
+    except BaseException:
+        # Leave no knob on, without hiding why the run stopped (a dead node cannot answer this either).
+        with contextlib.suppress(Exception):
+            client.knobs_off()
+        raise
+    client.knobs_off()
     return results
 
 

@@ -104,18 +104,11 @@ class RobosuiteConfig(BaseModel):
 
     def conventions(self) -> dict[str, Any]:
         """What a rollout from this config means by its actions, state and images (episode metadata)."""
-        return {
+        fields = {"max_delta_pos", "max_delta_rot", "action_scale", "gripper", "binarize_gripper", "state",
+                  "rotate_images_180", "cameras", "control_freq"}  # fmt: skip
+        return self.model_dump(mode="json", include=fields) | {
             "action": "osc_pose_delta_normalised",
-            "max_delta_pos": self.max_delta_pos,
-            "max_delta_rot": self.max_delta_rot,
-            "action_scale": self.action_scale,
-            "gripper": self.gripper,
-            "binarize_gripper": self.binarize_gripper,
-            "state": self.state,
             "state_names": ["eef_x", "eef_y", "eef_z", "eef_ax", "eef_ay", "eef_az", "finger_l", "finger_r"],
-            "rotate_images_180": self.rotate_images_180,
-            "cameras": dict(self.cameras),
-            "control_freq": self.control_freq,
         }
 
 
