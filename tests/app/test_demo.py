@@ -148,4 +148,4 @@ def test_demo_pipeline_end_to_end(tmp_path):
     store = open_store(tmp_path / "rollouts")
     meta = store.episodes()[0].meta
     assert meta["sim"] == "robosuite" and meta["conventions"]["gripper"] == "open_positive"
-    assert meta["policy"] == "tiny-vla" and "mujoco" in meta["versions"]
+    assert meta["policy"] == "demo-vla" and "mujoco" in meta["versions"]
