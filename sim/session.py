@@ -14,7 +14,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sim.evaluate import EvaluationError, SettingResult, evaluate, format_results
 from vla_steer.core.rollouts import Recorder
@@ -49,7 +49,6 @@ def run(
     execute_steps: int | None = None,
     activations: Sequence[str] | None = None,
     settle: int = 0,
-    meta: Mapping[str, Any] | None = None,
     server_key: Path | None = None,
     keypair: Path | None = None,
     connect_timeout: float = 10.0,
@@ -73,7 +72,6 @@ def run(
             "policy_info": dict(info.info),
             "max_steps": max_steps,
             "versions": versions(),
-            **(meta or {}),
         }
         results: list[SettingResult] = []
         for label, cfg in tasks.items():
