@@ -23,10 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 from common import VLA_STEER, arg_parser, load_average, machine, median, meets_target, summary, write_result  # noqa: E402
 
-from vla_steer.core.config import shipped
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -57,7 +53,7 @@ def main() -> None:
             assert "serving" in server.stdout.readline()
             with Client(address, timeout=30) as client:
                 info = client.hello()
-                env = RobosuiteEnv(load_sim_config(shipped("sims") / "robosuite_lift.yaml"), info)
+                env = RobosuiteEnv(load_sim_config("robosuite_lift"), info)
                 recorder = EpisodeRecorder(Recorder(tmp / "store"), {"benchmark": "sim_overhead"})
                 obs = env.reset(0)
                 zero = np.zeros(env.action_dim)

@@ -1,12 +1,13 @@
-"""Simulator nodes: environments that are clients of the policy node, and the episode runner.
+"""Simulator nodes: environments that are clients of the policy node, the episode runner, and runs.
 
-`sim.runner` is simulator-agnostic (it drives anything with `reset`/`step`/`success`); environment
-adapters import their simulator lazily, so `import sim` works where robosuite is not installed.
+`sim.session` sets up a run once for every caller (connect, build the environments from their configs,
+run steering settings over seeded episodes, record, summarise); `sim.runner` is simulator-agnostic (it drives
+anything with `reset`/`step`/`success`); environment adapters import their simulator lazily, so `import sim`
+works where robosuite is not installed.
 
-    from sim import RobosuiteEnv, load_sim_config, run_episodes
-    with Client("tcp://127.0.0.1:5555") as client:
-        env = RobosuiteEnv(load_sim_config("configs/sims/robosuite_lift.yaml"), client.hello())
-        summaries = run_episodes(client, env, n_episodes=5, max_steps=200, recorder=episode_recorder)
+    from sim import load_sim_config, session
+    results = session.run("tcp://127.0.0.1:5555", {"lift": load_sim_config("robosuite_lift")},
+                          [{}, {"fast": 4.0}], out=Path("runs/lift"), episodes=5, max_steps=200)
 """
 
 from __future__ import annotations

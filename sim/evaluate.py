@@ -1,11 +1,13 @@
-"""A steering evaluation grid: tasks x steering settings x seeded episodes, recorded and summarised.
+"""A steering evaluation over one environment: steering settings x seeded episodes, recorded and summarised.
 
 Every setting starts from all knobs off, so settings never leak into each other; the same seeds are used
-for every setting of a task, so baseline and steered episodes start from the same initial states.
+for every setting, so baseline and steered episodes start from the same initial states. `sim.session`
+runs it for each task of a run; this is the one place the sim records episodes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.base import SimEnv
-from sim.runner import EpisodeSummary, run_episodes
+from sim.runner import EpisodeError, EpisodeSummary, run_episodes
 from vla_steer.core.rollouts import EpisodeRecorder, Recorder
 from vla_steer.wire import Client
 
@@ -30,51 +32,64 @@ class SettingResult:
     episode_ids: list[str]
 
 
+class EvaluationError(RuntimeError):
+    """An episode failed. `results` holds every cell so far, the failed one (its episodes until then) last."""
+
+    def __init__(self, message: str, results: list[SettingResult]):
+        super().__init__(message)
+        self.results = results
+
+
 def setting_label(setting: Mapping[str, float]) -> str:
     return ",".join(f"{k}={v:g}" for k, v in setting.items()) or "off"
 
 
 def evaluate(
     client: Client,
-    tasks: Mapping[str, Callable[[], SimEnv]],
+    env: SimEnv,
     settings: Sequence[Mapping[str, float]],
     *,
+    task: str,
     episodes: int,
     max_steps: int,
     recorder: Recorder,
     meta: Mapping[str, object] | None = None,
-    task_meta: Mapping[str, Mapping[str, object]] | None = None,
     seed: int = 0,
     execute_steps: int | None = None,
     activations: Sequence[str] | None = None,
     settle: int = 0,
     progress: Callable[[str], None] = print,
 ) -> list[SettingResult]:
-    """Run every (task, setting) cell; `tasks` maps a task label to a function building its env, and
-    `task_meta` adds per-task metadata (conventions, config) to its episodes' records."""
-    results = []
-    for task, make_env in tasks.items():
-        env = make_env()
-        try:
-            for setting in settings:
-                label = setting_label(setting)
-                progress(f"{task} [{label}]: {episodes} episodes")
-                client.knobs_off()
-                episode_meta = {**(meta or {}), **(task_meta or {}).get(task, {}), "task_label": task}
-                rec = EpisodeRecorder(
-                    recorder, episode_meta | {"setting": dict(setting), "setting_label": label}
-                )
+    """Run every setting on `env` (labelled `task`); `meta` goes into every episode's record."""
+    results: list[SettingResult] = []
+    try:
+        for setting in settings:
+            label = setting_label(setting)
+            progress(f"{task} [{label}]: {episodes} episodes")
+            client.knobs_off()
+            episode_meta = {
+                **(meta or {}),
+                "task_label": task,
+                "setting": dict(setting),
+                "setting_label": label,
+            }
+            rec = EpisodeRecorder(recorder, episode_meta)
+            try:
                 summaries = run_episodes(
                     client, env, episodes, max_steps, execute_steps=execute_steps, recorder=rec,
                     steer=dict(setting) or None, activations=activations,
                     seed=seed, episode_prefix=f"{task}-{label}", settle=settle,
                 )  # fmt: skip
-                results.append(_aggregate(task, label, summaries, rec.episode_ids))
-        finally:
+            except EpisodeError as e:
+                results.append(_aggregate(task, label, e.summaries, rec.episode_ids))
+                raise EvaluationError(str(e), results) from e
+            results.append(_aggregate(task, label, summaries, rec.episode_ids))
+    except BaseException:
+        # Leave no knob on, without hiding why the run stopped (a dead node cannot answer this either).
+        with contextlib.suppress(Exception):
             client.knobs_off()
-            close = getattr(env, "close", None)
-            if close is not None:
-                close()
+        raise
+    client.knobs_off()
     return results
 
 
@@ -96,6 +111,7 @@ def _aggregate(task: str, label: str, summaries: list[EpisodeSummary], ids: list
 
 
 def format_results(results: Sequence[SettingResult]) -> str:
+    """The results table, then the success rate over all episodes."""
     lines = [
         f"{'task':<16} {'setting':<18} {'n':>3} {'success':>8} {'steps':>6} {'speed m/s':>10} {'height m':>9}"
     ]
@@ -104,4 +120,7 @@ def format_results(results: Sequence[SettingResult]) -> str:
             f"{r.task:<16} {r.setting:<18} {r.episodes:>3} {r.success_rate:>8.0%} {r.mean_length:>6.1f} "
             f"{r.mean_ee_speed:>10.4f} {r.mean_ee_height:>9.3f}"
         )
+    total = sum(r.episodes for r in results)
+    rate = sum(r.success_rate * r.episodes for r in results if r.episodes) / max(1, total)
+    lines.append(f"success rate {rate:.0%} over {total} episodes")
     return "\n".join(lines)

@@ -51,7 +51,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle, to_osc_action
-from vla_steer.core.config import load_yaml_model
+from vla_steer.core.config import load_yaml_model, resolve_config
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 # openpi's examples/libero/main.py: the longest demonstration of each suite, plus margin.
@@ -121,8 +121,9 @@ class LiberoConfig(BaseModel):
 
 
 def load_libero_config(path: str | Path) -> LiberoConfig:
-    """Parse and validate a sim config; errors name the file, the key and what is allowed."""
-    return load_yaml_model(path, LiberoConfig, "sim config")
+    """Parse and validate a sim config (a path, or a shipped config's name); errors name the file, the key
+    and what is allowed."""
+    return load_yaml_model(resolve_config(path, "sims"), LiberoConfig, "sim config")
 
 
 class LiberoEnv:
@@ -229,6 +230,19 @@ class LiberoEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def record_meta(self) -> dict[str, Any]:
+        """What every episode of this env records about it (`sim.session`): task, suite, config, conventions."""
+        cfg = self.config
+        return {
+            "sim": "libero",
+            "task": self.task_name,
+            "suite": cfg.suite,
+            "task_id": cfg.task_id,
+            "robot": "Panda",
+            "sim_config": cfg.model_dump(mode="json"),
+            "conventions": cfg.conventions(),
+        }
 
     # -- conversions ----------------------------------------------------------------------------
 

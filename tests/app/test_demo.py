@@ -6,8 +6,13 @@ rendering for the observations, the real discovery and Steerer.
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import numpy as np
 import pytest
+import yaml
+from support import VLA_STEER
 
 from policies import load_policy
 from policies.demo import WEIGHTS
@@ -15,19 +20,18 @@ from vla_steer.app.demo.data import IMAGE_KEY, make_env
 from vla_steer.app.demo.expert import HEIGHTS, SPEEDS, LiftExpert
 from vla_steer.app.demo.language import BASELINE_INSTRUCTION
 from vla_steer.app.demo.run import POLES, SIZE, STRENGTHS, random_control
-from vla_steer.core.config import shipped
+from vla_steer.core.config import resolve_config, shipped
 from vla_steer.core.discovery import discover, load_lexicons
 from vla_steer.core.discovery.lexicon import token_match_weights
+from vla_steer.core.rollouts import open_store
 from vla_steer.core.steering import Steerer
 from vla_steer.core.tokens import normalize_token
 from vla_steer.wire import Observation
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("cfg") / "policy.yaml"
-    cfg.write_text(f"kind: tiny_vla\npath: {WEIGHTS}\n")
-    return load_policy(cfg)
+def policy():
+    return load_policy(resolve_config("demo_vla", "policies"))  # the shipped config, as `serve` finds it
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +111,17 @@ def test_steering_moves_the_commanded_speed_the_way_the_direction_says(policy, d
     assert _speed(policy, observations) == base  # hooks gone: bit-identical behaviour
 
 
+def _vla_steer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([VLA_STEER, *args], capture_output=True, text=True, timeout=1800)
+
+
 @pytest.mark.slow
 def test_train_demo_generates_demonstrations_and_a_loadable_vla(tmp_path):
     from policies.tiny_vla import TinyVLA
-    from vla_steer.app.cli import main
 
     out = tmp_path / "vla"
-    assert main(["train-demo", "--out", str(out), "--episodes-per-setting", "1", "--steps", "20"]) == 0
+    r = _vla_steer("train-demo", "--out", str(out), "--episodes-per-setting", "1", "--steps", "20")
+    assert r.returncode == 0, r.stderr[-4000:]
     data = np.load(tmp_path / "vla_demonstrations.npz")
     assert set(np.unique(data["speed"])) == {0, 1, 2} and set(np.unique(data["height"])) == {0, 1, 2}
     speed = {k: np.abs(data["actions"][data["speed"] == k][:, :3]).max(1).mean() for k in range(3)}
@@ -125,15 +133,19 @@ def test_train_demo_generates_demonstrations_and_a_loadable_vla(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_demo_pipeline_end_to_end(tmp_path):
-    import json
-
-    from vla_steer.app.demo.run import run_demo
-
-    verdict = run_demo(tmp_path, episodes=1, workers=2, strengths=(16.0,))
+    r = _vla_steer("demo", "--out", str(tmp_path), "--episodes", "1", "--workers", "2", "--strengths", "16")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "4. analysis" in r.stdout and "random-neuron controls:" in r.stdout
+    assert yaml.safe_load((tmp_path / "policy.yaml").read_text())["path"] == str(WEIGHTS)
     summary = json.loads((tmp_path / "summary.json").read_text())
     labels = {s["label"] for s in summary["settings"]}
     assert labels == {"baseline"} | {f"{p}=16" for p in POLES} | {f"{p} (random)=16" for p in POLES}
     assert all(s["episodes"] == 1 for s in summary["settings"])
     assert set(summary["directions"]) == set(POLES)
-    assert "data:image/png" in (tmp_path / "report.html").read_text() and verdict["lines"]
+    assert "data:image/png" in (tmp_path / "report.html").read_text()
+    store = open_store(tmp_path / "rollouts")
+    meta = store.episodes()[0].meta
+    assert meta["sim"] == "robosuite" and meta["conventions"]["gripper"] == "open_positive"
+    assert meta["policy"] == "demo-vla" and "mujoco" in meta["versions"]

@@ -228,7 +228,7 @@ def test_libero_node_records_an_episode_against_the_policy_node(served, tmp_path
 @needs_libero
 def test_libero_node_without_a_policy_node_exits_3(tmp_path):
     args = [
-        "-m", "sim.libero_node", "--env", str(SIMS / "libero_goal.yaml"), "--server", "tcp://127.0.0.1:9",
+        "-m", "sim.libero_node", "--env", "libero_goal", "--server", "tcp://127.0.0.1:9",  # a shipped name
         "--connect-timeout", "0.5", "--out", str(tmp_path / "run"),
     ]  # fmt: skip
     r = _run_libero(args, timeout=60)

@@ -8,11 +8,10 @@ import os
 import signal
 import subprocess
 import threading
-import time
 
 import numpy as np
 import pytest
-from support import VLA_STEER, free_address, serve_process
+from support import VLA_STEER, free_address, serve_process, wait_for
 
 from policies import load_policy
 from sim.base import StepResult
@@ -292,42 +291,35 @@ def test_wrong_action_shape_is_refused(lift, node):
     assert env.steps == 0
 
 
-def test_node_dying_during_an_inference_ends_the_episode_within_2s(lift, node, tmp_path):
-    """The node goes away while an inference is in flight: the runner notices from heartbeats, not timeouts."""
+def test_node_dying_during_an_inference_ends_the_episode_from_heartbeats(lift, node, tmp_path):
+    """The node goes away while an inference is in flight: the runner notices from heartbeats, not timeouts.
+
+    (How fast it notices is benchmarked, not tested: "stopped answering" is the heartbeat watch's verdict;
+    the client's 4 s request timeout would say "did not answer".)"""
     calls = 0
     gone = threading.Event()
 
     def infer(req):
         nonlocal calls
         calls += 1
-        if calls == 4:
-            gone.wait(10)  # stuck; the server is closed underneath it
+        if calls == 4:  # stuck while the server is closed underneath it
+            threading.Thread(target=server.close, daemon=True).start()
+            gone.wait(10)
         return node.infer(req)
 
     server = _custom_server(node, infer)
-    t_close = []
-
-    def close_soon():
-        time.sleep(0.3)
-        t_close.append(time.monotonic())
-        threading.Thread(target=server.close, daemon=True).start()
-
     records = []
     recorder = EpisodeRecorder(Recorder(tmp_path))
-
-    def on_step(r):
-        records.append(r)
-        if r.index == 2:  # the next inference (the 4th) hangs and the node dies during it
-            threading.Thread(target=close_soon, daemon=True).start()
-
-    # Waiting for the reply would take the client's timeout (4 s). Closing the client waits for the
-    # abandoned request to time out (Client.close takes the request lock), hence not a longer timeout.
-    with Client(server.address, timeout=4.0, retries=0) as c:
-        with pytest.raises(PolicyNodeDied, match="stopped answering during infer") as e:
-            run_episodes(c, lift, 1, max_steps=50, recorder=recorder, on_step=on_step)
-        elapsed = time.monotonic() - t_close[0]
+    # Closing the client waits for the abandoned request to time out (Client.close takes the request
+    # lock), hence not a longer timeout.
+    try:
+        with Client(server.address, timeout=4.0, retries=0) as c:
+            with pytest.raises(PolicyNodeDied, match="stopped answering during infer") as e:
+                run_episodes(c, lift, 1, max_steps=50, recorder=recorder, on_step=records.append)
+            gone.set()
+    finally:
         gone.set()
-    assert elapsed < 2.0, f"took {elapsed:.2f}s to notice"
+        server.close()
     assert e.value.step == 3 and len(records) == 3 and e.value.summaries[0].length == 3
     # What was recorded is kept, incomplete, with why it stopped.
     (info,) = open_store(tmp_path).episodes()
@@ -337,24 +329,55 @@ def test_node_dying_during_an_inference_ends_the_episode_within_2s(lift, node, t
     assert "stopped answering" in events[-2]["message"] and events[-1]["reason"] == events[-2]["message"]
 
 
-def test_sigkilled_node_process_ends_the_episode_within_2s(lift, checkpoint):
+def test_sigkilled_node_process_ends_the_episode_from_heartbeats(lift, checkpoint):
     address = free_address()
     proc = serve_process(checkpoint, address, directions=False)
     try:
-        t_kill = []
 
         def on_step(r):
             if r.index == 4:
                 proc.send_signal(signal.SIGKILL)
-                t_kill.append(time.monotonic())
 
-        with Client(address, timeout=4.0, retries=0) as c:  # a blind wait: 4 s
-            with pytest.raises(PolicyNodeDied, match="stopped answering"):
-                run_episodes(c, lift, 1, max_steps=50, on_step=on_step)
-            assert time.monotonic() - t_kill[0] < 2.0
+        # A blind wait (the 4 s timeout) would say "did not answer".
+        with (
+            Client(address, timeout=4.0, retries=0) as c,
+            pytest.raises(PolicyNodeDied, match="stopped answering"),
+        ):
+            run_episodes(c, lift, 1, max_steps=50, on_step=on_step)
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_cli_sim_whose_node_dies_exits_4_and_summarises_what_ran(robosuite, checkpoint, tmp_path):
+    """`vla-steer sim` loses its policy node mid-run: exit code 4, the episodes so far summarised and kept."""
+    address, out = free_address(), tmp_path / "run"
+    proc = serve_process(checkpoint, address, directions=False)
+    cmd = [
+        VLA_STEER,
+        "sim",
+        "--env",
+        "robosuite_lift",
+        "--server",
+        address,
+        "--episodes",
+        "50",
+        "--out",
+        str(out),
+    ]
+    sim = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(out.glob("*/*")), timeout=120, what="the first episode in the store")
+        proc.send_signal(signal.SIGKILL)
+        stdout, stderr = sim.communicate(timeout=120)
+    finally:
+        for p in (sim, proc):
+            p.kill()
+            p.wait(10)
+    assert sim.returncode == 4, stderr
+    assert "stopped answering" in stderr and "success rate 0% over" in stdout
+    (first, *_) = open_store(out).episodes()
+    assert first.n_steps >= 1
 
 
 @pytest.mark.slow
@@ -395,6 +418,7 @@ def test_cli_sim_records_episodes_into_a_rollout_store(robosuite, served, tmp_pa
     assert ep.steering[0]["fast"]["strength"] == 4.0 and ep.steering[0]["fast"]["enabled"]
     assert ep.activations["fast"].shape[0] == 4
     assert ep.meta["task"] == "Lift" and ep.meta["conventions"]["gripper"] == "open_positive"
+    assert ep.meta["sim"] == "robosuite" and ep.meta["max_steps"] == 4 and "mujoco" in ep.meta["versions"]
     assert [e["kind"] for e in ep.events][:1] == ["steering"]
     # A second run appends to the same store.
     assert subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0

@@ -1,12 +1,13 @@
 """`make demo`: the whole method on the bundled demo VLA, from discovery to the analysis report.
 
-1. load the demo VLA (`policies/demo/weights`, trained by `vla-steer train-demo` on scripted robosuite
-   demonstrations whose instructions vary speed and carrying height) through the policy loader;
+1. load the demo VLA (the shipped policy config `demo_vla`: the weights in `policies/demo/weights`, trained
+   by `vla-steer train-demo` on scripted robosuite demonstrations whose instructions vary speed and carrying
+   height) through the policy loader;
 2. discover its concept neurons by projecting every value vector onto the vocabulary and matching the
-   lexicons in `configs/concepts` -> directions fast / slow / up / down, and random-neuron controls of the
+   shipped concept lexicons (`vla_steer/configs/concepts`) -> directions fast / slow / up / down, and random-neuron controls of the
    same size, layers and signs;
-3. run the evaluation grid on robosuite Lift: a policy node and a robosuite node per worker, talking over
-   ZeroMQ; baseline episodes and every direction at several strengths plus the controls, on matched seeds,
+3. run the evaluation grid on robosuite Lift (`sim.session`): a policy node and a robosuite node per worker,
+   talking over ZeroMQ; baseline episodes and every direction at several strengths plus the controls, on matched seeds,
    recorded into a rollout store with the concept neurons' activations;
 4. analyse the store (`vla_steer.core.analysis`): dose-response with bootstrap CIs, trajectories, neurons and
    their top tokens -> `report.html` and `summary.json`.
@@ -21,12 +22,12 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from policies import load_policy
-from policies.demo import WEIGHTS
+from policies import load_policy, read_policy_config
 from vla_steer.app.demo.data import DEMO_SIM
 from vla_steer.app.demo.language import BASELINE_INSTRUCTION
-from vla_steer.core.config import shipped
+from vla_steer.core.config import resolve_config, shipped
 from vla_steer.core.discovery import Direction, discover, format_direction, load_lexicons
 from vla_steer.core.discovery.direction import DirectionNeuron, load_directions
 from vla_steer.core.rollouts import open_store
@@ -64,24 +65,19 @@ def _worker(job: dict) -> None:
     """One policy node + one robosuite node, running every setting for a slice of the seeds."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     torch.set_num_threads(1)
-    from sim.evaluate import evaluate
-    from sim.robosuite_env import RobosuiteConfig, RobosuiteEnv
+    from sim import session
+    from sim.robosuite_env import RobosuiteConfig
     from vla_steer.core.node import PolicyNode
-    from vla_steer.core.rollouts import Recorder
-    from vla_steer.wire import Client, Server
+    from vla_steer.wire import Server
 
-    policy = load_policy(job["policy"])
     directions = list(load_directions(job["directions"]).values())
     directions += list(load_directions(job["controls"]).values())
-    node = PolicyNode(policy, directions)
+    node = PolicyNode(load_policy(job["policy"]), directions)
     config = RobosuiteConfig(**DEMO_SIM, instruction=BASELINE_INSTRUCTION)
-    with Server(node, "tcp://127.0.0.1:0").start() as server, Client(server.address) as client:
-        env = RobosuiteEnv(config, client.hello())
-        evaluate(
-            client, {"Lift": lambda: env}, job["settings"], episodes=job["episodes"], max_steps=MAX_STEPS,
-            recorder=Recorder(job["store"]), seed=job["seed"], settle=SETTLE, activations=list(POLES),
-            meta={"policy": policy.spec.name, "sim": config.model_dump(mode="json"),
-                  "control_hz": config.control_freq, "table_height": 0.8},
+    with Server(node, "tcp://127.0.0.1:0").start() as server:
+        session.run(
+            server.address, {"Lift": config}, job["settings"], out=Path(job["store"]), episodes=job["episodes"],
+            max_steps=MAX_STEPS, seed=job["seed"], settle=SETTLE, activations=list(POLES),
             progress=lambda _: None,
         )  # fmt: skip
 
@@ -119,13 +115,20 @@ def run_demo(
     episodes: int = 20,
     workers: int = 2,
     strengths=STRENGTHS,
-    weights: Path = WEIGHTS,
+    weights: Path | None = None,
     seed: int = 0,
 ) -> dict:
+    """Run the demo into `out`; `weights`: a demo VLA checkpoint instead of the shipped one."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    (out / "policy.yaml").write_text(f"kind: tiny_vla\npath: {Path(weights).resolve()}\ndevice: cpu\n")
+    # The shipped config, found through the package (a wheel has it too), written out with absolute paths:
+    # the run directory says which policy ran, and the worker processes load it from there.
+    cfg = read_policy_config(resolve_config("demo_vla", "policies"))
+    if weights is not None:
+        cfg.path = Path(weights).resolve()
+    weights = cfg.path
+    (out / "policy.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     policy = load_policy(out / "policy.yaml")
     bb = policy.backbone
     n_params = sum(p.numel() for p in policy.parameters())

@@ -106,8 +106,13 @@ def episode_metrics(ep: Episode, window: int = WINDOW) -> EpisodeMetrics:
 
 def _carrying(ep: Episode) -> np.ndarray:
     n = ep.n_steps
-    sim = ep.meta.get("sim")
-    convention = ep.meta.get("gripper") or (sim.get("gripper") if isinstance(sim, dict) else None)
+    # Where the gripper convention was recorded: the sim session's conventions, or older stores' sim dict.
+    conventions, sim = ep.meta.get("conventions"), ep.meta.get("sim")
+    convention = (
+        ep.meta.get("gripper")
+        or (conventions.get("gripper") if isinstance(conventions, dict) else None)
+        or (sim.get("gripper") if isinstance(sim, dict) else None)
+    )
     action = ep.arrays.get("action")
     if convention in CLOSED and action is not None and n:
         closed = CLOSED[convention](np.asarray(action)[:, -1])
