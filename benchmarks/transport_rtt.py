@@ -3,7 +3,7 @@
 Payload (both stacks): an openpi/LIBERO-style observation of two 224x224x3 uint8 images, an 8-dim float32
 state and a prompt string; reply: a 50x7 float32 action chunk (fixed content, freshly allocated per call).
 
-  ours     vla_steer.wire.transport: a `Server` with an "infer" handler, driven by our `Client.infer`
+  ours     vla_steer.wire: a `Server` with an "infer" handler, driven by our `Client.infer`
   openpi   the `openpi-client` package as openpi uses it: its `WebsocketClientPolicy` against a server
            that reproduces the behaviour (not the code) of openpi's `WebsocketPolicyServer`: a
            `websockets.asyncio.server.serve(..., compression=None, max_size=None)` server that sends its
@@ -195,16 +195,8 @@ def role_ours_server() -> None:
 def role_ours_client(address: str) -> None:
     import zmq
 
-    from vla_steer.wire import Client, Request
-    from vla_steer.wire.protocol import (
-        InferResult,
-        Message,
-        check_reply,
-        check_request,
-        decode,
-        encode,
-        require_finite,
-    )
+    from vla_steer.wire import Client, InferResult, Message, Request, decode, encode, require_finite
+    from vla_steer.wire.messages import check_reply, check_request
 
     obs = make_observation()
     client = Client(address)  # as the sim/robot node uses it: defaults, heartbeat thread on
@@ -628,8 +620,8 @@ def main_orchestrator(argv: list[str]) -> int:
             "reply": {"actions": {"shape": list(CHUNK_SHAPE), "dtype": "float32"}},
         },
         "setup": {
-            "ours": "vla_steer.wire.transport.Server({'infer': handler}, 'tcp://127.0.0.1:*') in one process, "
-            "vla_steer.wire.transport.Client(address) (defaults: heartbeat thread on) in another",
+            "ours": "vla_steer.wire.Server({'infer': handler}, 'tcp://127.0.0.1:*') in one process, "
+            "vla_steer.wire.Client(address) (defaults: heartbeat thread on) in another",
             "openpi": "a server reproducing the behaviour of openpi's WebsocketPolicyServer "
             "(websockets.asyncio.server.serve, compression=None, max_size=None, metadata on connect, "
             "msgpack_numpy, server_timing added) in one process, "

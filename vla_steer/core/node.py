@@ -31,7 +31,7 @@ MAX_RECORDED_NEURONS = 65536
 
 
 class PolicyNode:
-    """Request handlers for `vla_steer.wire.transport.Server`: `Server(PolicyNode(policy, directions), address)`."""
+    """Request handlers for `vla_steer.wire.Server`: `Server(PolicyNode(policy, directions), address)`."""
 
     def __init__(
         self,

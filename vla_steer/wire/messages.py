@@ -1,19 +1,26 @@
-"""The one schema of what a node observes and what a step records, shared by sim, robot and policies.
+"""What each kind of message carries: the per-kind payload schemas and the values built from them.
+
+`check_request` / `check_reply` validate a decoded `Message` (see `vla_steer.wire.codec`) against its kind's
+schema; `ServerInfo` (the hello reply), `InferResult`, `KnobsRequest` and `TelemetryRecord` are the typed
+views of those payloads. Torch-free, like the whole wire.
 
 An `Observation` is what a policy is asked to act on: a language instruction, camera images keyed by the
 policy's image keys (uint8 [H, W, 3], row 0 at the top) and, when the policy takes it, a proprioceptive
-state vector. It travels as the payload of an `infer` request (`to_payload` / `from_payload`), and
-`from_payload` is where every rule about a valid observation lives: errors name the key and what was
-wrong, values are checked (finite state, after the cast to float32), not only types.
+state vector. It travels as the payload's "observation" of an `infer` request (`to_payload` /
+`from_payload`), and `from_payload` is where every rule about a valid observation lives: errors name the
+key and what was wrong, values are checked (finite state, after the cast to float32), not only types.
 
 A `Step` is one executed control step as the node that stepped the world records it: the observation the
 action was chosen on, the chunk and the executed action, the end-effector pose and velocity (world frame:
 `ee_pos` [3] m, `ee_quat` [4] x, y, z, w, `ee_vel` [3] m/s), reward, times, the steering state in force and
 any activations the policy returned.
+
+Longer than ~400 lines on purpose: each kind's schema sits next to the value type that builds and reads it.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +28,324 @@ from typing import Any
 
 import numpy as np
 
+from vla_steer.wire.codec import MAX_NAMES, PROTOCOL_VERSION, REQUEST_KINDS, Code, Message, ProtocolError
+
+KNOB_OPS = ("list", "get", "set", "enable", "disable", "off")
+MAX_OP_CHARS = 64  # a control op is a name, not data
 MAX_INSTRUCTION_CHARS = 2000  # a task instruction, not a document: bounds tokenizer and attention cost
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+
+
+def _t_dict(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _t_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _t_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _t_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _t_names(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_NAMES and all(isinstance(x, str) for x in v)
+
+
+def _t_number_map(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= MAX_NAMES and all(_t_number(x) for x in v.values())
+
+
+def _t_array_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, np.ndarray) for x in v.values())
+
+
+def _t_actions(v: Any) -> bool:
+    return isinstance(v, np.ndarray) and v.ndim == 2 and v.dtype.kind == "f"
+
+
+def _t_shape_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(s, list) and all(_t_int(d) and d >= 0 for d in s) for s in v.values()
+    )
+
+
+def _t_dict_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, dict) for x in v.values())
+
+
+def _t_opt_str(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _t_op(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_OP_CHARS
+
+
+def _t_plain_map(v: Any) -> bool:
+    """A map holding plain values only, no arrays (decode has already bounded depth and key types)."""
+    return isinstance(v, dict) and not _holds_array(v)
+
+
+def _holds_array(v: Any) -> bool:
+    if isinstance(v, np.ndarray):
+        return True
+    if isinstance(v, dict):
+        return any(_holds_array(x) for x in v.values())
+    if isinstance(v, list):
+        return any(_holds_array(x) for x in v)
+    return False
+
+
+# (required, check, what the check wants); every kind also accepts a free-form "info" dict.
+_Spec = dict[str, tuple[bool, Any, str]]
+_INFO = {"info": (False, _t_dict, "a map")}
+_REQUESTS: dict[str, _Spec] = {
+    "hello": {"client": (False, _t_str, "a string"), **_INFO},
+    "infer": {
+        "observation": (True, _t_dict, "a map of arrays and scalars"),
+        "activations": (False, _t_names, f"a list of <= {MAX_NAMES} names"),
+        **_INFO,
+    },
+    "reset": {"episode": (False, _t_str, "a string"), "seed": (False, _t_int, "an int"), **_INFO},
+    "knobs": {
+        "op": (True, lambda v: v in KNOB_OPS, f"one of {KNOB_OPS}"),
+        "concepts": (False, _t_names, f"a list of <= {MAX_NAMES} names"),
+        "strengths": (False, _t_number_map, "a map of concept -> finite number"),
+        **_INFO,
+    },
+    "heartbeat": {"client": (False, _t_str, "a string"), **_INFO},
+    "control": {
+        "op": (True, _t_op, f"a non-empty string of <= {MAX_OP_CHARS} characters"),
+        "args": (True, _t_plain_map, "a map of plain values (no arrays)"),
+    },
+}
+_REPLIES: dict[str, _Spec] = {
+    "hello": {
+        "protocol": (True, _t_int, "an int"),
+        "policy": (True, _t_str, "a string"),
+        "action_dim": (True, _t_int, "an int"),
+        "chunk_length": (True, _t_int, "an int"),
+        "control_hz": (True, _t_number, "a number"),
+        "image_keys": (True, _t_shape_map, "a map of image key -> shape"),
+        "concepts": (True, _t_names, "a list of names"),
+        **_INFO,
+    },
+    "infer": {
+        "actions": (True, _t_actions, "a 2-D float array (chunk, action_dim)"),
+        "activations": (False, _t_array_map, "a map of name -> array"),
+        **_INFO,
+    },
+    "reset": {**_INFO},
+    "knobs": {"knobs": (True, _t_dict_map, "a map of concept -> state map"), **_INFO},
+    "heartbeat": {
+        "time": (True, _t_number, "a number"),
+        "busy": (False, lambda v: isinstance(v, bool), "a bool"),
+        **_INFO,
+    },
+    "error": {
+        "code": (True, _t_str, "a string"),
+        "message": (True, _t_str, "a string"),
+        "field": (False, _t_opt_str, "a string or None"),
+        **_INFO,
+    },
+}
+
+
+def _check_spec(payload: dict, spec: _Spec, what: str) -> None:
+    for name, (required, check, wants) in spec.items():
+        if name not in payload:
+            if required:
+                raise ProtocolError(Code.MISSING_FIELD, f"{what} payload has no {name!r}", name)
+        elif not check(payload[name]):
+            raise ProtocolError(Code.BAD_PAYLOAD, f"{what} field {name!r} must be {wants}", name)
+    extra = sorted(set(payload) - set(spec))
+    if extra:
+        raise ProtocolError(Code.BAD_PAYLOAD, f"{what} payload has unknown fields {extra}", extra[0])
+
+
+def check_request(msg: Message) -> None:
+    """Validate a request's kind and payload schema (after `decode`)."""
+    if msg.kind not in REQUEST_KINDS:
+        raise ProtocolError(
+            Code.BAD_KIND, f"{msg.kind!r} is not a request kind; expected one of {REQUEST_KINDS}", "kind"
+        )
+    _check_spec(msg.payload, _REQUESTS[msg.kind], f"{msg.kind} request")
+    if msg.kind == "knobs":
+        op = msg.payload["op"]
+        if op == "set" and "strengths" not in msg.payload:
+            raise ProtocolError(Code.MISSING_FIELD, "knobs 'set' needs 'strengths'", "strengths")
+        if op in ("enable", "disable") and not msg.payload.get("concepts"):
+            raise ProtocolError(
+                Code.MISSING_FIELD, f"knobs {op!r} needs a non-empty 'concepts' list", "concepts"
+            )
+
+
+def check_reply(msg: Message, expected_kind: str) -> None:
+    """Validate a reply: either an error or the same kind as the request, with that kind's schema."""
+    if msg.kind != "error" and msg.kind != expected_kind:
+        raise ProtocolError(Code.BAD_KIND, f"expected a {expected_kind!r} reply, got {msg.kind!r}", "kind")
+    if msg.kind == "control":  # free-form: whatever map the node's control handler returned
+        return
+    _check_spec(msg.payload, _REPLIES[msg.kind], f"{msg.kind} reply")
+
+
+def error_payload(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"code": code, "message": message, "field": field}
+
+
+# ----------------------------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The "hello" reply: what a client needs to know to drive the policy."""
+
+    policy: str
+    action_dim: int
+    chunk_length: int
+    control_hz: float
+    image_keys: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # key -> (H, W, C)
+    concepts: tuple[str, ...] = ()
+    info: Mapping[str, Any] = field(default_factory=dict)  # policy-specific extras (e.g. unnorm_key)
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "policy": self.policy,
+            "action_dim": int(self.action_dim),
+            "chunk_length": int(self.chunk_length),
+            "control_hz": float(self.control_hz),
+            "image_keys": {k: [int(d) for d in s] for k, s in self.image_keys.items()},
+            "concepts": list(self.concepts),
+            "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> ServerInfo:
+        return cls(
+            policy=payload["policy"],
+            action_dim=payload["action_dim"],
+            chunk_length=payload["chunk_length"],
+            control_hz=float(payload["control_hz"]),
+            image_keys={k: tuple(s) for k, s in payload["image_keys"].items()},
+            concepts=tuple(payload["concepts"]),
+            info=dict(payload.get("info", {})),
+        )
+
+
+@dataclass
+class InferResult:
+    """The "infer" reply: an action chunk (chunk_length, action_dim) and the requested activations."""
+
+    actions: np.ndarray
+    activations: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"actions": self.actions}
+        if self.activations:
+            out["activations"] = self.activations
+        if self.info:
+            out["info"] = self.info
+        return out
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> InferResult:
+        return cls(payload["actions"], dict(payload.get("activations", {})), dict(payload.get("info", {})))
+
+
+@dataclass(frozen=True)
+class KnobsRequest:
+    """A "knobs" request. `concepts=None` means all concepts (for list/get)."""
+
+    op: str
+    concepts: tuple[str, ...] | None = None
+    strengths: Mapping[str, float] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.op}
+        if self.concepts is not None:
+            out["concepts"] = list(self.concepts)
+        if self.op == "set":
+            out["strengths"] = {k: float(v) for k, v in self.strengths.items()}
+        return out
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> KnobsRequest:
+        concepts = payload.get("concepts")
+        return cls(
+            payload["op"], None if concepts is None else tuple(concepts), dict(payload.get("strengths", {}))
+        )
+
+
+@dataclass(frozen=True)
+class TelemetryRecord:
+    """One per-request record from the server's PUB socket. Latencies are in milliseconds."""
+
+    kind: str
+    request_id: int
+    client: str  # hex routing id of the sender
+    ok: bool
+    error_code: str | None
+    latency_ms: Mapping[str, float]  # decode, queue (worker kinds), handler, encode, total
+    telemetry: Mapping[str, Any]  # whatever the handler returned as telemetry
+    timestamp: float
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "request_id": self.request_id,
+            "client": self.client,
+            "ok": self.ok,
+            "error_code": self.error_code,
+            "latency_ms": dict(self.latency_ms),
+            "telemetry": dict(self.telemetry),
+        }
+
+    @classmethod
+    def from_message(cls, msg: Message) -> TelemetryRecord:
+        p = msg.payload
+        try:
+            return cls(
+                kind=str(p["kind"]),
+                request_id=int(p["request_id"]),
+                client=str(p["client"]),
+                ok=bool(p["ok"]),
+                error_code=p.get("error_code"),
+                latency_ms={str(k): float(v) for k, v in p["latency_ms"].items()},
+                telemetry=dict(p.get("telemetry") or {}),
+                timestamp=msg.timestamp,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ProtocolError(Code.BAD_PAYLOAD, f"bad telemetry record: {e!r}", "payload") from e
+
+
+def parse_strengths(items: list[str]) -> dict[str, float]:
+    """['fast=4', 'up=-2.5'] -> {'fast': 4.0, 'up': -2.5}; anything else names the bad item."""
+    out = {}
+    for item in items:
+        name, sep, value = item.strip().partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"knob settings look like fast=4 or up=-2.5, got {item!r}") from None
+        if not math.isfinite(out[name]):
+            raise ValueError(f"knob {name!r}: the strength must be a finite number, got {value!r}")
+    return out
+
+
+def parse_setting(text: str) -> dict[str, float]:
+    """'off' -> {} (every knob off); 'fast=4,up=2' -> {'fast': 4.0, 'up': 2.0}."""
+    return {} if text.strip() in ("off", "baseline", "") else parse_strengths(text.split(","))
 
 
 @dataclass

@@ -1,14 +1,10 @@
-"""Server/Client/telemetry over real ZeroMQ sockets: 127.0.0.1 with ephemeral ports, and ipc in a tmp dir.
-
-Every blocking call here has a timeout; the waits are polls with deadlines, never fixed long sleeps.
+"""The Server over real ZeroMQ sockets (127.0.0.1 with ephemeral ports, ipc in a tmp dir): dispatch, control,
+concurrency, malformed input, the client table, close. Every blocking call has a timeout.
 """
 
 from __future__ import annotations
 
-import contextlib
-import stat
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,144 +15,23 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import wait_for
+from wire_support import LOCAL, FakePolicy, raw_exchange, raw_socket, serving
 
 from vla_steer.wire import (
     Client,
-    InsecureBindError,
-    Keypair,
+    Code,
+    ProtocolError,
     RemoteError,
-    Reply,
-    Request,
     RequestTimeout,
     Server,
     TelemetrySubscriber,
-    generate_keypair,
-    is_loopback,
-    load_keypair,
-)
-from vla_steer.wire.protocol import (
-    ALLOWED_DTYPES,
-    Code,
-    InferResult,
-    KnobsRequest,
-    Message,
-    ProtocolError,
-    ServerInfo,
     decode,
     encode,
 )
+from vla_steer.wire.codec import ALLOWED_DTYPES
 
-LOCAL = "tcp://127.0.0.1:*"
-
-
-class FakePolicy:
-    """Answers from the observation so every reply can be checked against its request.
-
-    Observation fields it understands: tag (echoed as info.tag and actions[0, 0]), delay (seconds to
-    sleep), nan_actions, explode (raise), bad_reply (return a malformed reply).
-    """
-
-    def __init__(self) -> None:
-        self.strengths: dict[str, float] = {"up": 0.0, "fast": 0.0}
-        self.enabled: dict[str, bool] = {"up": False, "fast": False}
-        self.started = threading.Event()
-
-    def hello(self, req: Request) -> ServerInfo:
-        return ServerInfo("fake", 7, 4, 10.0, {"agentview": (8, 8, 3)}, tuple(self.strengths))
-
-    def infer(self, req: Request) -> Reply:
-        obs = req.payload["observation"]
-        self.started.set()
-        if obs.get("delay"):
-            time.sleep(obs["delay"])
-        if obs.get("explode"):
-            raise RuntimeError("policy exploded")
-        if obs.get("bad_reply"):
-            return Reply({"actions": np.zeros(7, np.float32)})  # 1-D: not an action chunk
-        tag = obs.get("tag", 0)
-        actions = np.full((4, 7), float(tag), np.float32)
-        if obs.get("nan_actions"):
-            actions[1, 2] = np.nan
-        acts = {"l15": np.arange(5, dtype=np.float32) + tag, "l20": np.zeros((2, 3), np.float16)}
-        info = {"tag": tag, "echo": obs.get("echo")}
-        return Reply(InferResult(actions, acts, info), telemetry={"tag": tag, "chunk": actions[0]})
-
-    def reset(self, req: Request) -> dict[str, Any]:
-        return {"info": {"episode": req.payload.get("episode"), "seed": req.payload.get("seed")}}
-
-    def knobs(self, req: Request) -> dict[str, Any]:
-        k = req.knobs
-        if k.op == "set":
-            for c, s in k.strengths.items():
-                if c not in self.strengths:
-                    raise ProtocolError(Code.BAD_PAYLOAD, f"unknown concept {c!r}", f"strengths.{c}")
-                self.strengths[c] = s
-        elif k.op in ("enable", "disable"):
-            for c in k.concepts or ():
-                self.enabled[c] = k.op == "enable"
-        elif k.op == "off":
-            self.enabled = dict.fromkeys(self.enabled, False)
-        names = k.concepts if k.op == "get" and k.concepts else tuple(self.strengths)
-        return {"knobs": {c: {"strength": self.strengths[c], "enabled": self.enabled[c]} for c in names}}
-
-
-@contextlib.contextmanager
-def serving(policy: Any = None, address: str = LOCAL, **kw: Any) -> Iterator[Server]:
-    srv = Server(policy if policy is not None else FakePolicy(), address, **kw).start()
-    try:
-        yield srv
-    finally:
-        srv.close()
-
-
-def wait_for(cond: Any, timeout: float, step: float = 0.01) -> float:
-    """Poll `cond` until true; returns seconds waited. Fails the test after `timeout`."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(step)
-    return time.monotonic() - t0
-
-
-def raw_socket(ctx: zmq.Context, address: str) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(address)
-    return sock
-
-
-def raw_exchange(sock: zmq.Socket, frames: list, timeout: float = 2.0) -> Message:
-    sock.send_multipart(frames)
-    assert sock.poll(int(timeout * 1000)), "no reply from server"
-    return decode(sock.recv_multipart(copy=False))
-
-
-# ----------------------------------------------------------------------------------------- basics
-
-
-def test_every_kind_round_trips() -> None:
-    with serving() as srv, Client(srv.address) as c:
-        info = c.hello()
-        assert (info.policy, info.action_dim, info.chunk_length, info.image_keys) == (
-            "fake",
-            7,
-            4,
-            {"agentview": (8, 8, 3)},
-        )
-        res = c.infer({"tag": 3, "agentview": np.zeros((8, 8, 3), np.uint8)})
-        assert res.actions.shape == (4, 7) and res.actions[0, 0] == 3 and res.info["tag"] == 3
-        assert res.activations == {}  # none requested, none sent
-        assert c.reset(episode="ep1", seed=5) == {"info": {"episode": "ep1", "seed": 5}}
-        assert c.set_knobs({"up": 4.0})["up"]["strength"] == 4.0
-        assert c.enable(["up"])["up"]["enabled"] is True
-        assert set(c.get_knobs(["fast"])) == {"fast"}
-        assert c.disable(["up"])["up"]["enabled"] is False
-        assert set(c.list_knobs()) == {"up", "fast"}
-        c.enable(["fast"])
-        assert not any(s["enabled"] for s in c.knobs_off().values())
-        assert c.ping() is not None
-        assert c.wait_alive(2.0)
+# ----------------------------------------------------------------------------------------------- dispatch
 
 
 def test_arrays_of_every_dtype_cross_the_wire_bit_exact() -> None:
@@ -216,6 +91,78 @@ def test_missing_handler_is_unsupported() -> None:
         Server({"teleport": print}, LOCAL)
 
 
+# ------------------------------------------------------------------------------------------------ control
+
+
+class FakeRobotControl:
+    """A robot node's control socket: ops that change and report a latched stop, and recorded events."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.events: list[dict[str, Any]] = []
+
+    def control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "stop":
+            self.stopped = True
+        elif op == "resume":
+            self.stopped = False
+        elif op == "event":
+            self.events.append(args)
+        elif op != "status":
+            raise ProtocolError(Code.BAD_PAYLOAD, f"unknown control op {op!r}", "op")
+        return {"status": {"stopped": self.stopped, "events": len(self.events)}}
+
+
+def test_control_requests_reach_the_handlers_control_method() -> None:
+    robot = FakeRobotControl()
+    with serving(robot) as srv, Client(srv.address) as c:
+        assert c.control("status") == {"status": {"stopped": False, "events": 0}}
+        assert c.control("stop")["status"]["stopped"] is True and robot.stopped
+        reply = c.control("event", kind="knobs", data={"up": 4.0}, t=1.5)
+        assert reply == {"status": {"stopped": True, "events": 1}}
+        assert robot.events == [{"kind": "knobs", "data": {"up": 4.0}, "t": 1.5}]
+        assert c.control("resume")["status"]["stopped"] is False
+        with pytest.raises(RemoteError) as e:
+            c.control("teleport")
+        assert (e.value.code, e.value.field) == (Code.BAD_PAYLOAD, "op")
+        with pytest.raises(RemoteError) as e:  # a robot control socket serves no policy
+            c.hello()
+        assert e.value.code == Code.UNSUPPORTED
+        assert c.control("status")["status"]["stopped"] is False  # and it goes on serving
+
+
+def test_control_is_unsupported_without_a_control_method_and_bad_payloads_are_refused() -> None:
+    with serving() as srv, Client(srv.address) as c:
+        with pytest.raises(RemoteError) as e:
+            c.control("stop")
+        assert (e.value.code, e.value.field) == (Code.UNSUPPORTED, "kind")
+    with serving(FakeRobotControl()) as srv, Client(srv.address) as c:
+        for payload, code, field in [
+            ({"op": "", "args": {}}, Code.BAD_PAYLOAD, "op"),
+            ({"op": "stop", "args": "now"}, Code.BAD_PAYLOAD, "args"),
+            ({"op": "stop"}, Code.MISSING_FIELD, "args"),
+            ({"op": "event", "args": {"frame": np.zeros(3)}}, Code.BAD_PAYLOAD, "args"),
+        ]:
+            with pytest.raises(RemoteError) as e:
+                c.request("control", payload)
+            assert (e.value.code, e.value.field) == (code, field), payload
+        assert c.control("status") == {"status": {"stopped": False, "events": 0}}
+
+
+def test_a_control_handler_that_returns_no_map_is_a_handler_error() -> None:
+    with (
+        serving({"control": lambda op, args: None if op == "quiet" else [op]}) as srv,
+        Client(srv.address) as c,
+    ):
+        assert c.control("quiet") == {}
+        with pytest.raises(RemoteError) as e:
+            c.control("list")
+        assert e.value.code == Code.HANDLER_ERROR
+
+
+# ---------------------------------------------------------------------------------------------- addresses
+
+
 def _has_ipv6_loopback() -> bool:
     with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
         sock.linger, sock.ipv6 = 0, True
@@ -257,7 +204,7 @@ def test_req_sockets_work_too() -> None:
         req.close()
 
 
-# ------------------------------------------------------------------------------------- concurrency
+# ------------------------------------------------------------------------------------------- concurrency
 
 
 def test_eight_clients_two_hundred_requests_each_get_their_own_replies() -> None:
@@ -281,23 +228,6 @@ def test_eight_clients_two_hundred_requests_each_get_their_own_replies() -> None
             t.join(60)
         assert not any(t.is_alive() for t in threads)
     assert not errors, errors[:5]
-
-
-def test_one_client_shared_by_threads_is_serialized() -> None:
-    errors: list[int] = []
-    with serving() as srv, Client(srv.address) as c:
-
-        def run(i: int) -> None:
-            for j in range(50):
-                if c.infer({"tag": i * 100 + j}).info["tag"] != i * 100 + j:
-                    errors.append(i)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    assert not errors and c.stale_replies == 0
 
 
 def test_slow_infer_does_not_delay_control_messages() -> None:
@@ -335,7 +265,7 @@ def test_full_inference_queue_answers_busy() -> None:
         assert b.infer({"tag": 2}).info["tag"] == 2
 
 
-# -------------------------------------------------------------------------------- malformed input
+# -------------------------------------------------------------------------------------- malformed input
 
 MAX_BYTES = 64 * 1024
 GOOD_OBS = {"img": np.ones((2, 3), np.float32)}
@@ -467,91 +397,7 @@ def test_requests_that_are_not_requests_are_refused(small_server: Server) -> Non
         sock.close()
 
 
-# ------------------------------------------------------------------------------- liveness, restarts
-
-
-def test_dead_server_is_reported_within_the_liveness_window_and_recovery_follows() -> None:
-    policy = FakePolicy()
-    srv = Server(policy, LOCAL).start()
-    address = srv.address
-    with Client(address, timeout=0.5, retries=1, liveness=1.0) as c:
-        try:
-            assert c.wait_alive(2.0)
-            assert c.infer({"tag": 1}).info["tag"] == 1
-            srv.close()
-            dead_after = wait_for(lambda: not c.alive, timeout=2.0)
-            assert dead_after <= 1.0 + 0.4  # liveness window + one heartbeat interval + slack
-            with pytest.raises(RequestTimeout):
-                c.infer({"tag": 2}, timeout=0.2, retries=0)
-            srv = Server(policy, address).start()  # same address
-            wait_for(lambda: c.alive, timeout=3.0)
-            assert c.infer({"tag": 3}).info["tag"] == 3
-        finally:
-            srv.close()
-
-
-@pytest.mark.parametrize("reconnect", [True, False])
-def test_a_late_reply_is_never_returned_for_a_new_request(reconnect: bool) -> None:
-    with (
-        serving() as srv,
-        Client(
-            srv.address, timeout=0.2, retries=0, reconnect_on_timeout=reconnect, heartbeat_interval=None
-        ) as c,
-    ):
-        with pytest.raises(RequestTimeout):
-            c.infer({"tag": 1, "delay": 0.5})
-        res = c.infer({"tag": 2}, timeout=3.0)  # queued behind the slow one; its reply comes first
-        assert res.info["tag"] == 2 and res.actions[0, 0] == 2
-        # Without reconnecting, the stale reply reached this socket and was dropped by id; with it, the
-        # old socket is gone and the server's reply to it went nowhere.
-        assert c.stale_replies == (0 if reconnect else 1)
-
-
-def test_retries_recover_from_a_slow_first_attempt() -> None:
-    calls: list[float] = []
-    policy = FakePolicy()
-
-    def infer(req: Request) -> Any:
-        calls.append(time.monotonic())
-        if len(calls) == 1:
-            time.sleep(0.3)
-        return policy.infer(req)
-
-    with serving({"infer": infer}) as srv, Client(srv.address, timeout=0.25) as c:
-        assert c.infer({"tag": 4}, retries=2).info["tag"] == 4  # infer retries only when asked to
-    assert len(calls) >= 2
-
-
-def test_a_slow_infer_is_not_retried_by_default() -> None:
-    """An inference is not idempotent: with the client's default retries it still runs exactly once."""
-    calls: list[float] = []
-    policy = FakePolicy()
-
-    def infer(req: Request) -> Any:
-        calls.append(time.monotonic())
-        time.sleep(0.4)
-        return policy.infer(req)
-
-    with serving({"infer": infer, "hello": policy.hello}) as srv, Client(srv.address, timeout=0.2) as c:
-        assert c.retries == 2  # the client's retries apply to the other kinds
-        t0 = time.monotonic()
-        with pytest.raises(RequestTimeout, match="1 attempts"):
-            c.infer({"tag": 1})
-        assert time.monotonic() - t0 < 0.35
-        time.sleep(0.5)  # a retry, had there been one, would have reached the handler by now
-        assert len(calls) == 1
-        assert c.hello().policy == "fake"
-
-
-def test_nothing_listening_times_out_in_bounded_time() -> None:
-    with Client("tcp://127.0.0.1:1", timeout=0.1, retries=2, heartbeat_interval=0.05) as c:
-        t0 = time.monotonic()
-        with pytest.raises(RequestTimeout, match="3 attempts"):
-            c.hello()
-        assert time.monotonic() - t0 < 1.0
-        assert not c.alive and c.ping(0.05) is None
-    with pytest.raises(ValueError):
-        Client(timeout=float("inf"))
+# ------------------------------------------------------------------------------------ clients, lifecycle
 
 
 def test_server_sees_clients_come_and_go() -> None:
@@ -561,8 +407,7 @@ def test_server_sees_clients_come_and_go() -> None:
             wait_for(lambda: "sim-A" in srv.live_clients(), timeout=2.0)
         finally:
             c.close()
-        gone_after = wait_for(lambda: "sim-A" not in srv.live_clients(), timeout=2.0)
-        assert gone_after <= 1.0 + 0.3  # the liveness window, counted from the last heartbeat, + slack
+        wait_for(lambda: "sim-A" not in srv.live_clients(), timeout=10.0, what="the server to drop sim-A")
         assert srv.clients()["sim-A"] > 1.0
 
 
@@ -597,117 +442,3 @@ def test_close_is_idempotent_and_releases_the_address() -> None:
         c.close()
         with pytest.raises(RuntimeError):
             c.hello()
-
-
-# ------------------------------------------------------------------------------------------ security
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for name, where in [("server", "server"), ("alice", "allowed"), ("mallory", "other")]:
-        out[f"{name}.pub"], out[f"{name}.sec"] = generate_keypair(tmp_path / where, name)
-    out["allowed"] = tmp_path / "allowed"
-    return out
-
-
-def test_curve_serves_allowed_clients_only(keys: dict[str, Path]) -> None:
-    assert stat.S_IMODE(keys["alice.sec"].stat().st_mode) == 0o600
-    with serving(keypair=keys["server.sec"], allowed_clients=keys["allowed"], telemetry_address=LOCAL) as srv:
-        server_pub = keys["server.pub"]
-        with Client(srv.address, server_key=server_pub, keypair=keys["alice.sec"]) as alice:
-            assert alice.infer({"tag": 5}).info["tag"] == 5
-            assert alice.wait_alive(2.0)
-        with Client(
-            srv.address, server_key=server_pub, keypair=keys["mallory.sec"], timeout=0.3, retries=0
-        ) as mallory:
-            with pytest.raises(RequestTimeout):
-                mallory.hello()
-            assert not mallory.alive
-        plaintext = Client(srv.address, timeout=0.3, retries=0, heartbeat_interval=None)
-        with plaintext, pytest.raises(RequestTimeout):
-            plaintext.hello()
-        # Telemetry is encrypted and authenticated the same way.
-        with (
-            TelemetrySubscriber(
-                srv.telemetry_address, server_key=server_pub, keypair=keys["alice.sec"]
-            ) as sub,
-            Client(srv.address, server_key=server_pub, keypair=keys["alice.sec"]) as alice,
-        ):
-            wait_for(lambda: (alice.hello(), sub.recv(0.05))[1] is not None, timeout=3.0)
-
-
-def test_curve_allow_list_accepts_keys_in_memory(keys: dict[str, Path]) -> None:
-    alice = load_keypair(keys["alice.sec"])
-    assert alice.secret is not None
-    server = load_keypair(keys["server.sec"])
-    with (
-        serving(keypair=server, allowed_clients=[alice.public.decode()]) as srv,
-        Client(srv.address, server_key=Keypair(server.public), keypair=alice) as c,
-    ):
-        assert c.hello().policy == "fake"
-
-
-def test_binding_beyond_loopback_needs_keys_or_explicit_consent(keys: dict[str, Path]) -> None:
-    with pytest.raises(InsecureBindError, match="allow_insecure=True"):
-        Server(FakePolicy(), "tcp://0.0.0.0:*")
-    with pytest.raises(InsecureBindError, match="without CURVE keys"):
-        Server(FakePolicy(), LOCAL, telemetry_address="tcp://*:*")
-    Server(FakePolicy(), "tcp://0.0.0.0:*", allow_insecure=True).close()
-    Server(
-        FakePolicy(), "tcp://0.0.0.0:*", keypair=keys["server.sec"], allowed_clients=keys["allowed"]
-    ).close()
-    with pytest.raises(ValueError, match="allowed_clients"):
-        Server(FakePolicy(), LOCAL, keypair=keys["server.sec"])
-
-
-@pytest.mark.parametrize(
-    ("address", "local"),
-    [
-        ("tcp://127.0.0.1:5555", True),
-        ("tcp://127.0.0.2:*", True),
-        ("tcp://localhost:5555", True),
-        ("tcp://[::1]:5555", True),
-        ("ipc:///tmp/x.sock", True),
-        ("inproc://x", True),
-        ("tcp://0.0.0.0:5555", False),
-        ("tcp://*:5555", False),
-        ("tcp://192.168.1.10:5555", False),
-        ("tcp://eth0:5555", False),
-        ("ws://127.0.0.1:5555", False),
-    ],
-)
-def test_is_loopback(address: str, local: bool) -> None:
-    assert is_loopback(address) is local
-
-
-# ----------------------------------------------------------------------------------------- telemetry
-
-
-def test_telemetry_subscriber_receives_per_request_records() -> None:
-    with (
-        serving(telemetry_address=LOCAL) as srv,
-        TelemetrySubscriber(srv.telemetry_address) as sub,
-        Client(srv.address) as c,
-    ):
-        # PUB/SUB: records published before the subscription lands are lost; probe until one arrives.
-        wait_for(lambda: (c.hello(), sub.recv(0.05))[1] is not None, timeout=3.0)
-        sub.drain()
-        for tag in range(5):
-            c.infer({"tag": tag})
-        with pytest.raises(RemoteError):
-            c.knobs(KnobsRequest("explode"))
-        records = []
-        while len(records) < 6 and (rec := sub.recv(2.0)) is not None:
-            records.append(rec)
-    infers = [r for r in records if r.kind == "infer"]
-    assert [r.telemetry["tag"] for r in infers] == list(range(5))
-    np.testing.assert_array_equal(infers[2].telemetry["chunk"], np.full(7, 2.0, np.float32))
-    for r in infers:
-        assert r.ok and r.error_code is None
-        assert set(r.latency_ms) == {"decode", "queue", "handler", "encode", "total"}
-        assert all(v >= 0 for v in r.latency_ms.values())
-        assert r.latency_ms["total"] >= r.latency_ms["handler"]
-    assert len({r.request_id for r in infers}) == 5
-    (bad,) = [r for r in records if r.kind == "knobs"]
-    assert not bad.ok and bad.error_code == Code.BAD_PAYLOAD

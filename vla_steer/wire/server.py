@@ -1,0 +1,521 @@
+"""The policy node's side of the wire: a `Server` that answers every request, and what its handlers see.
+
+One ROUTER socket serves any number of DEALER clients; every reply goes back to its sender's routing id. One
+thread owns the sockets and answers the quick kinds (hello, knobs, control, heartbeat) itself; "infer" and
+"reset" (which touch the policy's state) go to a worker thread, so a slow inference never delays a knob
+change, a stop or a heartbeat. Every malformed request gets an "error" reply naming the problem, and the
+server keeps serving. Optional PUB socket: one telemetry record per request (`vla_steer.wire.telemetry`).
+
+    with Server(policy_handler, "tcp://127.0.0.1:5555", telemetry_address="tcp://127.0.0.1:5556"):
+        ...                                   # policy node: serve until closed
+
+Longer than ~400 lines on purpose: the socket thread, the worker and the reply path share the server's
+state (pending count, outbox, client table) and are one piece of concurrency to read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import socket as pysocket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from vla_steer.wire.codec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Code,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    require_finite,
+)
+from vla_steer.wire.messages import KnobsRequest, TelemetryRecord, check_reply, check_request, error_payload
+from vla_steer.wire.security import (
+    AllowList,
+    Keypair,
+    as_keypair,
+    check_bind,
+    load_allow_list,
+    socket_options,
+)
+from vla_steer.wire.telemetry import TELEMETRY_TOPIC
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+LIVENESS_S = 1.0  # a peer silent for this long is considered gone
+HANDLED_KINDS = ("hello", "infer", "reset", "knobs", "control")  # the server answers heartbeats itself
+_MAX_CLIENT_NAME = 256  # characters of a heartbeat's client name the server keeps
+
+
+@dataclass
+class Request:
+    """What a handler receives. Arrays in `payload` are read-only views of the received frames."""
+
+    kind: str
+    payload: dict[str, Any]
+    request_id: int
+    timestamp: float
+    client: bytes  # the sender's routing id
+
+    @property
+    def knobs(self) -> KnobsRequest:
+        return KnobsRequest.from_payload(self.payload)
+
+
+@dataclass
+class Reply:
+    """A handler result with telemetry attached (published on the PUB socket, not sent to the client)."""
+
+    payload: Any = None  # a mapping, or a value with to_payload() (ServerInfo, InferResult)
+    telemetry: Mapping[str, Any] = field(default_factory=dict)
+
+
+Handler = Callable[[Request], Any]
+
+
+@dataclass
+class _Job:
+    envelope: list[bytes]
+    request: Request
+    t_recv: float
+    decode_s: float
+
+
+class Server:
+    """Serves a policy over ZeroMQ. Construct (binds), then `start()` or use as a context manager.
+
+    `handler` is a mapping kind -> callable, or an object with methods `hello`, `infer`, `reset`, `knobs`,
+    `control` (missing ones answer "unsupported"). `control(op, args)` gets the request's op name and args
+    map (a node's control socket: stop, resume, status, ...); every other handler gets a `Request`. A
+    handler returns a mapping, a value with `to_payload()` (`ServerInfo`, `InferResult`), a `Reply` (to add
+    telemetry), or None; it may raise `ProtocolError(code, message, field)` to answer a specific error.
+    Infer replies keep only the activations the request asked for. Handlers in `worker_kinds` run one at a
+    time in a worker thread; the others (control included, so a stop never queues behind an inference) run
+    on the socket thread, concurrently with the worker, and must be quick and thread-safe with
+    respect to the worker (the steering knobs are built for that). Reply arrays are sent zero-copy: return
+    arrays you will not mutate afterwards. Requests over `max_message_bytes` get a "too_large" error; a
+    single frame over twice that is cut off by zmq (MAXMSGSIZE) and its sender disconnected unanswered.
+    """
+
+    def __init__(
+        self,
+        handler: Mapping[str, Handler] | object,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        telemetry_address: str | None = None,
+        keypair: Keypair | str | os.PathLike | None = None,
+        allowed_clients: Iterable[bytes | str | os.PathLike | Keypair] | str | os.PathLike | None = None,
+        allow_insecure: bool = False,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        require_finite_observations: bool = True,
+        worker_kinds: Iterable[str] = ("infer", "reset"),
+        max_pending: int = 32,
+        liveness: float = LIVENESS_S,
+        telemetry_heartbeats: bool = False,
+        forget_clients_after: float | None = None,
+        max_clients: int = 4096,
+    ):
+        self._handlers = _resolve_handlers(handler)
+        if not self._handlers:
+            raise ValueError(f"handler {handler!r} has none of the methods {HANDLED_KINDS}")
+        self.max_message_bytes = max_message_bytes
+        self.require_finite_observations = require_finite_observations
+        self.worker_kinds = frozenset(worker_kinds)
+        self.max_pending = max_pending
+        self.liveness = liveness
+        self.telemetry_heartbeats = telemetry_heartbeats
+        # Any peer can add names to the heartbeat table, so it is bounded in age and in size.
+        self.forget_clients_after = 10 * liveness if forget_clients_after is None else forget_clients_after
+        self.max_clients = max_clients
+        secure = keypair is not None
+        if secure and allowed_clients is None:
+            raise ValueError(
+                "a CURVE server needs allowed_clients: a directory of .key files or a list of keys"
+            )
+        if allowed_clients is not None and not secure:
+            raise ValueError("allowed_clients needs keypair= (the server's secret key)")
+        for addr in (address, telemetry_address):
+            if addr is not None:
+                check_bind(addr, secure, allow_insecure)
+
+        # Own context: ZAP authentication is per context, and closing must not touch anyone else's sockets.
+        self._ctx = zmq.Context()
+        self._auth: ThreadAuthenticator | None = None
+        self._pub: zmq.Socket | None = None
+        try:
+            kp = as_keypair(keypair, True, "the server") if secure else None
+            if kp is not None:
+                self._auth = ThreadAuthenticator(self._ctx, log=log.getChild("auth"))
+                self._auth.start()
+                self._auth.configure_curve_callback("*", AllowList(load_allow_list(allowed_clients)))
+            self._router = self._socket(zmq.ROUTER, kp, address)
+            self._router.bind(address)
+            self.address: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.telemetry_address: str | None = None
+            if telemetry_address is not None:
+                self._pub = self._socket(zmq.PUB, kp, telemetry_address)
+                self._pub.bind(telemetry_address)
+                self.telemetry_address = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException:
+            self._teardown()
+            raise
+        self.public_key = kp.public if kp else None
+        # Workers hand replies back through a queue + a socketpair the socket thread polls: workers own
+        # no zmq socket, so a handler stuck at shutdown cannot block context termination.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = pysocket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._pending = 0  # queued + running worker jobs; touched by the socket thread only
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        # client name -> monotonic time of its last heartbeat, oldest first (see _heard_from)
+        self._clients: dict[str, float] = {}
+        self._clients_lock = threading.Lock()
+
+    def _socket(self, kind: int, kp: Keypair | None, address: str) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        socket_options(sock, self.max_message_bytes, address)
+        if kp is not None:
+            sock.curve_secretkey = kp.secret
+            sock.curve_publickey = kp.public
+            sock.curve_server = True
+        return sock
+
+    # -- lifecycle
+
+    def start(self) -> Server:
+        if self._closed:
+            raise RuntimeError("server is closed")
+        if self._thread is None:
+            self._worker = threading.Thread(target=self._work, name="vla-steer-infer", daemon=True)
+            self._thread = threading.Thread(target=self._loop, name="vla-steer-server", daemon=True)
+            self._worker.start()
+            self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve until `close()` or Ctrl-C."""
+        self.start()
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop serving and release the address. Idempotent. Waits up to `timeout` for a running handler."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)  # the socket thread closes its sockets on the way out
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join(timeout)
+            if self._worker.is_alive():
+                log.warning("a handler is still running after close(); abandoning it")
+        self._teardown()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _teardown(self) -> None:
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread.is_alive():
+            # Its sockets are not ours to touch from this thread, and term() would block on them.
+            log.warning("server socket thread did not stop (a slow control handler?); leaving it running")
+            return
+        for sock in (getattr(self, "_router", None), self._pub):
+            if sock is not None and not sock.closed:
+                sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- liveness of clients
+
+    def clients(self) -> dict[str, float]:
+        """Seconds since each client's last heartbeat, by client name.
+
+        Clients silent for more than `forget_clients_after` seconds are forgotten, and beyond `max_clients`
+        names the longest-silent ones are.
+        """
+        now = time.monotonic()
+        with self._clients_lock:
+            self._forget_clients(now)
+            return {name: now - t for name, t in self._clients.items()}
+
+    def _heard_from(self, name: str) -> None:
+        now = time.monotonic()
+        with self._clients_lock:
+            self._clients.pop(name, None)  # re-insert, so the dict stays ordered by last heartbeat
+            self._clients[name] = now
+            self._forget_clients(now)
+
+    def _forget_clients(self, now: float) -> None:
+        """Drop the oldest entries while too old or too many (caller holds the lock)."""
+        while self._clients:
+            oldest = next(iter(self._clients))
+            if (
+                len(self._clients) <= self.max_clients
+                and now - self._clients[oldest] <= self.forget_clients_after
+            ):
+                return
+            del self._clients[oldest]
+
+    def live_clients(self) -> list[str]:
+        """Clients heard from within the liveness window (clients send heartbeats every 0.25 s)."""
+        return sorted(name for name, age in self.clients().items() if age <= self.liveness)
+
+    # -- socket thread
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full pipe means the loop is waking up anyway
+            self._wake_w.send(b"\0")
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                poller.poll(500)
+                self._drain_outbox()
+                for _ in range(64):  # bounded, so worker replies are not starved by a flood
+                    try:
+                        frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        self._handle(frames)
+                    except Exception:  # a bug here must not take the server down
+                        log.exception("unexpected error handling a request")
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            self._router.close(linger=0)
+            if self._pub is not None:
+                self._pub.close(linger=0)
+
+    def _drain_outbox(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "reply":
+                self._pending -= 1
+                self._router.send_multipart([*item[1], *item[2]], copy=False)
+            else:
+                self._publish(item[1])
+
+    def _publish(self, frames: list) -> None:
+        if self._pub is not None:
+            self._pub.send_multipart([TELEMETRY_TOPIC, *frames], copy=False)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        t_recv = time.perf_counter()
+        # DEALER peers send [id, header, ...]; REQ peers add an empty delimiter, which we echo back.
+        n_env = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
+        envelope = [f.bytes for f in frames[:n_env]]
+        client = envelope[0]
+        msg: Message | None = None
+        try:
+            msg = decode(frames[n_env:], max_bytes=self.max_message_bytes)
+            check_request(msg)
+            if msg.kind == "infer" and self.require_finite_observations:
+                require_finite(msg.payload["observation"], "observation")
+        except ProtocolError as e:
+            # Address the error to the request when its id could be read (0 when not even that).
+            rid = msg.request_id if msg is not None else e.request_id or 0
+            kind = msg.kind if msg is not None else e.kind or "?"
+            self._send_error(envelope, rid, e.code, e.message, e.field)
+            self._emit(kind, rid, client, e.code, {"decode": time.perf_counter() - t_recv})
+            return
+        decode_s = time.perf_counter() - t_recv
+        req = Request(msg.kind, msg.payload, msg.request_id, msg.timestamp, client)
+        if msg.kind == "heartbeat":
+            # (names are truncated: the table holds up to max_clients of them)
+            self._heard_from((msg.payload.get("client") or client.hex())[:_MAX_CLIENT_NAME])
+            t0 = time.perf_counter()
+            out = encode(
+                "heartbeat", {"time": time.time(), "busy": self._pending > 0}, request_id=msg.request_id
+            )
+            self._router.send_multipart([*envelope, *out], copy=False)
+            if self.telemetry_heartbeats:
+                lat = {"decode": decode_s, "encode": time.perf_counter() - t0}
+                self._emit("heartbeat", msg.request_id, client, None, lat)
+            return
+        if msg.kind not in self._handlers:
+            self._send_error(
+                envelope, msg.request_id, Code.UNSUPPORTED, f"this server has no {msg.kind!r} handler", "kind"
+            )
+            self._emit(msg.kind, msg.request_id, client, Code.UNSUPPORTED, {"decode": decode_s})
+            return
+        if msg.kind in self.worker_kinds:
+            if self._pending >= self.max_pending:
+                self._send_error(
+                    envelope, msg.request_id, Code.BUSY, f"{self._pending} requests already queued", None
+                )
+                self._emit(msg.kind, msg.request_id, client, Code.BUSY, {"decode": decode_s})
+                return
+            self._pending += 1
+            self._jobs.put(_Job(envelope, req, t_recv, decode_s))
+            return
+        frames_out, tele = self._run(req, 0.0, decode_s)
+        self._router.send_multipart([*envelope, *frames_out], copy=False)
+        self._publish(tele)
+
+    def _send_error(self, envelope: list[bytes], rid: int, code: str, message: str, fld: str | None) -> None:
+        out = encode("error", error_payload(code, message, fld), request_id=rid)
+        self._router.send_multipart([*envelope, *out], copy=False)
+
+    # -- handlers (socket thread for control kinds, worker thread for worker kinds)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            queue_s = time.perf_counter() - job.t_recv - job.decode_s
+            try:
+                frames, tele = self._run(job.request, queue_s, job.decode_s)
+            except Exception:  # _run already turns handler failures into error replies
+                log.exception("unexpected error in the inference worker")
+                frames = encode(
+                    "error",
+                    error_payload(Code.HANDLER_ERROR, "internal server error"),
+                    request_id=job.request.request_id,
+                )
+                tele = []
+            self._outbox.put(("reply", job.envelope, frames))
+            if tele:
+                self._outbox.put(("telemetry", tele))
+            self._wake()
+
+    def _run(self, req: Request, queue_s: float, decode_s: float) -> tuple[list, list]:
+        """Call the handler and encode its reply (or the error it caused). Returns (reply, telemetry) frames."""
+        t0 = time.perf_counter()
+        telemetry: Mapping[str, Any] = {}
+        code: str | None = None
+        try:
+            result = self._handlers[req.kind](req)
+        except ProtocolError as e:  # the handler's own, deliberate error (e.g. an unknown concept)
+            code, message, fld = e.code, e.message, e.field
+        except Exception as e:
+            log.exception("%s handler failed", req.kind)
+            code, message, fld = (
+                Code.HANDLER_ERROR,
+                f"{req.kind} handler raised {type(e).__name__}: {e}",
+                None,
+            )
+        handler_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if code is None:
+            if isinstance(result, Reply):
+                telemetry, result = result.telemetry, result.payload
+            try:
+                payload = self._reply_payload(req, result)
+                frames = encode(
+                    req.kind, payload, request_id=req.request_id, max_bytes=self.max_message_bytes
+                )
+            except (ProtocolError, TypeError) as e:  # the handler's bug, not the client's
+                log.error("%s handler returned an invalid reply: %s", req.kind, e)
+                code, message, fld = (
+                    Code.HANDLER_ERROR,
+                    f"{req.kind} handler returned an invalid reply: {e}",
+                    None,
+                )
+        if code is not None:
+            frames = encode("error", error_payload(code, message, fld), request_id=req.request_id)
+        lat = {"decode": decode_s, "queue": queue_s, "handler": handler_s, "encode": time.perf_counter() - t1}
+        return frames, self._record(req.kind, req.request_id, req.client, code, lat, telemetry)
+
+    @staticmethod
+    def _reply_payload(req: Request, result: Any) -> dict[str, Any]:
+        payload = _to_payload(result)
+        if req.kind == "infer":  # bounded: only the activations that were asked for cross the wire
+            wanted = req.payload.get("activations") or ()
+            acts = payload.pop("activations", None) or {}
+            if wanted:
+                payload["activations"] = {k: acts[k] for k in wanted if k in acts}
+        check_reply(Message(req.kind, payload), req.kind)
+        return payload
+
+    def _record(
+        self,
+        kind: str,
+        rid: int,
+        client: bytes,
+        code: str | None,
+        lat_s: Mapping[str, float],
+        telemetry: Mapping[str, Any] | None = None,
+    ) -> list:
+        """Encode one telemetry record (empty when there is no PUB socket). `lat_s` is in seconds."""
+        if self._pub is None:
+            return []
+        ms = {k: lat_s.get(k, 0.0) * 1e3 for k in ("decode", "queue", "handler", "encode")}
+        ms["total"] = sum(ms.values())
+        rec = TelemetryRecord(
+            kind, rid, client.hex(), code is None, code, ms, dict(telemetry or {}), time.time()
+        )
+        try:
+            return encode("telemetry", rec.to_payload(), max_bytes=self.max_message_bytes)
+        except ProtocolError as e:  # unencodable handler telemetry must not cost the reply
+            log.warning("dropping telemetry for %s %d: %s", kind, rid, e)
+            return []
+
+    def _emit(self, kind: str, rid: int, client: bytes, code: str | None, lat_s: Mapping[str, float]) -> None:
+        self._publish(self._record(kind, rid, client, code, lat_s))
+
+
+def _resolve_handlers(handler: Any) -> dict[str, Handler]:
+    if isinstance(handler, Mapping):
+        unknown = sorted(set(handler) - set(HANDLED_KINDS))
+        if unknown:
+            raise ValueError(f"no such handler kinds {unknown}; handlers exist for {HANDLED_KINDS}")
+        handlers = dict(handler)
+    else:
+        handlers = {k: getattr(handler, k) for k in HANDLED_KINDS if callable(getattr(handler, k, None))}
+    if "control" in handlers:
+        control = handlers["control"]
+        handlers["control"] = lambda req: control(req.payload["op"], dict(req.payload["args"]))
+    return handlers
+
+
+def _to_payload(result: Any) -> dict[str, Any]:
+    if result is None:
+        return {}
+    if hasattr(result, "to_payload"):
+        result = result.to_payload()
+    if not isinstance(result, Mapping):
+        raise TypeError(f"handler returned a {type(result).__name__}, expected a mapping")
+    return dict(result)
