@@ -4,7 +4,7 @@
     inference thread: observation -> Client.infer ->       reads chunk + commands without blocking,
         waypoints -> shared memory, episode recording      safety filter, servoL/servoJ at 500/125 Hz
     liveness thread: the Client's heartbeats -> policy_alive_t --> stops the arm when the stamp is too old
-    control socket: stop / resume / status / event    --> command ring
+    control socket (wire Server): stop / resume / status / event --> command ring
 
 One writer per episode: this node steps the world, so it records. An episode runs from the moment the
 arm follows the policy (start or resume) until it stops (operator, lost policy, fault, shutdown); every
@@ -28,11 +28,11 @@ import numpy as np
 from robot.actions import chunk_to_waypoints
 from robot.cameras import BlankCamera, MujocoCamera
 from robot.config import RobotConfig
-from robot.control import DEFAULT_CONTROL, ControlServer
+from robot.control import DEFAULT_CONTROL, REFUSED, control_server
 from robot.geometry import mat_to_quat, rotvec_to_mat
 from robot.servo import ServoProcess
 from robot.shared import Mode, Status
-from vla_steer.wire import Client, Keypair, ProtocolError, RemoteError, RequestTimeout, ServerInfo
+from vla_steer.wire import Client, Code, Keypair, ProtocolError, RemoteError, RequestTimeout, ServerInfo
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class RobotNode:
         self.shared = self.servo.shared
         self.client: Client | None = None
         self.info: ServerInfo | None = None
-        self.control = ControlServer(self._handle, control, allow_insecure=allow_insecure_control)
+        self.control = control_server(self._control, control, allow_insecure=allow_insecure_control)
         self.control_address = self.control.address
         self._thread = threading.Thread(target=self._run, name="robot-inference", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="robot-episodes", daemon=True)
@@ -186,17 +186,20 @@ class RobotNode:
             raise RuntimeError("the policy node is not alive: resume refused")
         self.servo.resume()
 
-    def _handle(self, req: dict) -> dict:
-        op = req["op"]
+    def _control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's handler (see robot.control); every op answers the status."""
         if op == "stop":
             self.stop()
         elif op == "resume":
-            self.resume()
+            try:
+                self.resume()
+            except RuntimeError as e:
+                raise ProtocolError(REFUSED, str(e)) from None
         elif op == "event":
-            kind, data = req.get("kind"), req.get("data") or {}
+            kind, data = args.get("kind"), args.get("data") or {}
             if not isinstance(kind, str) or not kind or not isinstance(data, dict):
-                raise ValueError("an event needs a non-empty 'kind' and a 'data' map")
-            t = req.get("t")
+                raise ProtocolError(Code.BAD_PAYLOAD, "an event needs a non-empty 'kind' and a 'data' map")
+            t = args.get("t")
             self._event(kind, t=float(t) if isinstance(t, (int, float)) else None, **data)
         return {"status": self.status_dict()}
 

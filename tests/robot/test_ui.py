@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from robot_support import until
 from support import free_address, wait_for
 
+from robot.control import ControlError
 from robot.shared import Mode, Reason
 from robot.ui.server import KnobsUI
 from vla_steer.core.rollouts import open_store
@@ -93,3 +95,49 @@ def test_slider_sets_the_policy_knob_and_stop_stops_the_arm(browser, tmp_path, p
     knob_events = [ev for ev in events if ev["kind"] == "knobs"]
     assert [ev["op"] for ev in knob_events][:2] == ["set", "disable"]
     assert knob_events[0]["strengths"] == {concept: 4.0} and knob_events[0]["t"] > 0
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return {"status": e.code, **json.loads(e.read())}
+
+
+def test_page_api_sets_knobs_reports_them_and_stops_the_arm(tmp_path, policy_node, robot_node, control):
+    """The page's HTTP API without a browser: knobs reach the policy node and the robot's episode log, stop
+    and resume go through the robot node's control socket, which refuses what it does not know."""
+    address = free_address()
+    policy_node(address)
+    node = robot_node(address, out=tmp_path / "runs")
+    with (
+        KnobsUI(policy=address, robot=node.control_address) as ui,
+        Client(address, heartbeat_interval=None) as c,
+    ):
+        until(node, lambda: node.status().mode == Mode.RUNNING, 30, "the arm to follow the policy")
+        concept = sorted(c.list_knobs())[0]
+        reply = post(ui.url + "api/knobs", {"op": "set", "strengths": {concept: 3}})
+        assert reply["knobs"][concept]["enabled"] and c.get_knobs([concept])[concept]["strength"] == 3.0
+        assert "mode" in post(ui.url + "api/stop", {})["robot"]  # the status as the stop was queued
+        until(node, lambda: node.status().reason == Reason.OPERATOR, 5, "the operator stop")
+        post(ui.url + "api/resume", {})
+        until(node, lambda: node.status().mode in (Mode.RUNNING, Mode.HOLD), 5, "the resume")
+        state = ui.url + "api/state"
+        snap = wait_for(lambda: (s := json.loads(urllib.request.urlopen(state, timeout=5).read()))["robot_ok"] and s,
+                        5, what="the page's robot status")  # fmt: skip
+        assert snap["policy_ok"] and snap["robot"]["backend"] == "mujoco"
+
+    ctl = control(node.control_address)
+    with pytest.raises(ControlError, match="op must be one of"):
+        ctl.request("reboot")
+    with pytest.raises(ControlError, match="non-empty 'kind'"):
+        ctl.request("event", kind="", data={})
+    ctl.stop()
+    node.close()
+    store = open_store(tmp_path / "runs")
+    knob_events = [
+        ev for e in store.episodes() for ev in store.load(e.id, images=False).events if ev["kind"] == "knobs"
+    ]
+    assert [(ev["op"], ev["strengths"]) for ev in knob_events] == [("set", {concept: 3})]
