@@ -30,7 +30,7 @@ from robot.cameras import BlankCamera, MujocoCamera
 from robot.config import RobotConfig
 from robot.control import DEFAULT_CONTROL, REFUSED, control_server
 from robot.geometry import mat_to_quat, rotvec_to_mat
-from robot.servo import ServoProcess
+from robot.servo_process import ServoProcess
 from robot.shared import Mode, Status
 from vla_steer.wire import Client, Code, Keypair, ProtocolError, RemoteError, RequestTimeout, ServerInfo
 

@@ -126,7 +126,7 @@ def test_vla_steer_robot_follows_a_policy_node_that_uses_curve_keys(
 
 def test_stale_actions_hold_position_without_stopping():
     """A chunk observed before the resume is never followed: the arm holds (HOLD), it is not stopped."""
-    from robot.servo import ServoProcess
+    from robot.servo_process import ServoProcess
 
     servo = ServoProcess("mujoco", gentle_config()).start()
     try:
