@@ -64,7 +64,7 @@ def control() -> Iterator[Callable[[str], ControlClient]]:
     clients: list[ControlClient] = []
 
     def connect(address: str) -> ControlClient:
-        clients.append(ControlClient(address, timeout=2.0))
+        clients.append(ControlClient(address, timeout=5.0))
         return clients[-1]
 
     yield connect

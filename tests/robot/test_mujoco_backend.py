@@ -60,7 +60,7 @@ def test_killed_policy_node_stops_the_arm_and_only_the_operator_resumes_it(
 
     # A new policy node on the same address: alive again, but the arm waits for the operator.
     policy_node(address)
-    wait_for(lambda: ctl.status()["policy_alive"], 10, what="the restarted policy node to be seen alive")
+    until(node, lambda: node.status_dict()["policy_alive"], 10, "the restarted policy node to be seen alive")
     ticks = node.status().ticks
     until(node, lambda: node.status().ticks > ticks + QUIET_TICKS, 20, "the servo loop to run on")
     st = node.status()

@@ -72,7 +72,9 @@ def test_slider_sets_the_policy_knob_and_stop_stops_the_arm(browser, tmp_path, p
         page.wait_for_function(
             f"document.querySelector('input[data-toggle=\"{concept}\"]').checked", timeout=5_000
         )
-        toggle.uncheck()
+        # click, not uncheck(): the event stream may re-render the box from a snapshot taken before the
+        # change reached the policy node, and uncheck() would call that a failed click.
+        toggle.click()
         wait_for(lambda: not c.get_knobs([concept])[concept]["enabled"], 5, what="the toggle to disable it")
 
         page.click("#stop")
