@@ -42,8 +42,8 @@ from common import (  # noqa: E402
 )
 
 from policies.openvla import OpenVLAPolicy, PrismaticConfig, PrismaticModel, processing, tiny  # noqa: E402
-from vla_steer.core.policy import Observation  # noqa: E402
 from vla_steer.core.steering import Steerer  # noqa: E402
+from vla_steer.wire import Observation  # noqa: E402
 
 NAME = "openvla_step"
 TARGET = 1.05

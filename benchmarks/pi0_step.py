@@ -29,8 +29,8 @@ from common import arg_parser, interleaved, load_average, machine, median, summa
 from policies.pi0.config import Feature, GemmaDims, PI0Architecture, PI0Config, VisionDims  # noqa: E402
 from policies.pi0.policy import PI0Policy  # noqa: E402
 from vla_steer.core import tiny  # noqa: E402
-from vla_steer.core.policy import Observation  # noqa: E402
 from vla_steer.core.steering import Steerer  # noqa: E402
+from vla_steer.wire import Observation  # noqa: E402
 
 NAME = "pi0_step"
 TARGET = 1.05

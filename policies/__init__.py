@@ -17,7 +17,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from vla_steer.core.config import load_yaml_model
-from vla_steer.core.policy import ActionChunk, Observation, Policy, PolicySpec
+from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
+from vla_steer.wire import Observation
 
 __all__ = [
     "ActionChunk",

@@ -33,8 +33,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from vla_steer.core import tiny
 from vla_steer.core.backbone import Backbone
-from vla_steer.core.policy import ActionChunk, Observation, Policy, PolicySpec
+from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
 from vla_steer.core.tokens import ActionBins, TokenLabeler
+from vla_steer.wire import Observation
 
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
 CONFIG_FILE = "policy_config.json"

@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vla_steer.wire import Observation
+
 
 @dataclass
 class SimObservation:
@@ -27,12 +29,15 @@ class SimObservation:
     ee_vel: np.ndarray
     t_sim: float
 
+    @property
+    def observation(self) -> Observation:
+        """What the policy is asked to act on (`client.infer(sim_obs.observation)`), in the wire's schema."""
+        return Observation(self.instruction, self.images, self.state)
+
     def payload(self) -> dict[str, Any]:
-        """The observation as an infer request payload (`vla_steer.core.policy.Observation.from_payload`)."""
-        out: dict[str, Any] = {"instruction": self.instruction, "images": self.images}
-        if self.state is not None:
-            out["state"] = self.state
-        return out
+        """The infer payload; kept for sim/runner.py and benchmarks/sim_overhead.py until they pass
+        `.observation` to `Client.infer`."""
+        return self.observation.to_payload()
 
 
 @dataclass

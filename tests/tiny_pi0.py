@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from policies.pi0.config import Feature, GemmaDims, PI0Architecture, PI0Config, VisionDims
-from vla_steer.core.policy import Observation
+from vla_steer.wire import Observation
 
 CHUNK, MAX_STATE, MAX_ACTION = 6, 12, 10
 

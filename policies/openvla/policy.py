@@ -29,8 +29,9 @@ import torch
 from policies.openvla import processing
 from policies.openvla.modeling import DTYPES, PrismaticModel
 from vla_steer.core.backbone import Backbone
-from vla_steer.core.policy import ActionChunk, Observation, Policy, PolicySpec
+from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
 from vla_steer.core.tokens import ActionBins, TokenLabeler
+from vla_steer.wire import Observation
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]  # never the checkpoint's *.py
 

@@ -30,7 +30,8 @@ from policies.pi0 import checkpoint as ckpt
 from policies.pi0.config import PI0Config, read_config
 from policies.pi0.modeling import PI0Model
 from vla_steer.core.backbone import Backbone
-from vla_steer.core.policy import ActionChunk, Observation, Policy, PolicySpec
+from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
+from vla_steer.wire import Observation
 
 DEFAULT_TOKENIZER = "google/paligemma-3b-pt-224"  # what LeRobot and openpi tokenise pi0 prompts with
 LANGUAGE_LAYERS = "paligemma_with_expert.paligemma.model.language_model.layers"

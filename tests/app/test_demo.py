@@ -18,9 +18,9 @@ from vla_steer.app.demo.run import POLES, SIZE, STRENGTHS, random_control
 from vla_steer.core.config import shipped
 from vla_steer.core.discovery import discover, load_lexicons
 from vla_steer.core.discovery.lexicon import token_match_weights
-from vla_steer.core.policy import Observation
 from vla_steer.core.steering import Steerer
 from vla_steer.core.tokens import normalize_token
+from vla_steer.wire import Observation
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 
 import numpy as np
 import pytest
-from support import VLA_STEER, free_address, serve_process
+from support import VLA_STEER, free_address, serve_process, wait_for
 
 from policies import load_policy
 from vla_steer.core.discovery import load_directions
@@ -101,28 +100,26 @@ def test_unknown_knob_is_an_error_naming_it(served):
 
 
 def test_telemetry_carries_actions_and_steering_state(served):
-    sub = TelemetrySubscriber(served.telemetry_address)
-    try:
-        time.sleep(0.3)  # PUB/SUB: a subscription takes a moment to reach the publisher
-        with Client(served.address) as c:
-            c.set_knobs({"slow": 5.0})
-            c.infer(OBS)
-        records = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not any(r.kind == "infer" for r in records):
-            r = sub.recv(timeout=0.5)
-            if r is not None:
-                records.append(r)
-        infer = next(r for r in records if r.kind == "infer")
-        assert infer.ok and len(infer.telemetry["actions"][0]) == 7
-        assert infer.telemetry["steering"]["slow"] == {
-            **infer.telemetry["steering"]["slow"],
-            "strength": 5.0,
-            "enabled": True,
-        }
-        assert {"handler", "total"} <= set(infer.latency_ms)
-    finally:
-        sub.close()
+    with TelemetrySubscriber(served.telemetry_address) as sub, Client(served.address) as c:
+        # PUB/SUB: records published before the subscription reaches the publisher are lost; probe until
+        # one arrives, then the records of this test's requests follow in order.
+        wait_for(lambda: (c.hello(), sub.recv(timeout=0.05))[1] is not None, what="the subscription")
+        sub.drain()
+        c.set_knobs({"slow": 5.0})
+        c.infer(OBS)
+
+        def infer_record():
+            rec = sub.recv(timeout=0.5)
+            return rec if rec is not None and rec.kind == "infer" else None
+
+        infer = wait_for(infer_record, what="the infer request's record")
+    assert infer.ok and len(infer.telemetry["actions"][0]) == 7
+    assert infer.telemetry["steering"]["slow"] == {
+        **infer.telemetry["steering"]["slow"],
+        "strength": 5.0,
+        "enabled": True,
+    }
+    assert {"handler", "total"} <= set(infer.latency_ms)
 
 
 def _knobs(address, *args):
@@ -151,11 +148,8 @@ def test_cli_serve_and_knobs_then_sigkill_and_restart(checkpoint):
 
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-            t0 = time.monotonic()
-            while c.alive and time.monotonic() - t0 < 5:
-                time.sleep(0.02)
-            assert not c.alive, "the client did not notice the dead node"
-            assert time.monotonic() - t0 <= 1.5  # the liveness window (1 s) plus a heartbeat and slack
+            # How soon (about the 1 s liveness window) is measured in benchmarks/transport_rtt.py.
+            wait_for(lambda: not c.alive, what="the client to notice the dead node")
             with pytest.raises(TimeoutError):
                 c.infer(OBS, timeout=0.3, retries=0)
 
@@ -216,7 +210,8 @@ def test_knobs_and_liveness_are_answered_while_an_inference_runs(checkpoint):
         try:
             assert policy.entered.wait(30)
             state = ui.set_knobs({"fast": 60.0})  # answered while the inference is held
-            assert state["fast"]["enabled"] and ui.ping() is not None and sim.alive
+            assert state["fast"]["enabled"] and ui.ping() is not None
+            wait_for(lambda: sim.alive, what="heartbeats answered during the inference")
         finally:
             policy.gate.set()
             t.join(30)

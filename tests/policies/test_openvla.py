@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from policies.openvla import ConfigError, OpenVLAPolicy, PrismaticConfig, PrismaticModel, processing, tiny
 from policies.openvla.reference import reference_weights
 from vla_steer.core.config import shipped
-from vla_steer.core.policy import Observation
 from vla_steer.core.steering import Steerer
+from vla_steer.wire import Observation
 
 DATA = Path(__file__).parents[1] / "data"
 LAYER, NEURON = 3, 7  # the planted neuron: last layer of the tiny Llama

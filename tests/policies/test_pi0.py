@@ -15,8 +15,8 @@ from policies.pi0.config import Feature, PI0Architecture, PI0Config, read_config
 from policies.pi0.modeling import PI0Model, make_att_2d_masks, time_embedding
 from policies.pi0.policy import PI0Policy
 from vla_steer.core import tiny
-from vla_steer.core.policy import Observation
 from vla_steer.core.steering import Steerer
+from vla_steer.wire import Observation
 
 REFERENCE = Path(__file__).parents[1] / "data" / "pi0_reference_layout.json"
 

@@ -15,6 +15,9 @@ from wire_support import LOCAL, FakePolicy, serving
 
 from vla_steer.wire import (
     Client,
+    InferResult,
+    Observation,
+    RemoteError,
     Request,
     RequestTimeout,
     Server,
@@ -76,7 +79,7 @@ def test_dead_server_is_reported_within_the_liveness_window_and_recovery_follows
             with pytest.raises(RequestTimeout):
                 c.infer({"tag": 2}, timeout=0.2, retries=0)
             srv = Server(policy, address).start()  # same address
-            wait_for(lambda: c.alive, timeout=3.0)
+            wait_for(lambda: c.alive)
             assert c.infer({"tag": 3}).info["tag"] == 3
         finally:
             srv.close()
@@ -97,15 +100,17 @@ def test_a_dropped_connection_ends_liveness_at_once() -> None:
 
 @pytest.mark.parametrize("reconnect", [True, False])
 def test_a_late_reply_is_never_returned_for_a_new_request(reconnect: bool) -> None:
+    policy = FakePolicy()
     with (
-        serving() as srv,
+        serving(policy) as srv,
         Client(
             srv.address, timeout=0.2, retries=0, reconnect_on_timeout=reconnect, heartbeat_interval=None
         ) as c,
     ):
         with pytest.raises(RequestTimeout):
-            c.infer({"tag": 1, "delay": 0.5})
-        res = c.infer({"tag": 2}, timeout=3.0)  # queued behind the slow one; its reply comes first
+            c.infer({"tag": 1, "hold": True})
+        policy.release.set()
+        res = c.infer({"tag": 2}, timeout=10.0)  # queued behind the held one; its reply comes first
         assert res.info["tag"] == 2 and res.actions[0, 0] == 2
         # Without reconnecting, the stale reply reached this socket and was dropped by id; with it, the
         # old socket is gone and the server's reply to it went nowhere.
@@ -129,31 +134,46 @@ def test_retries_recover_from_a_slow_first_attempt() -> None:
 
 def test_a_slow_infer_is_not_retried_by_default() -> None:
     """An inference is not idempotent: with the client's default retries it still runs exactly once."""
-    calls: list[float] = []
+    tags: list[int] = []
     policy = FakePolicy()
 
     def infer(req: Request) -> Any:
-        calls.append(time.monotonic())
-        time.sleep(0.4)
+        tags.append(req.payload["observation"]["tag"])
         return policy.infer(req)
 
     with serving({"infer": infer, "hello": policy.hello}) as srv, Client(srv.address, timeout=0.2) as c:
         assert c.retries == 2  # the client's retries apply to the other kinds
-        t0 = time.monotonic()
-        with pytest.raises(RequestTimeout, match="1 attempts"):
-            c.infer({"tag": 1})
-        assert time.monotonic() - t0 < 0.35
-        time.sleep(0.5)  # a retry, had there been one, would have reached the handler by now
-        assert len(calls) == 1
+        try:
+            with pytest.raises(RequestTimeout, match="1 attempts"):
+                c.infer({"tag": 1, "hold": True})
+        finally:
+            policy.release.set()
+        # The worker runs inferences in arrival order: a retry of the first would have run before this.
+        assert c.infer({"tag": 2}, timeout=10.0).info["tag"] == 2
+        assert tags == [1, 2]
         assert c.hello().policy == "fake"
 
 
-def test_nothing_listening_times_out_in_bounded_time() -> None:
+def test_nothing_listening_times_out_after_the_attempts_it_was_given() -> None:
+    # How long that takes (timeout x attempts) is measured in benchmarks/transport_rtt.py.
     with Client("tcp://127.0.0.1:1", timeout=0.1, retries=2, heartbeat_interval=0.05) as c:
-        t0 = time.monotonic()
         with pytest.raises(RequestTimeout, match="3 attempts"):
             c.hello()
-        assert time.monotonic() - t0 < 1.0
         assert not c.alive and c.ping(0.05) is None
     with pytest.raises(ValueError):
         Client(timeout=float("inf"))
+
+
+def test_infer_sends_an_observation_as_its_payload() -> None:
+    keys = {"agentview": (8, 8, 3)}
+
+    def infer(req: Request) -> InferResult:  # as a policy node does: the one schema checks what arrived
+        obs = Observation.from_payload(req.payload["observation"], keys, state_dim=2)
+        return InferResult(np.tile(np.append(obs.state, obs.images["agentview"][0, 0, 0]), (4, 1)))
+
+    image = np.full((8, 8, 3), 7, np.uint8)
+    with serving({"infer": infer}) as srv, Client(srv.address, retries=0) as c:
+        actions = c.infer(Observation("go", {"agentview": image}, np.array([1.0, 2.0]))).actions
+        np.testing.assert_array_equal(actions, np.tile([1.0, 2.0, 7.0], (4, 1)))
+        with pytest.raises(RemoteError, match="missing"):  # a plain map still goes through as it is
+            c.infer({"instruction": "go", "images": {}, "state": np.zeros(2)})

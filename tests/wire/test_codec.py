@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import msgpack
 import numpy as np
@@ -342,12 +341,12 @@ BOMBS = {  # built on demand: a 10M-element list kept alive would slow every lat
 
 
 @pytest.mark.parametrize("bomb", sorted(BOMBS))
-def test_header_bombs_are_refused_quickly_with_a_clear_error(bomb: str) -> None:
+def test_header_bombs_are_refused_with_a_clear_error(bomb: str) -> None:
+    # Refused before they expand (unbounded, the 10 MB one took 6.5 s and ~600 MB); the time decode takes
+    # to refuse it is measured in benchmarks/transport_rtt.py.
     frames = [_raw_header({"observation": {}, "info": BOMBS[bomb]()})]
-    t0 = time.perf_counter()
     with pytest.raises(ProtocolError) as e:
         decode(frames)
-    assert time.perf_counter() - t0 < 2.0  # loose for loaded CI; unbounded, the 10 MB one took 6.5 s
     assert (e.value.code, e.value.field) == (Code.TOO_LARGE, "header")
     assert "header" in e.value.message
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from wire_support import roundtrip
 
-from vla_steer.wire.codec import Code, Message, ProtocolError
+from vla_steer.wire.codec import Code, Message, ProtocolError, encode
 from vla_steer.wire.messages import (
     InferResult,
     KnobsRequest,
+    Observation,
     ServerInfo,
     TelemetryRecord,
     check_reply,
@@ -106,3 +109,70 @@ def test_check_reply_kind_and_error() -> None:
     with pytest.raises(ProtocolError) as e:
         check_reply(Message("error", {"code": "busy"}), "infer")
     assert e.value.field == "message"
+
+
+# ------------------------------------------------------------------------------------------- observation
+
+KEYS = {"agentview": (8, 8, 3), "wrist": (4, 4, 3)}
+IMAGES = {k: np.full(s, i, np.uint8) for i, (k, s) in enumerate(KEYS.items())}
+
+
+def observation_payload(**changes: Any) -> dict[str, Any]:
+    return {"instruction": "pick up the bowl", "images": dict(IMAGES), "state": np.arange(3.0), **changes}
+
+
+def test_an_observation_crosses_the_wire_and_validates_on_the_other_side() -> None:
+    obs = Observation("pick up the bowl", IMAGES, np.arange(3, dtype=np.float32))
+    msg = roundtrip("infer", {"observation": obs.to_payload()})
+    check_request(msg)
+    back = Observation.from_payload(msg.payload["observation"], KEYS, state_dim=3)
+    assert back.instruction == obs.instruction and set(back.images) == set(KEYS)
+    for k in KEYS:
+        np.testing.assert_array_equal(back.images[k], IMAGES[k])
+    assert back.state.dtype == np.float32
+    np.testing.assert_array_equal(back.state, [0, 1, 2])
+
+
+def test_an_observation_payload_carries_each_value_once() -> None:
+    obs = Observation("go", IMAGES, np.zeros(3, np.float32))
+    payload = obs.to_payload()
+    assert set(payload) == {"instruction", "images", "state"}
+    assert payload["images"] == IMAGES and all(payload["images"][k] is IMAGES[k] for k in KEYS)  # no copies
+    frames = encode("infer", {"observation": payload})
+    assert len(frames) == 1 + len(IMAGES) + 1  # the header, then one frame per array: nothing sent twice
+    assert "state" not in Observation("go", IMAGES).to_payload()  # no state, no key (not a None)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"instruction": None}, "instruction must be a non-empty string"),
+        ({"instruction": "  "}, "instruction must be a non-empty string"),
+        ({"instruction": "x" * 2001}, "2001 characters; at most 2000"),
+        ({"images": [IMAGES["agentview"]]}, "images must be a map"),
+        ({"images": {"agentview": IMAGES["agentview"]}}, r"missing \['wrist'\]"),
+        (
+            {"images": {**IMAGES, "wrist": IMAGES["wrist"].astype(np.float32)}},
+            r"wrist must be uint8\[4, 4, 3\]",
+        ),
+        ({"images": {**IMAGES, "wrist": IMAGES["agentview"]}}, r"got uint8\[8, 8, 3\]"),
+        ({"images": {**IMAGES, "wrist": "pixels"}}, "got str"),
+        ({"state": None}, r"state must be a float array of shape \[3\], got NoneType"),
+        ({"state": np.zeros(4)}, r"shape \[3\], got \[4\]"),
+        ({"state": np.zeros((1, 3))}, r"got \[1, 3\]"),
+        ({"state": np.array([True, False, True])}, "state must be numeric, got bool"),
+        ({"state": np.array([0.0, np.nan, 1.0])}, "NaN or inf"),
+        ({"state": np.array([0.0, 1e39, 1.0])}, "beyond float32"),  # finite in float64, inf in float32
+    ],
+)
+def test_observation_rules_name_the_key_and_what_was_wrong(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Observation.from_payload(observation_payload(**changes), KEYS, state_dim=3)
+
+
+def test_observation_takes_only_what_the_policy_takes() -> None:
+    payload = observation_payload(images={**IMAGES, "extra": np.zeros((2, 2, 3), np.uint8)})
+    obs = Observation.from_payload(payload, KEYS, state_dim=None)
+    assert obs.state is None and set(obs.images) == set(KEYS)
+    near_max = Observation.from_payload(observation_payload(state=np.array([1e38, -1e38, 0])), KEYS, 3)
+    assert near_max.state.dtype == np.float32 and np.all(np.isfinite(near_max.state))

@@ -54,7 +54,7 @@ def test_curve_serves_allowed_clients_only(keys: dict[str, Path]) -> None:
             ) as sub,
             Client(srv.address, server_key=server_pub, keypair=keys["alice.sec"]) as alice,
         ):
-            wait_for(lambda: (alice.hello(), sub.recv(0.05))[1] is not None, timeout=3.0)
+            wait_for(lambda: (alice.hello(), sub.recv(0.05))[1] is not None)
 
 
 def test_curve_allow_list_accepts_keys_in_memory(keys: dict[str, Path]) -> None:

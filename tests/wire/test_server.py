@@ -183,7 +183,7 @@ def test_ipv6_loopback_addresses_work() -> None:
         assert srv.address.startswith("tcp://[::1]:")
         assert c.hello().policy == "fake"
         assert c.wait_alive(2.0)
-        wait_for(lambda: c.infer({"tag": 6}).info["tag"] == 6 and sub.recv(timeout=0.2) is not None, 3.0)
+        wait_for(lambda: c.infer({"tag": 6}).info["tag"] == 6 and sub.recv(timeout=0.2) is not None)
 
 
 def test_ipc_addresses_work(tmp_path: Path) -> None:
@@ -193,15 +193,13 @@ def test_ipc_addresses_work(tmp_path: Path) -> None:
 
 
 def test_req_sockets_work_too() -> None:
-    with serving() as srv, zmq.Context() as ctx:
-        req = ctx.socket(zmq.REQ)
+    with serving() as srv, zmq.Context() as ctx, ctx.socket(zmq.REQ) as req:
         req.linger = 0
         req.connect(srv.address)
         req.send_multipart(encode("heartbeat", {}, request_id=5))
         assert req.poll(2000)
         msg = decode(req.recv_multipart())
         assert (msg.kind, msg.request_id) == ("heartbeat", 5)
-        req.close()
 
 
 # ------------------------------------------------------------------------------------------- concurrency
@@ -236,32 +234,38 @@ def test_slow_infer_does_not_delay_control_messages() -> None:
         done = threading.Event()
 
         def slow() -> None:
-            sim.infer({"tag": 1, "delay": 1.0})
+            sim.infer({"tag": 1, "hold": True}, timeout=30.0)
             done.set()
 
         t = threading.Thread(target=slow)
         t.start()
-        assert policy.started.wait(2.0)
-        ui.set_knobs({"up": 2.0})
-        assert ui.ping() is not None
-        ui.hello()
-        # Starved control would have waited out the 1 s inference: all three answered while it ran.
-        assert not done.is_set(), "the slow inference finished before the control replies"
-        assert sim.alive  # the heartbeat thread kept hearing back during the inference
-        t.join(5)
+        try:
+            assert policy.started.wait(10.0)
+            # All answered while the inference is held: control kinds never queue behind the worker.
+            ui.set_knobs({"up": 2.0})
+            assert ui.ping() is not None
+            ui.hello()
+            assert not done.is_set()
+            wait_for(lambda: sim.alive, what="heartbeats answered during the inference")
+        finally:
+            policy.release.set()
+            t.join(10)
         assert done.is_set()
 
 
 def test_full_inference_queue_answers_busy() -> None:
     policy = FakePolicy()
     with serving(policy, max_pending=1) as srv, Client(srv.address) as a, Client(srv.address) as b:
-        t = threading.Thread(target=a.infer, args=({"delay": 0.3},))
+        t = threading.Thread(target=a.infer, args=({"hold": True},), kwargs={"timeout": 30.0})
         t.start()
-        assert policy.started.wait(2.0)
-        with pytest.raises(RemoteError) as e:
-            b.infer({"tag": 1})
-        assert e.value.code == Code.BUSY
-        t.join(5)
+        try:
+            assert policy.started.wait(10.0)
+            with pytest.raises(RemoteError) as e:
+                b.infer({"tag": 1})
+            assert e.value.code == Code.BUSY
+        finally:
+            policy.release.set()
+            t.join(10)
         assert b.infer({"tag": 2}).info["tag"] == 2
 
 
@@ -335,8 +339,7 @@ def small_server() -> Iterator[Server]:
 
 
 def test_malformed_input_gets_named_error_replies_and_serving_goes_on(small_server: Server) -> None:
-    with zmq.Context() as ctx:
-        sock = raw_socket(ctx, small_server.address)
+    with zmq.Context() as ctx, raw_socket(ctx, small_server.address) as sock:
         seen: set[str] = set()
 
         @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -357,7 +360,6 @@ def test_malformed_input_gets_named_error_replies_and_serving_goes_on(small_serv
             assert (ok.kind, ok.request_id) == ("heartbeat", 2)
 
         check()
-        sock.close()
     assert {Code.MALFORMED, Code.FRAME_COUNT, Code.BAD_DTYPE, Code.NOT_FINITE, Code.TOO_LARGE} <= seen
     with Client(small_server.address) as c:
         assert c.infer({"tag": 7}).info["tag"] == 7
@@ -380,8 +382,7 @@ def test_a_frame_far_beyond_the_limit_disconnects_the_peer_and_serving_goes_on(s
 
 
 def test_requests_that_are_not_requests_are_refused(small_server: Server) -> None:
-    with zmq.Context() as ctx:
-        sock = raw_socket(ctx, small_server.address)
+    with zmq.Context() as ctx, raw_socket(ctx, small_server.address) as sock:
         for kind, payload, code, field in [
             ("error", {"code": "x", "message": "y"}, Code.BAD_KIND, "kind"),
             ("infer", {}, Code.MISSING_FIELD, "observation"),
@@ -394,7 +395,6 @@ def test_requests_that_are_not_requests_are_refused(small_server: Server) -> Non
                 code,
                 field,
             )
-        sock.close()
 
 
 # ------------------------------------------------------------------------------------ clients, lifecycle
@@ -404,7 +404,7 @@ def test_server_sees_clients_come_and_go() -> None:
     with serving() as srv:
         c = Client(srv.address, name="sim-A")
         try:
-            wait_for(lambda: "sim-A" in srv.live_clients(), timeout=2.0)
+            wait_for(lambda: "sim-A" in srv.live_clients())
         finally:
             c.close()
         wait_for(lambda: "sim-A" not in srv.live_clients(), timeout=10.0, what="the server to drop sim-A")
@@ -412,23 +412,23 @@ def test_server_sees_clients_come_and_go() -> None:
 
 
 def test_the_heartbeat_table_forgets_old_names_and_stays_bounded() -> None:
-    with serving(liveness=0.1, max_clients=8) as srv, zmq.Context() as ctx:
+    with (
+        serving(liveness=0.1, max_clients=8) as srv,
+        zmq.Context() as ctx,
+        raw_socket(ctx, srv.address) as sock,
+    ):
         assert srv.forget_clients_after == pytest.approx(1.0)  # 10 x liveness by default
-        sock = raw_socket(ctx, srv.address)
-        try:
-            for i in range(20):  # names are the peer's to choose: any number of them
-                assert raw_exchange(
-                    sock, encode("heartbeat", {"client": f"c{i}"}, request_id=i + 1)
-                ).kind == ("heartbeat")
-            assert sorted(srv.clients(), key=lambda n: int(n[1:])) == [f"c{i}" for i in range(12, 20)]
-            raw_exchange(sock, encode("heartbeat", {"client": "c12"}, request_id=99))  # c12 is fresh again
-            raw_exchange(sock, encode("heartbeat", {"client": "new"}, request_id=100))
-            assert "c12" in srv.clients() and "c13" not in srv.clients()  # the longest silent went
-            raw_exchange(sock, encode("heartbeat", {"client": "x" * 10_000}, request_id=101))
-            assert max(map(len, srv.clients())) <= 256
-            wait_for(lambda: not srv.clients(), timeout=3.0)  # all forgotten after 1 s of silence
-        finally:
-            sock.close()
+        for i in range(20):  # names are the peer's to choose: any number of them
+            assert raw_exchange(sock, encode("heartbeat", {"client": f"c{i}"}, request_id=i + 1)).kind == (
+                "heartbeat"
+            )
+        assert sorted(srv.clients(), key=lambda n: int(n[1:])) == [f"c{i}" for i in range(12, 20)]
+        raw_exchange(sock, encode("heartbeat", {"client": "c12"}, request_id=99))  # c12 is fresh again
+        raw_exchange(sock, encode("heartbeat", {"client": "new"}, request_id=100))
+        assert "c12" in srv.clients() and "c13" not in srv.clients()  # the longest silent went
+        raw_exchange(sock, encode("heartbeat", {"client": "x" * 10_000}, request_id=101))
+        assert max(map(len, srv.clients())) <= 256
+        wait_for(lambda: not srv.clients(), what="all forgotten after 1 s of silence")
 
 
 def test_close_is_idempotent_and_releases_the_address() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,14 +29,16 @@ LOCAL = "tcp://127.0.0.1:*"
 class FakePolicy:
     """Answers from the observation so every reply can be checked against its request.
 
-    Observation fields it understands: tag (echoed as info.tag and actions[0, 0]), delay (seconds to
-    sleep), nan_actions, explode (raise), bad_reply (return a malformed reply).
+    Observation fields it understands: tag (echoed as info.tag and actions[0, 0]), hold (wait until the
+    test sets `release`), nan_actions, explode (raise), bad_reply (return a malformed reply). `started` is
+    set when an inference begins.
     """
 
     def __init__(self) -> None:
         self.strengths: dict[str, float] = {"up": 0.0, "fast": 0.0}
         self.enabled: dict[str, bool] = {"up": False, "fast": False}
         self.started = threading.Event()
+        self.release = threading.Event()
 
     def hello(self, req: Request) -> ServerInfo:
         return ServerInfo("fake", 7, 4, 10.0, {"agentview": (8, 8, 3)}, tuple(self.strengths))
@@ -45,8 +46,8 @@ class FakePolicy:
     def infer(self, req: Request) -> Reply:
         obs = req.payload["observation"]
         self.started.set()
-        if obs.get("delay"):
-            time.sleep(obs["delay"])
+        if obs.get("hold"):
+            assert self.release.wait(30), "the test never released the held inference"
         if obs.get("explode"):
             raise RuntimeError("policy exploded")
         if obs.get("bad_reply"):
@@ -80,10 +81,13 @@ class FakePolicy:
 
 @contextlib.contextmanager
 def serving(policy: Any = None, address: str = LOCAL, **kw: Any) -> Iterator[Server]:
-    srv = Server(policy if policy is not None else FakePolicy(), address, **kw).start()
+    policy = FakePolicy() if policy is None else policy
+    srv = Server(policy, address, **kw).start()
     try:
         yield srv
     finally:
+        if isinstance(policy, FakePolicy):
+            policy.release.set()  # an inference a failed test left held must not outlive it
         srv.close()
 
 

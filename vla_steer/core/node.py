@@ -22,9 +22,18 @@ import numpy as np
 
 from vla_steer.core.activations import ActivationRecorder
 from vla_steer.core.discovery.direction import Direction
-from vla_steer.core.policy import Observation, Policy
+from vla_steer.core.policy import Policy
 from vla_steer.core.steering import Steerer
-from vla_steer.wire import Code, InferResult, KnobsRequest, ProtocolError, Reply, Request, ServerInfo
+from vla_steer.wire import (
+    Code,
+    InferResult,
+    KnobsRequest,
+    Observation,
+    ProtocolError,
+    Reply,
+    Request,
+    ServerInfo,
+)
 
 _LAYER = re.compile(r"^layer:(\d+)$")
 MAX_RECORDED_NEURONS = 65536
@@ -89,8 +98,9 @@ class PolicyNode:
         )
 
     def infer(self, req: Request) -> Reply:
+        spec = self.policy.spec
         try:
-            obs = Observation.from_payload(dict(req.payload["observation"]), self.policy.spec)
+            obs = Observation.from_payload(req.payload["observation"], spec.image_keys, spec.state_dim)
         except ValueError as e:
             raise ProtocolError(Code.BAD_PAYLOAD, str(e), "observation") from None
         selection = self._selection(req.payload.get("activations") or [])

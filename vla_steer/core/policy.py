@@ -1,8 +1,9 @@
 """The policy interface: what the policy node serves and steers.
 
-A policy turns an observation (camera images, optional proprioceptive state, a language instruction)
-into an action chunk, and exposes its steerable backbone (gated MLPs, unembedding, tokenizer) so
-discovery and the Steerer can work on it without knowing which VLA it is.
+A policy turns an observation (the wire's `Observation`: camera images, optional proprioceptive state, a
+language instruction, validated against the policy's spec by the node) into an action chunk, and exposes
+its steerable backbone (gated MLPs, unembedding, tokenizer) so discovery and the Steerer can work on it
+without knowing which VLA it is.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from vla_steer.core.backbone import Backbone
-
-MAX_INSTRUCTION_CHARS = 2000  # a task instruction, not a document: bounds tokenizer and attention cost
+from vla_steer.wire import Observation
 
 
 @dataclass(frozen=True)
@@ -29,48 +29,6 @@ class PolicySpec:
     image_keys: dict[str, tuple[int, int, int]]  # key -> (H, W, 3) uint8
     state_dim: int | None = None
     action_space: str = "ee_delta"  # what the action vector means; documented per policy
-
-
-@dataclass
-class Observation:
-    instruction: str
-    images: dict[str, np.ndarray]
-    state: np.ndarray | None = None
-
-    @classmethod
-    def from_payload(cls, payload: dict[str, Any], spec: PolicySpec) -> Observation:
-        """Validate an infer payload against the spec; errors name the key and what was wrong."""
-        instruction = payload.get("instruction")
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise ValueError("observation.instruction must be a non-empty string")
-        if len(instruction) > MAX_INSTRUCTION_CHARS:
-            raise ValueError(
-                f"observation.instruction is {len(instruction)} characters; at most {MAX_INSTRUCTION_CHARS}"
-            )
-        images = payload.get("images")
-        if not isinstance(images, dict):
-            raise ValueError(f"observation.images must be a dict with keys {sorted(spec.image_keys)}")
-        missing = sorted(set(spec.image_keys) - set(images))
-        if missing:
-            raise ValueError(f"observation.images is missing {missing} (expected {sorted(spec.image_keys)})")
-        checked = {}
-        for key, shape in spec.image_keys.items():
-            img = images[key]
-            if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.shape != tuple(shape):
-                got = f"{img.dtype}{list(img.shape)}" if isinstance(img, np.ndarray) else type(img).__name__
-                raise ValueError(f"observation.images.{key} must be uint8{list(shape)}, got {got}")
-            checked[key] = img
-        state = payload.get("state")
-        if spec.state_dim is not None:
-            if not isinstance(state, np.ndarray) or state.shape != (spec.state_dim,):
-                got = list(state.shape) if isinstance(state, np.ndarray) else type(state).__name__
-                raise ValueError(
-                    f"observation.state must be a float array of shape [{spec.state_dim}], got {got}"
-                )
-            if not np.all(np.isfinite(state)):
-                raise ValueError("observation.state contains NaN or inf")
-            state = state.astype(np.float32)
-        return cls(instruction, checked, state)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from vla_steer.wire.codec import (
     encode,
     require_finite,
 )
-from vla_steer.wire.messages import InferResult, KnobsRequest, ServerInfo, check_reply
+from vla_steer.wire.messages import InferResult, KnobsRequest, Observation, ServerInfo, check_reply
 from vla_steer.wire.security import Keypair, as_keypair, public_key, socket_options
 from vla_steer.wire.server import DEFAULT_ADDRESS, LIVENESS_S
 
@@ -195,7 +195,7 @@ class Client:
 
     def infer(
         self,
-        observation: Mapping[str, Any],
+        observation: Observation | Mapping[str, Any],
         *,
         activations: Iterable[str] | None = None,
         info: Mapping[str, Any] | None = None,
@@ -204,12 +204,17 @@ class Client:
     ) -> InferResult:
         """One action chunk for `observation`. Arrays in the result are read-only views of the reply.
 
+        `observation` is an `Observation` (what sim and robot nodes send; a policy node checks it with
+        `Observation.from_payload`) or a plain map, for servers whose handlers take something else.
+
         Unlike the other requests, an inference is not retried unless `retries` says so (the client's
         `retries` does not apply): it is not idempotent (it advances the policy's state and may move a
         robot), and a slow one that timed out is still running on the server, so resending it would only
         queue the same work again behind it. A timeout raises `RequestTimeout`; whether the node is gone
         is what `alive` (the heartbeats) tells.
         """
+        if isinstance(observation, Observation):
+            observation = observation.to_payload()
         payload: dict[str, Any] = {"observation": observation}
         if activations is not None:
             payload["activations"] = list(activations)
