@@ -3,8 +3,8 @@
     main process (network side)                            servo process (real time)
     inference thread: observation -> Client.infer ->       reads chunk + commands without blocking,
         waypoints -> shared memory, episode recording      safety filter, servoL/servoJ at 500/125 Hz
-    liveness thread: heartbeat pings -> policy_alive_t --> stops the arm when the stamp is too old
-    control socket: stop / resume / status / event    --> command ring
+    liveness thread: the Client's heartbeats -> policy_alive_t --> stops the arm when the stamp is too old
+    control socket (wire Server): stop / resume / status / event --> command ring
 
 One writer per episode: this node steps the world, so it records. An episode runs from the moment the
 arm follows the policy (start or resume) until it stops (operator, lost policy, fault, shutdown); every
@@ -28,12 +28,12 @@ import numpy as np
 from robot.actions import chunk_to_waypoints
 from robot.cameras import BlankCamera, MujocoCamera
 from robot.config import RobotConfig
-from robot.control import DEFAULT_CONTROL, ControlServer, PolicyLiveness
+from robot.control import DEFAULT_CONTROL, REFUSED, control_server
 from robot.geometry import mat_to_quat, rotvec_to_mat
-from robot.servo import ServoProcess
+from robot.servo_process import ServoProcess
 from robot.shared import Mode, Status
 from vla_steer.core.rollouts import EpisodeRecorder, Event, Recorder
-from vla_steer.wire import Client, ProtocolError, RemoteError, RequestTimeout, ServerInfo
+from vla_steer.wire import Client, Code, Keypair, ProtocolError, RemoteError, RequestTimeout, ServerInfo
 from vla_steer.wire.messages import Observation, Step
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,13 @@ class RobotNode:
         trace_path: str | Path | None = None,
         trace_ticks: int = 0,
         allow_insecure_control: bool = False,
+        server_key: bytes | str | Path | Keypair | None = None,
+        keypair: Keypair | str | Path | None = None,
     ):
         self.config = config
         self.backend = backend
         self.server = server
+        self.server_key, self.keypair = server_key, keypair
         self.prompt = prompt or config.observation.prompt
         self.autostart = autostart
         self.infer_timeout = infer_timeout
@@ -99,25 +102,42 @@ class RobotNode:
         self.shared = self.servo.shared
         self.client: Client | None = None
         self.info: ServerInfo | None = None
-        self.liveness = PolicyLiveness(
-            server, self._alive, self.shared.policy_lost, interval=config.faults.heartbeat_interval
-        )
-        self.control = ControlServer(self._handle, control, allow_insecure=allow_insecure_control)
+        self.control = control_server(self._control, control, allow_insecure=allow_insecure_control)
         self.control_address = self.control.address
         self._thread = threading.Thread(target=self._run, name="robot-inference", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="robot-episodes", daemon=True)
+        self._liveness = threading.Thread(target=self._watch_policy, name="robot-liveness", daemon=True)
         self.cameras: dict[str, Any] = {}
+        self._closed = False
 
     # -- lifecycle
 
     def start(self, hello_timeout: float = 30.0) -> RobotNode:
+        """Start the servo process, reach the policy node, serve control. Closes everything if it fails."""
+        try:
+            self._start(hello_timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self, hello_timeout: float) -> None:
         self.servo.start()
-        self.liveness.start()
-        self.client = Client(self.server, timeout=self.infer_timeout, retries=0, heartbeat_interval=None)
+        faults = self.config.faults
+        self.client = Client(
+            self.server,
+            timeout=self.infer_timeout,
+            retries=0,
+            heartbeat_interval=faults.heartbeat_interval,
+            liveness=faults.policy_liveness,
+            server_key=self.server_key,
+            keypair=self.keypair,
+        )
+        self._liveness.start()
         self.info = self.client.hello(timeout=hello_timeout)
         self.control.start()
         if self.autostart:
-            deadline = time.monotonic() + 5.0
+            deadline = time.monotonic() + 5.0  # the servo loop refuses to resume on a stale stamp
             while self.shared.status().policy_alive_age > self.config.faults.policy_liveness:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the policy node at {self.server} answers no heartbeats")
@@ -125,22 +145,24 @@ class RobotNode:
             self.servo.resume()
         self._thread.start()
         self._watcher.start()
-        return self
 
     def wait(self) -> None:
         while not self._stop.is_set() and self.servo.process.is_alive():
             self._stop.wait(0.2)
 
     def close(self) -> None:
+        """Stop everything this node started. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
-        for t in (self._thread, self._watcher):
+        for t in (self._thread, self._watcher, self._liveness):
             if t.is_alive():
                 t.join(5.0)
         st = self.shared.status()
         stopped = st.mode not in (Mode.RUNNING, Mode.HOLD) and st.reason.name != "NONE"
         self._end_episode(st.reason.name.lower() if stopped else "shutdown")
         self.servo.close()
-        self.liveness.close()
         self.control.close()
         if self.client is not None:
             self.client.close()
@@ -167,17 +189,20 @@ class RobotNode:
             raise RuntimeError("the policy node is not alive: resume refused")
         self.servo.resume()
 
-    def _handle(self, req: dict) -> dict:
-        op = req["op"]
+    def _control(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The control socket's handler (see robot.control); every op answers the status."""
         if op == "stop":
             self.stop()
         elif op == "resume":
-            self.resume()
+            try:
+                self.resume()
+            except RuntimeError as e:
+                raise ProtocolError(REFUSED, str(e)) from None
         elif op == "event":
-            kind, data = req.get("kind"), req.get("data") or {}
+            kind, data = args.get("kind"), args.get("data") or {}
             if not isinstance(kind, str) or not kind or not isinstance(data, dict):
-                raise ValueError("an event needs a non-empty 'kind' and a 'data' map")
-            t = req.get("t")
+                raise ProtocolError(Code.BAD_PAYLOAD, "an event needs a non-empty 'kind' and a 'data' map")
+            t = args.get("t")
             self._event(kind, t=float(t) if isinstance(t, (int, float)) else None, **data)
         return {"status": self.status_dict()}
 
@@ -201,6 +226,21 @@ class RobotNode:
     def _alive(self, t: float) -> None:
         if t > self.shared.policy_alive_t():
             self.shared.policy_alive(t)
+
+    def _watch_policy(self) -> None:
+        """Copies the Client's heartbeat liveness into the shared block for the servo process.
+
+        Sampled four times per heartbeat interval: a dropped connection (`alive` False at once) reaches the
+        servo loop within a quarter interval; a hung node ages the stamp past `policy_liveness`.
+        """
+        was_alive = False
+        while not self._stop.wait(self.config.faults.heartbeat_interval / 4):
+            if self.client.alive:
+                self._alive(self.client.last_pong)
+                was_alive = True
+            elif was_alive:
+                self.shared.policy_lost()
+                was_alive = False
 
     def _build_cameras(self, info: ServerInfo) -> None:
         for key, shape in info.image_keys.items():

@@ -1,4 +1,5 @@
-"""The servo loop: its own process, at the controller's rate, never waiting on the network.
+"""The servo loop: at the controller's rate, never waiting on the network (robot.servo_process runs it
+in its own process).
 
 Every period it (1) takes operator commands and the newest action chunk from shared memory without
 blocking, (2) reads the robot's state and safety status, (3) decides: follow the chunk (interpolated in
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from robot.backends.base import Backend, RobotState, make_backend
+from robot.backends.base import Backend, RobotState
 from robot.config import RobotConfig
 from robot.geometry import mat_to_rotvec, rotvec_to_mat
 from robot.safety import GripperFilter, JointFilter, JointGuard, PoseFilter
@@ -126,8 +126,10 @@ class ServoLoop:
             self.b.connect()
             self.b.set_watchdog(self.cfg.faults.watchdog_min_hz)
             self._start()
-            gc.collect()
-            gc.freeze()  # nothing allocated so far is ever collected: no collector pauses in the loop
+            # No collector pauses in the loop: automatic collection off, and what exists now is moved out of
+            # the collector's reach. No gc.collect() first: in a process with other threads (the tests run
+            # the loop in theirs) it can reach a leaked ZeroMQ context's finalizer, whose term() blocks.
+            gc.freeze()
             gc.disable()
             last = time.monotonic()
             while not self.shutdown and (self.max_ticks is None or self.ticks < self.max_ticks):
@@ -145,6 +147,7 @@ class ServoLoop:
                 self.b.wait_period(token)
         finally:
             gc.enable()
+            gc.unfreeze()  # leave the interpreter as found (the loop may run in a caller's process)
             try:
                 self.b.servo_stop(self.cfg.faults.stop_decel)  # whatever ended the loop
             except Exception as e:  # noqa: BLE001 - a dead connection must not hide the original error
@@ -354,82 +357,3 @@ class ServoLoop:
                 connected=st.connected,
             )
         self.sh.publish(**values)
-
-
-# -- the process ------------------------------------------------------------------------------------
-
-
-def _servo_main(
-    kind: str, config: dict, host: str | None, shared: Shared, options: dict, loop_options: dict, rt: int
-) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s servo: %(message)s")
-    if rt > 0:
-        try:  # real-time scheduling where allowed (a robot PC should allow it)
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(rt))
-        except (OSError, AttributeError) as e:
-            log.warning("no real-time priority (%s); running at normal priority", e)
-    cfg = RobotConfig.model_validate(config)
-    backend = make_backend(kind, cfg, host, **options)
-    ServoLoop(backend, shared, cfg, **loop_options).run()
-
-
-class ServoProcess:
-    """The servo loop in a spawned process, with the shared block the network side writes into."""
-
-    def __init__(
-        self,
-        kind: str,
-        config: RobotConfig,
-        host: str | None = None,
-        *,
-        backend_options: dict | None = None,
-        autostart: bool = True,
-        rt_priority: int = 0,
-        trace_path: str | os.PathLike | None = None,
-        trace_ticks: int = 0,
-    ):
-        ctx = mp.get_context("spawn")  # no fork: the parent has ZeroMQ threads
-        self.config = config
-        self.shared = Shared(ctx)
-        loop_options = {"autostart": autostart, "trace_path": trace_path, "trace_ticks": trace_ticks}
-        self.process = ctx.Process(
-            target=_servo_main,
-            args=(
-                kind,
-                config.model_dump(),
-                host,
-                self.shared,
-                backend_options or {},
-                loop_options,
-                rt_priority,
-            ),
-            name="vla-steer-servo",
-            daemon=True,
-        )
-
-    def start(self, timeout: float = 30.0) -> ServoProcess:
-        self.process.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = self.shared.status()
-            if st.started or st.exited or st.mode == Mode.FAULT:
-                return self
-            if not self.process.is_alive():
-                raise RuntimeError(f"the servo process exited at start (exit code {self.process.exitcode})")
-            time.sleep(0.01)
-        raise TimeoutError(f"the servo process did not start within {timeout} s")
-
-    def stop(self) -> None:
-        self.shared.command(Cmd.STOP)
-
-    def resume(self) -> None:
-        self.shared.command(Cmd.RESUME)
-
-    def close(self, timeout: float = 5.0) -> None:
-        if self.process.pid is None:
-            return
-        self.shared.command(Cmd.SHUTDOWN)
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(2.0)

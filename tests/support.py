@@ -19,8 +19,10 @@ def free_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def serve_process(checkpoint: Path, address: str, *, directions: bool = True) -> subprocess.Popen:
-    """`vla-steer serve` for the test checkpoint, returned once it says it is serving."""
+def serve_process(
+    checkpoint: Path, address: str, *, directions: bool = True, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    """`vla-steer serve` for the test checkpoint (plus `extra` options), returned once it says it is serving."""
     cmd = [
         VLA_STEER,
         "serve",
@@ -31,6 +33,7 @@ def serve_process(checkpoint: Path, address: str, *, directions: bool = True) ->
     ]
     if directions:
         cmd += ["--directions", str(checkpoint / "directions")]
+    cmd += extra
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -39,7 +42,10 @@ def serve_process(checkpoint: Path, address: str, *, directions: bool = True) ->
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     line = proc.stdout.readline()
-    assert "serving tiny-vla on" in line, proc.stderr.read() if proc.poll() is not None else line
+    if "serving tiny-vla on" not in line:  # no process left behind by a failed start
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise AssertionError(f"vla-steer serve did not start: {line}{err}")
     return proc
 
 

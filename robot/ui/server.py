@@ -1,8 +1,8 @@
 """`vla-steer knobs ui`: a web page to turn a live policy's knobs and stop the arm.
 
 Standard library only (`http.server.ThreadingHTTPServer`), no build step and no CDN: the page works
-offline. The browser talks to this server; this server talks to the policy node (`transport.Client` knobs
-calls) and to the robot node (its control socket). One poller thread keeps the latest robot status and
+offline. The browser talks to this server; this server talks to the policy node (a wire `Client`'s knobs
+calls) and to the robot node (its control socket, through `ControlClient`, also a wire `Client`). One poller thread keeps the latest robot status and
 knob state; every page gets it pushed over Server-Sent Events (`/events`, 20 per second). Knob changes are
 also reported to the robot node, which records them in the current episode with their timestamps.
 
@@ -52,15 +52,22 @@ class KnobsUI:
                 f"refusing to serve the knobs page on {host!r}: it can stop and start the robot and has no "
                 "login. Serve loopback (default) and use an SSH tunnel, or pass allow_remote=True."
             )
-        self.policy = Client(policy, timeout=1.0, retries=0, heartbeat_interval=None,
-                             server_key=server_key, keypair=keypair)  # fmt: skip
-        self.robot = ControlClient(robot, timeout=0.5) if robot else None
         self.period = 1.0 / status_hz
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {"robot": None, "knobs": {}, "policy_ok": False, "robot_ok": False}
         self._knobs_at = 0.0
         self._stop = threading.Event()
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self._threads: list[threading.Thread] = []
+        self.robot: ControlClient | None = None
+        self.httpd: ThreadingHTTPServer | None = None
+        self.policy = Client(policy, timeout=1.0, retries=0, heartbeat_interval=None,
+                             server_key=server_key, keypair=keypair)  # fmt: skip
+        try:  # a port in use, or a bad address, must not leave the clients' sockets open
+            self.robot = ControlClient(robot, timeout=0.5) if robot else None
+            self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+        except BaseException:
+            self.close()
+            raise
         self.httpd.daemon_threads = True
         self.url = f"http://{host}:{self.httpd.server_address[1]}/"
         self._threads = [
@@ -78,8 +85,12 @@ class KnobsUI:
 
     def close(self) -> None:
         self._stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self.httpd is not None:
+            if self._threads[0].is_alive():
+                self.httpd.shutdown()  # waits for serve_forever, so only once it runs
+            self.httpd.server_close()
+        if len(self._threads) > 1 and self._threads[1].is_alive():
+            self._threads[1].join(5.0)  # the poller uses the clients closed next
         self.policy.close()
         if self.robot is not None:
             self.robot.close()

@@ -85,6 +85,19 @@ def test_dead_server_is_reported_within_the_liveness_window_and_recovery_follows
             srv.close()
 
 
+def test_a_dropped_connection_ends_liveness_at_once() -> None:
+    """A liveness window far longer than the wait: only the disconnect can turn `alive` False in time."""
+    srv = Server(FakePolicy(), LOCAL).start()
+    with Client(srv.address, liveness=600.0) as c:
+        try:
+            assert c.wait_alive(2.0) and c.last_pong > float("-inf")
+            srv.close()  # closes the TCP connection, as a killed process's kernel does
+            wait_for(lambda: not c.alive, timeout=10.0, what="the client to see the connection drop")
+            assert c.last_pong == float("-inf")
+        finally:
+            srv.close()
+
+
 @pytest.mark.parametrize("reconnect", [True, False])
 def test_a_late_reply_is_never_returned_for_a_new_request(reconnect: bool) -> None:
     policy = FakePolicy()

@@ -5,7 +5,8 @@ fresh id; replies with another id (late replies to abandoned requests) are dropp
 timeout and bounded retries ("infer" none by default: it is not idempotent), and after a timeout the socket
 is closed (linger 0) and recreated, so a queued stale request is never delivered to a restarted server. A
 background thread sends heartbeats on its own socket, so `client.alive` turns False within `liveness`
-seconds of the server dying, even while an inference is in flight.
+seconds of the server dying, even while an inference is in flight, and at once when the server's TCP
+connection drops (a killed process's kernel closes it).
 
     with Client("tcp://127.0.0.1:5555") as c:  # sim / robot node
         info = c.hello()
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from vla_steer.wire.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -279,6 +281,11 @@ class Client:
         return time.perf_counter() - t0
 
     @property
+    def last_pong(self) -> float:
+        """`time.monotonic()` of the last heartbeat reply; -inf before the first and after a disconnect."""
+        return self._last_pong
+
+    @property
     def alive(self) -> bool:
         """Whether the server answered a heartbeat within the last `liveness` seconds."""
         if self._beat is None:
@@ -298,6 +305,11 @@ class Client:
         # Own socket (zmq sockets are not thread-safe); a tiny send queue so a dead server does not pile
         # up heartbeats that would all be answered at once when it comes back.
         sock = self._connect(sndhwm=2)
+        # A dropped connection ends liveness at once rather than `liveness` seconds later.
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         try:
             for rid in itertools.count(1):
                 if self._stop.is_set():
@@ -308,7 +320,10 @@ class Client:
                     )
                 deadline = time.monotonic() + interval
                 while (remaining := deadline - time.monotonic()) > 0 and not self._stop.is_set():
-                    if sock.poll(max(1, int(min(remaining, 0.05) * 1000))):
+                    ready = dict(poller.poll(max(1, int(min(remaining, 0.05) * 1000))))
+                    if monitor in ready and recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                        self._last_pong = float("-inf")
+                    if sock in ready:
                         try:
                             msg = decode(sock.recv_multipart(copy=False), max_bytes=self.max_message_bytes)
                         except ProtocolError:
@@ -318,6 +333,8 @@ class Client:
         except zmq.ContextTerminated:
             pass
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
 
     # -- lifecycle

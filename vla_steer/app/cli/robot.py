@@ -1,4 +1,4 @@
-"""Subcommands the lead wires into `vla_steer/cli.py`: `vla-steer robot ...` and `vla-steer knobs ui ...`.
+"""The robot's subcommands in the CLI: `vla-steer robot ...` and `vla-steer knobs ui ...`.
 
 add_robot_parser(sub)        # in build_parser()
 add_knobs_ui_options(p)      # on the knobs parser; `knobs ui` then calls cmd_knobs_ui(args)
@@ -42,6 +42,9 @@ def add_robot_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-autostart", action="store_true", help="wait for an operator's resume before moving")
     p.add_argument("--rt-priority", type=int, default=0, help="SCHED_FIFO priority for the servo process")
     p.add_argument("--infer-timeout", type=float, default=2.0, help="seconds to wait for one inference")
+    from vla_steer.app.cli.args import add_security  # the same key options as `knobs` (a client of the node)
+
+    add_security(p, server=False)
     p.set_defaults(func=cmd_robot)
     return p
 
@@ -64,6 +67,8 @@ def cmd_robot(args) -> int:
         autostart=not args.no_autostart,
         infer_timeout=args.infer_timeout,
         rt_priority=args.rt_priority,
+        server_key=args.server_key,
+        keypair=args.keypair,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
