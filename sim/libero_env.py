@@ -2,7 +2,7 @@
 
 LIBERO pins robosuite 1.4, so this module runs in `.venv-libero` (scripts/make_libero_venv.sh), never in
 the main venv; it imports only numpy, pydantic, yaml and `sim.base` at module level, and `libero` when an
-env is built. Configs: `configs/sims/libero_*.yaml`. Each convention below is a config key and is written
+env is built. Configs: `vla_steer/configs/sims/libero_*.yaml`. Each convention below is a config key and is written
 into every episode's rollout metadata (`LiberoConfig.conventions()`).
 
 Task: `suite` (libero_spatial, libero_object, libero_goal, libero_10, libero_90) and `task_id` (index in
@@ -68,7 +68,7 @@ SETTLE_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # LIBERO's "dummy action":
 
 
 class LiberoConfig(BaseModel):
-    """A LIBERO sim config (`configs/sims/libero_*.yaml`); see the module docstring for the conventions."""
+    """A LIBERO sim config (`vla_steer/configs/sims/libero_*.yaml`); see the module docstring for the conventions."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["libero"] = "libero"

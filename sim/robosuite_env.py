@@ -59,7 +59,7 @@ STATE_DIMS = {"eef_pos_axisangle_gripper": 8}
 
 
 class RobosuiteConfig(BaseModel):
-    """A robosuite sim config (`configs/sims/robosuite_*.yaml`); see the module docstring for conventions."""
+    """A robosuite sim config (`vla_steer/configs/sims/robosuite_*.yaml`); see the module docstring for conventions."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["robosuite"] = "robosuite"

@@ -1,6 +1,6 @@
 """Concept lexicons and the scoring of neurons against them.
 
-A lexicon file (`configs/concepts/*.yaml`) names a concept axis and its poles with their words:
+A lexicon file (`vla_steer/configs/concepts/*.yaml`) names a concept axis and its poles with their words:
 
     concept: speed
     poles:
