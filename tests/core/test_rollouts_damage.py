@@ -16,7 +16,7 @@ from vla_steer.core.rollouts import Recorder, open_store, repair_episode, repair
 from vla_steer.core.rollouts.damage import walk
 from vla_steer.core.rollouts.format import LOG, MARKER, SUMMARY
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def test_the_listing_reads_the_log_not_the_summary(tmp_path):
 
 
 def test_logs_written_before_resync_still_read(tmp_path):
-    """`data/rollout_log_v1.bin` was written by the store before this change (`record(root, 4, seed=7)` of
+    """`tests/data/rollout_log_v1.bin` was written by the store before this change (`record(root, 4, seed=7)` of
     tests/core/rollout_steps.py at commit 442d290): the framing is unchanged, and old logs resynchronise too."""
     old = (DATA / "rollout_log_v1.bin").read_bytes()
     _, steps = record(tmp_path / "ref", 4, seed=7)  # the same steps, recorded now
