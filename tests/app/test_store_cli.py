@@ -10,8 +10,7 @@ import numpy as np
 from support import VLA_STEER
 
 from vla_steer.core.rollouts import Recorder, open_store
-from vla_steer.core.rollouts.damage import walk
-from vla_steer.core.rollouts.format import LOG
+from vla_steer.core.rollouts.format import LOG, decode_record
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -32,8 +31,13 @@ def record(root: Path, n: int, *, end: bool = True) -> str:
 
 
 def step_span(log: Path, i: int) -> tuple[int, int]:
-    (span,) = [(r[0], r[3]) for r in walk(log.read_bytes()) if r[1].get("i") == i]
-    return span
+    """Where step `i`'s record lies in an intact log."""
+    data, pos = log.read_bytes(), 0
+    while True:
+        header, _, end = decode_record(memoryview(data), pos)
+        if header["k"] == "step" and header["i"] == i:
+            return pos, end
+        pos = end
 
 
 def test_check_and_repair_through_the_command(tmp_path):

@@ -13,8 +13,7 @@ import pytest
 from rollout_steps import assert_steps_equal, make_step, record
 
 from vla_steer.core.rollouts import Recorder, open_store, repair_episode, repair_store
-from vla_steer.core.rollouts.damage import walk
-from vla_steer.core.rollouts.format import LOG, MARKER, SUMMARY
+from vla_steer.core.rollouts.format import LOG, MARKER, SUMMARY, decode_record
 
 DATA = Path(__file__).parents[1] / "data"
 
@@ -29,8 +28,11 @@ class Span:
 
 def spans(data: bytes) -> list[Span]:
     """Where each record of an intact log lies."""
-    out = [Span(r[0], r[3], r[1]["k"], r[1].get("i")) for r in walk(data)]
-    assert out and out[-1].end == len(data)
+    out, pos = [], 0
+    while pos < len(data):
+        header, _, end = decode_record(memoryview(data), pos)
+        out.append(Span(pos, end, header["k"], header.get("i")))
+        pos = end
     return out
 
 
@@ -57,7 +59,8 @@ def test_a_flipped_byte_costs_only_the_record_that_holds_it(tmp_path):
         kept = [i for i in range(n) if i != hit.step]
 
         ep = store.load(ep_id)  # never raises
-        assert ep.step_index.tolist() == kept, (offset, hit)
+        assert (ep.n_steps, ep.complete) == (len(kept), hit.kind != "end"), (offset, hit)
+        assert ep.step_index.tolist() == kept
         assert_steps_equal(ep, [steps[i] for i in kept])
         assert [(d.start, d.end) for d in ep.damage] == [(hit.start, hit.end)]
         assert ep.lost_steps == ([(hit.step, hit.step)] if hit.kind == "step" else [])
@@ -65,6 +68,7 @@ def test_a_flipped_byte_costs_only_the_record_that_holds_it(tmp_path):
         assert ("task" in ep.meta) == (hit.kind != "meta")
 
         info = store.info(ep_id)  # the listing says so too, whatever the summary claims
+        assert info.n_steps == len(kept)
         assert info.status == "damaged" and info.damaged
         assert (info.n_steps, info.steps_lost) == (len(kept), n - len(kept))
         assert f"bytes {hit.start}-{hit.end}" in info.describe()
@@ -211,13 +215,15 @@ def test_the_listing_reads_the_log_not_the_summary(tmp_path):
     data[step4.start + 40] ^= 0xFF  # same size: the summary's byte count still matches
     log.write_bytes(bytes(data))
     (info,) = open_store(tmp_path).episodes()
-    assert (info.n_steps, info.steps_lost, info.lost_steps, info.complete) == (9, 1, ((4, 4),), True)
+    assert info.n_steps == 9
+    assert (info.steps_lost, info.lost_steps, info.complete) == (1, ((4, 4),), True)
     df = open_store(tmp_path).to_pandas()
     assert df["step"].tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9]  # each row keeps its recorded step index
     assert isinstance(df, pd.DataFrame)
 
     log.write_bytes(original[: layout[5].start])  # cut at a record boundary: nothing torn, yet short
     (info,) = open_store(tmp_path).episodes()
+    assert info.n_steps < 10 and not info.complete
     assert info.status == "damaged" and not info.complete and info.n_steps == layout[5].step
     assert info.lost_steps == ((layout[5].step, 9),)
     assert f"{len(original) - layout[5].start} B before its summary says" in info.damage[0].reason
