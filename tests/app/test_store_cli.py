@@ -47,6 +47,7 @@ def test_check_and_repair_through_the_command(tmp_path):
     incomplete = record(root, 3, end=False)
     flipped = record(root, 10)
     cut = record(root, 6)
+    zeros = record(root, 2, end=False)
 
     flipped_log = root / "episodes" / flipped / LOG
     start, end = step_span(flipped_log, 4)
@@ -58,6 +59,9 @@ def test_check_and_repair_through_the_command(tmp_path):
     cut_start, _ = step_span(cut_log, 4)
     original_cut = cut_log.read_bytes()
     cut_log.write_bytes(original_cut[: cut_start + 7])  # a power cut inside step 4's record
+    zeros_log = root / "episodes" / zeros / LOG
+    original_zeros = zeros_log.read_bytes()
+    zeros_log.write_bytes(original_zeros + bytes(4096))  # a block allocated, never written
 
     r = run_cli("store", "check", str(run))
     assert r.returncode == 1, r.stderr
@@ -68,14 +72,19 @@ def test_check_and_repair_through_the_command(tmp_path):
     assert f"bytes {start}-{end} ({end - start} B): crc mismatch" in lines[flipped]
     assert lines[cut].startswith("damaged: 4 steps, no end record; 2 steps lost (4-5); ")
     assert f"bytes {cut_start}-{len(original_cut)}" in lines[cut]
-    assert "4 episodes, 2 damaged, 1 incomplete, 1 ok" in r.stdout
+    zero_range = f"bytes {len(original_zeros)}-{len(original_zeros) + 4096} (4096 B): zero-filled"
+    assert (
+        lines[zeros]
+        == f"damaged: 2 steps, no end record; {zero_range} (blocks never written, as a power cut leaves them)"
+    )
+    assert "5 episodes, 3 damaged, 1 incomplete, 1 ok" in r.stdout
     assert f"vla-steer store repair {run}" in r.stdout
 
     r = run_cli("store", "repair", str(run))
     assert r.returncode == 0, r.stderr
-    assert "4 episodes checked, 2 repaired" in r.stdout
+    assert "5 episodes checked, 3 repaired" in r.stdout
     out = dict(line.split("  ", 1) for line in r.stdout.splitlines() if "  " in line)
-    assert set(out) == {flipped, cut}
+    assert set(out) == {flipped, cut, zeros}
     assert out[flipped].startswith("kept 9 steps (") and f"dropped bytes {start}-{end}" in out[flipped]
     assert "1 step lost (4)" in out[flipped]
     backup = re.search(r"original kept as (\S+)$", out[flipped]).group(1)
@@ -83,6 +92,7 @@ def test_check_and_repair_through_the_command(tmp_path):
     assert flipped_log.read_bytes() == damaged_flipped[:start] + damaged_flipped[end:]
     assert cut_log.read_bytes() == original_cut[:cut_start]
     assert "kept 4 steps" in out[cut] and "2 steps lost (4-5)" in out[cut]
+    assert zeros_log.read_bytes() == original_zeros and f"dropped {zero_range}" in out[zeros]
 
     r = run_cli("store", "check", str(run))  # the logs are clean; the lost steps are still reported
     assert r.returncode == 0, r.stdout + r.stderr
@@ -90,12 +100,12 @@ def test_check_and_repair_through_the_command(tmp_path):
     assert lines[flipped].startswith(
         "steps lost: 9 steps; 1 step lost (4); repaired (original kept as log.bin."
     )
-    assert "4 episodes, 1 incomplete, 1 ok, 2 with steps lost" in r.stdout
+    assert "5 episodes, 2 incomplete, 1 ok, 2 with steps lost" in r.stdout
     ep = open_store(root).load(flipped)
     assert ep.step_index.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9] and ep.complete
 
     r = run_cli("store", "repair", str(root))  # the store itself works too; nothing left to do
-    assert r.returncode == 0 and "4 episodes checked, 0 repaired" in r.stdout
+    assert r.returncode == 0 and "5 episodes checked, 0 repaired" in r.stdout
 
 
 def test_bad_run_dir_is_named(tmp_path):

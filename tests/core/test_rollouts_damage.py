@@ -13,7 +13,7 @@ import pytest
 from rollout_steps import assert_steps_equal, make_step, record
 
 from vla_steer.core.rollouts import Recorder, open_store, repair_episode, repair_store
-from vla_steer.core.rollouts.format import LOG, MARKER, SUMMARY, decode_record
+from vla_steer.core.rollouts.format import LOG, MARKER, SUMMARY, decode_record, encode_record
 
 DATA = Path(__file__).parents[1] / "data"
 
@@ -181,6 +181,23 @@ def test_repair_keeps_every_intact_record_and_the_original(tmp_path):
     assert_steps_equal(ep, [steps[i] for i in kept])
     assert store.info(id_ok).status == "ok"
     assert repair_store(store) == []
+
+
+def test_an_intact_record_the_reader_cannot_use_is_reported_and_repaired_away(tmp_path):
+    """A record with a good crc but contents no writer makes (a step index going back) is damage too: the
+    reader skips it, and repair drops it once (it does not find it again and again)."""
+    ep_id, steps = record(tmp_path, 3, seed=0)
+    log = log_of(tmp_path, ep_id)
+    original = log.read_bytes()
+    odd = encode_record({"k": "step", "i": 1, "scalars": {}, "steering": None}, {})
+    log.write_bytes(original + odd)
+    store = open_store(tmp_path)
+    info = store.info(ep_id)
+    assert info.n_steps == 3 and info.status == "damaged"
+    assert info.damage[0].start == len(original) and "out of order" in info.damage[0].reason
+    assert repair_episode(store, ep_id).kept_bytes == len(original)
+    assert log.read_bytes() == original and store.info(ep_id).status == "ok"
+    assert repair_episode(store, ep_id) is None
 
 
 def test_repair_refuses_an_episode_being_recorded(tmp_path):

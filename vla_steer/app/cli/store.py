@@ -37,11 +37,15 @@ def add_parsers(sub) -> None:
 
 
 def cmd_check(args) -> int:
+    from vla_steer.core.rollouts.files import is_being_written
+    from vla_steer.core.rollouts.format import LOG
+
     store = _open(args.run_dir)
     counts: Counter[str] = Counter()
     for info in store.episodes():
         counts[info.status] += 1
-        print(f"{info.id}  {info.describe()}")
+        live = " (being recorded now)" if is_being_written(info.path / LOG) else ""
+        print(f"{info.id}  {info.describe()}{live}")
     total = sum(counts.values())
     names = {"steps lost": "with steps lost"}
     print(f"{total} episodes" + "".join(f", {n} {names.get(s, s)}" for s, n in sorted(counts.items())))

@@ -72,7 +72,8 @@ def hold_log_lock(fd: int) -> None:
         import fcntl
     except ImportError:
         return
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with contextlib.suppress(OSError):  # a filesystem without locks: record anyway, unprotected
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def is_being_written(log: Path) -> bool:

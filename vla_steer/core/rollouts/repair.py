@@ -57,7 +57,9 @@ def repair_episode(store: Store, episode_id: str) -> Repair | None:
             f"episode {episode_id} is being recorded right now; repair it once its writer ends"
         )
     data = log.read_bytes()
-    spans = [(item[0], item[3]) for item in walk(data, no_arrays) if not isinstance(item, Damage)]
+    unusable = {(d.start, d.end) for d in info.damage}  # intact records the reader cannot use go too
+    records = [(item[0], item[3]) for item in walk(data, no_arrays) if not isinstance(item, Damage)]
+    spans = [span for span in records if span not in unusable]
     kept = b"".join(data[a:b] for a, b in spans)
 
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
