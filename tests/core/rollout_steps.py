@@ -33,10 +33,12 @@ def make_step(i: int, rng: np.random.Generator, *, cams=("agentview", "wrist")) 
     }
 
 
-def record(root: Path, n_steps: int, seed: int, *, end: bool = True, **meta) -> tuple[str, list[dict]]:
+def record(
+    root: Path, n_steps: int, seed: int, *, end: bool = True, cams=("agentview", "wrist"), **meta
+) -> tuple[str, list[dict]]:
     rng = np.random.default_rng(seed)
     ep = Recorder(root).start_episode({"task": "libero_10/0", "instruction": "put the bowl away", **meta})
-    steps = [make_step(i, rng) for i in range(n_steps)]
+    steps = [make_step(i, rng, cams=cams) for i in range(n_steps)]
     for i, s in enumerate(steps):
         ep.step(**s)
         if i == 1:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 from rollout_steps import make_step, record
 
 from vla_steer.core.rollouts import Recorder, SchemaError, export_lerobot
+from vla_steer.core.rollouts.format import LOG
 
 
 def test_export_lerobot_v3(tmp_path):
@@ -97,3 +99,27 @@ def test_export_failure_leaves_nothing(tmp_path):
     with pytest.raises(SchemaError, match=r"^state: episode .* has \(5,\)"):
         export_lerobot(tmp_path / "store", tmp_path / "out", fps=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_export_refuses_a_damaged_episode_and_names_it(tmp_path, caplog):
+    """Today's main exports a cut-short episode as if it were whole."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("pandas")
+    pytest.importorskip("av")
+    root = tmp_path / "store"
+    ok_id, _ = record(root, 4, seed=0)
+    bad_id, _ = record(root, 6, seed=1)
+    log = root / "episodes" / bad_id / LOG
+    data = log.read_bytes()
+    log.write_bytes(data[: len(data) * 2 // 3])  # a power cut took the end of a closed episode
+    with pytest.raises(ValueError, match=rf"episode {bad_id} \(damaged: .*steps lost .*skip_damaged=True"):
+        export_lerobot(root, tmp_path / "out", fps=10)
+    assert not (tmp_path / "out").exists()
+
+    with caplog.at_level(logging.WARNING, logger="vla_steer.core.rollouts.export"):
+        out = export_lerobot(root, tmp_path / "out", fps=10, skip_damaged=True)
+    assert f"leaving out damaged episodes: episode {bad_id}" in caplog.text
+    info = json.loads((out / "meta/info.json").read_text())
+    assert (info["total_episodes"], info["total_frames"]) == (1, 4)
+    eps = pq.read_table(out / "meta/episodes/chunk-000/file-000.parquet")
+    assert eps.column("vla_steer/episode_id").to_pylist() == [ok_id]

@@ -24,7 +24,8 @@ def test_round_trip_two_episodes(tmp_path):
 
     for ep_id, steps in ((id0, steps0), (id1, steps1)):
         ep = store.load(ep_id)
-        assert ep.complete and ep.tail_error is None
+        assert ep.complete and ep.damage == [] and ep.lost_steps == []
+        assert ep.step_index.tolist() == list(range(len(steps)))
         assert_steps_equal(ep, steps)
         knobs = [e for e in ep.events if e["kind"] == "knobs"]
         assert knobs == [{"t": 123.0, "kind": "knobs", "op": "set", "strengths": {"fast": 8.0}, "step": 2}]
@@ -57,7 +58,7 @@ def test_missing_store_names_the_path(tmp_path):
         open_store(tmp_path / "s").load("000999-deadbeef")
 
 
-def test_torn_and_corrupt_logs_keep_the_intact_prefix(tmp_path):
+def test_torn_and_corrupt_logs_keep_every_intact_record(tmp_path):
     ep_id, steps = record(tmp_path, 8, seed=3)
     store = open_store(tmp_path)
     log = tmp_path / "episodes" / ep_id / LOG
@@ -67,30 +68,31 @@ def test_torn_and_corrupt_logs_keep_the_intact_prefix(tmp_path):
     def check(data: bytes) -> Episode:
         log.write_bytes(data)
         ep = store.load(ep_id)  # never raises
-        assert_steps_equal(ep, steps[: ep.n_steps])
-        if len(data) != len(original):  # the summary (a cache) no longer matches the log: listing rescans
-            info = store.info(ep_id)
-            assert info.n_steps == ep.n_steps and info.complete == ep.complete
+        assert_steps_equal(ep, [steps[i] for i in ep.step_index])
+        info = store.info(ep_id)  # the listing reads the log too, not only the summary
+        assert (info.n_steps, info.complete) == (ep.n_steps, ep.complete)
+        assert info.lost_steps == tuple(ep.lost_steps)
         return ep
 
     for cut in sorted(rng.integers(1, len(original), 25)):  # truncated anywhere, mid-record included
         ep = check(original[:cut])
-        assert not ep.complete and ep.tail_error
+        assert not ep.complete and ep.damage and ep.lost_steps == [(ep.n_steps, 7)]
     assert check(original[:0]).n_steps == 0
 
     flipped = bytearray(original)
-    flipped[len(original) // 2] ^= 0xFF  # a bit flip in the middle: stop there, keep what came before
+    flipped[len(original) // 2] ^= 0xFF  # a byte flip in the middle: that record is lost, no other
     ep = check(bytes(flipped))
-    assert 0 < ep.n_steps < 8 and "crc" in ep.tail_error
+    assert ep.n_steps == 7 and ep.complete and "crc" in ep.damage[0].reason
 
     lengths = bytearray(original)
-    lengths[4:8] = b"\xff\xff\xff\x7f"  # the first record's header length: nothing readable follows
+    lengths[4:8] = b"\xff\xff\xff\x7f"  # the first record's header length: only the metadata is lost
     ep = check(bytes(lengths))
-    assert ep.n_steps == 0 and ep.meta == {"length": 0}
+    assert ep.n_steps == 8 and "task" not in ep.meta and ep.damage[0].start == 0
 
-    ep = check(original + rng.integers(0, 256, 100, dtype=np.uint8).tobytes())  # trailing garbage
-    assert ep.complete and ep.n_steps == 8 and ep.tail_error
+    ep = check(original + rng.integers(1, 256, 100, dtype=np.uint8).tobytes())  # trailing garbage
+    assert ep.complete and ep.n_steps == 8 and ep.damage[-1].end == len(original) + 100
 
     log.write_bytes(original)
     (tmp_path / "episodes" / ep_id / SUMMARY).write_text("{not json")
-    assert store.info(ep_id).n_steps == 8  # a damaged summary is only a cache
+    assert store.info(ep_id).n_steps == 8  # a damaged summary only loses what it said the log should hold
+    assert store.info(ep_id).status == "ok"

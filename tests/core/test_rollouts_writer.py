@@ -146,7 +146,7 @@ def test_failed_write_is_cut_so_later_records_stay_readable(tmp_path, monkeypatc
     ep.step(**steps[2])
     ep.end(success=True)
     back = open_store(tmp_path).load(ep.id)
-    assert back.complete and back.tail_error is None
+    assert back.complete and back.damage == []
     assert_steps_equal(back, steps)
 
 

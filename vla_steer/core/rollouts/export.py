@@ -7,6 +7,7 @@ so the rest of the store stays importable with numpy and msgpack only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -19,12 +20,15 @@ from vla_steer.core.rollouts.format import SchemaError
 from vla_steer.core.rollouts.reader import Store, open_store
 from vla_steer.core.rollouts.video import VideoWriter
 
+_log = logging.getLogger(__name__)
+
 
 def export_lerobot(
     store: Store | str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     fps: int,
+    skip_damaged: bool = False,
 ) -> Path:
     """Write the store's complete episodes as a LeRobot v3.0 dataset at `out_dir` (must be empty).
 
@@ -32,6 +36,9 @@ def export_lerobot(
     episodes back to back. `timestamp` is `frame_index / fps`, which is what LeRobot's video lookup needs;
     the recorded wall and sim times stay in the store. `robot_type` is the first episode's "robot"
     metadata. Requires pyarrow, pandas and av.
+
+    A damaged episode (unreadable bytes in its log, or recorded steps missing) is refused with an error
+    naming it, unless `skip_damaged` (then it is left out, with a warning naming it).
     """
     store = store if isinstance(store, Store) else open_store(store)
     if not isinstance(fps, int) or isinstance(fps, bool) or fps <= 0:
@@ -39,7 +46,17 @@ def export_lerobot(
     out = Path(out_dir).resolve()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export directory {str(out)!r} is not empty")
-    chosen = [i.id for i in store.episodes() if i.n_steps > 0 and i.complete]
+    infos = store.episodes()
+    damaged = [i for i in infos if i.damaged]
+    if damaged:
+        what = "; ".join(f"episode {i.id} ({i.describe()})" for i in damaged)
+        if not skip_damaged:
+            raise ValueError(
+                f"{what}. Run `vla-steer store check/repair {store.root}`, or pass skip_damaged=True to "
+                "export without them"
+            )
+        _log.warning("leaving out damaged episodes: %s", what)
+    chosen = [i.id for i in infos if i.n_steps > 0 and i.complete and not i.damaged]
     if not chosen:
         raise ValueError("no complete episodes with steps to export")
 

@@ -63,3 +63,33 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def hold_log_lock(fd: int) -> None:
+    """Mark a log as being written (an exclusive flock, dropped by the kernel when the writer's fd closes or
+    its process dies), so `repair` never rewrites an episode a live writer is still appending to."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    with contextlib.suppress(OSError):  # a filesystem without locks: record anyway, unprotected
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def is_being_written(log: Path) -> bool:
+    """Whether a live writer holds `log`'s lock (see `hold_log_lock`)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(log, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -4,6 +4,10 @@ A record is a 20-byte prefix `<4sIQI` (magic b"VSR1", header length, body length
 a msgpack header (`k`: "meta" | "step" | "event" | "end", plain values, and an `arrays` table of
 `[name, dtype, shape]`), then the arrays' raw little-endian buffers back to back. Nothing is ever pickled:
 headers hold plain values only (`plain`), arrays only the numeric dtypes in `DTYPES`.
+
+The magic doubles as the sync marker: after a damaged record the reader searches for the next `MAGIC` whose
+record decodes with a matching crc (see `damage.walk`). A false match inside array data fails its crc (or
+its lengths), so resynchronising needs no change to this framing and every log ever written reads the same.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 import re
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -25,7 +29,7 @@ LOG = "log.bin"  # an episode's append-only records
 SUMMARY = "summary.json"  # written when an episode is closed (a cache of what its log says)
 ID_RE = re.compile(r"^(\d{6,})-[0-9a-f]{8}$")  # an episode directory: <NNNNNN>-<hex8>
 
-_MAGIC = b"VSR1"
+MAGIC = b"VSR1"  # starts every record; the reader resynchronises on it
 PREFIX = struct.Struct("<4sIQI")
 _MAX_HEADER = 64 * 1024 * 1024
 DTYPES = frozenset(
@@ -53,7 +57,7 @@ class SchemaError(ValueError):
 
 
 class BadRecord(Exception):
-    """A truncated or corrupt record: the reader stops there and keeps what came before."""
+    """A truncated or corrupt record: the reader skips it and resynchronises on the next intact one."""
 
 
 # ------------------------------------------------------------------------------------------- framing
@@ -70,16 +74,19 @@ def encode_record(header: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> b
     for b in bufs:
         crc = zlib.crc32(b, crc)
     body = sum(b.nbytes for b in bufs)
-    return b"".join([PREFIX.pack(_MAGIC, len(head), body, crc), head, *bufs])
+    return b"".join([PREFIX.pack(MAGIC, len(head), body, crc), head, *bufs])
 
 
-def decode_record(view: memoryview, pos: int) -> tuple[dict, dict[str, np.ndarray], int]:
-    """Decode the record at `pos`: (header, arrays as views into `view`, end offset) or raise BadRecord."""
+def decode_record(
+    view: memoryview, pos: int, keep: Callable[[str], bool] | None = None
+) -> tuple[dict, dict[str, np.ndarray], int]:
+    """Decode the record at `pos`: (header, arrays as views into `view`, end offset) or raise BadRecord.
+    Only the arrays whose name `keep` accepts are made (all by default); the table is checked whole."""
     size = len(view)
     if size - pos < PREFIX.size:
         raise BadRecord("truncated record prefix")
     magic, hlen, blen, crc = PREFIX.unpack_from(view, pos)
-    if magic != _MAGIC:
+    if magic != MAGIC:
         raise BadRecord("bad magic")
     start = pos + PREFIX.size
     end = start + hlen + blen
@@ -103,10 +110,12 @@ def decode_record(view: memoryview, pos: int) -> tuple[dict, dict[str, np.ndarra
                 raise ValueError(entry)
             dtype = np.dtype(dtype_name).newbyteorder("<")
             count = math.prod(shape)
-            arr = np.frombuffer(body, dtype=dtype, count=count, offset=off).reshape(shape)
+            if off + count * dtype.itemsize > blen:
+                raise ValueError("runs past the body")
+            if keep is None or keep(str(name)):
+                arrays[str(name)] = np.frombuffer(body, dtype=dtype, count=count, offset=off).reshape(shape)
         except (ValueError, TypeError) as e:
             raise BadRecord(f"bad array entry {entry!r}: {e}") from None
-        arrays[str(name)] = arr
         off += count * dtype.itemsize
     if off != blen:
         raise BadRecord("array table does not cover the body")

@@ -1,24 +1,26 @@
 """Reading a store back: `open_store` -> `Store` (list, load, a pandas view), whatever state a crash left.
 
-A `Store` never writes, so it can be opened while nodes are recording. Loading an episode decodes its log
-record by record and stops at the first truncated or corrupt one, keeping everything before it
-(`Episode.tail_error` says why it stopped). An episode's summary is only a cache: one that does not match
-its log is ignored and the log is scanned instead.
+A `Store` never writes, so it can be opened while nodes are recording. Loading or listing an episode
+decodes its log record by record; a truncated or corrupt record is skipped and reading resumes at the next
+intact one (`damage.walk`), so damage costs only the records it hit, and says so (`Episode.damage`,
+`lost_steps`). The summary written when an episode closes is not trusted for content: it only says how many
+steps and bytes the log should hold, so a log cut short after closing is reported as damaged.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vla_steer.core.rollouts.damage import Damage, no_arrays, walk
 from vla_steer.core.rollouts.episode import Episode, EpisodeInfo
 from vla_steer.core.rollouts.files import check_marker
-from vla_steer.core.rollouts.format import ID_RE, LOG, MARKER, SUMMARY, BadRecord, decode_record
+from vla_steer.core.rollouts.format import ID_RE, LOG, MARKER, SUMMARY
 
 
 class Store:
@@ -37,25 +39,30 @@ class Store:
         return sorted(p.name for p in d.iterdir() if ID_RE.match(p.name) and p.is_dir()) if d.is_dir() else []
 
     def episodes(self) -> list[EpisodeInfo]:
-        """Every episode in id order. Closed ones come from their summary; others are scanned."""
+        """Every episode in id order, each checked against its log (see `info`)."""
         return [self.info(i) for i in self.episode_ids()]
 
     def info(self, episode_id: str) -> EpisodeInfo:
+        """An episode's listing entry from its log, every record's crc checked (the arrays are not made):
+        steps held, complete or not, and what damage cost (`EpisodeInfo.status`, `damage`, `lost_steps`)."""
         path = self._path(episode_id)
         summary = _read_summary(path)
-        if summary is not None:
-            return EpisodeInfo(episode_id, path, summary["meta"], summary["n_steps"], summary["complete"])
-        ep = self.load(episode_id, images=False, activations=False)
-        return EpisodeInfo(episode_id, path, ep.meta, ep.n_steps, ep.complete)
+        ep = _parse(episode_id, _read_log(path), no_arrays, summary)
+        repaired = summary["repaired"] if summary else None
+        lost = tuple(ep.lost_steps)
+        return EpisodeInfo(
+            episode_id, path, ep.meta, ep.n_steps, ep.complete, tuple(ep.damage), lost, repaired
+        )
 
     def load(self, episode_id: str, *, images: bool = True, activations: bool = True) -> Episode:
-        """Read an episode back; everything up to the first bad record (see `Episode.tail_error`)."""
+        """Read an episode back: every intact record, resynchronising after damage (see `Episode.damage`,
+        `Episode.lost_steps`, and `Episode.step_index` for which recorded step each row is)."""
         path = self._path(episode_id)
-        try:
-            data = (path / LOG).read_bytes()
-        except FileNotFoundError:
-            data = b""
-        return _parse(episode_id, data, images=images, activations=activations)
+
+        def keep(name: str) -> bool:
+            return (images or not name.startswith("img/")) and (activations or not name.startswith("act/"))
+
+        return _parse(episode_id, _read_log(path), keep, _read_summary(path))
 
     def __len__(self) -> int:
         return len(self.episode_ids())
@@ -72,7 +79,7 @@ class Store:
                 continue
             cols: dict[str, Any] = {
                 "episode": ep.id,
-                "step": np.arange(ep.n_steps),
+                "step": ep.step_index,
                 "complete": ep.complete,
                 "success": ep.meta.get("success"),
                 "task": ep.meta.get("task"),
@@ -103,56 +110,82 @@ def open_store(root: str | os.PathLike) -> Store:
     return Store(root)
 
 
-def _parse(episode_id: str, data: bytes, *, images: bool, activations: bool) -> Episode:
+def _read_log(path: Path) -> bytes:
+    try:
+        return (path / LOG).read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _parse(episode_id: str, data: bytes, keep: Callable[[str], bool], summary: dict | None) -> Episode:
+    """Every intact record of the log; damaged stretches and missing step indices are reported, not fatal."""
     meta: dict[str, Any] = {}
-    complete, tail_error = False, None
+    complete, seen_any = False, False
     lists: dict[str, list[np.ndarray]] = {}
     steering: list[dict | None] = []
+    index: list[int] = []
     events: list[dict] = []
     scalars: dict[str, list[float]] = {}
     schema: dict[str, tuple[str, tuple[int, ...]]] | None = None
-    view = memoryview(data)
-    pos = 0
-    while pos < len(data):
+    damage: list[Damage] = []
+    lost: list[tuple[int, int]] = []
+    recorded = 0  # steps the writer recorded, as far as the log (and summary) tell
+    for item in walk(data, keep):
+        if isinstance(item, Damage):
+            damage.append(item)
+            continue
+        pos, header, arrays, end = item
+        kind = header.get("k")
         try:
-            header, arrays, end = decode_record(view, pos)
-            kind = header.get("k")
-            if pos == 0 and kind != "meta":
-                raise BadRecord(f"the first record is {kind!r}, not 'meta'")
             if kind == "meta":
+                if seen_any:
+                    raise ValueError("a second metadata record")
                 meta = dict(header["meta"])
             elif kind == "step":
-                table = {name: (a.dtype.name, a.shape) for name, a in arrays.items()}
+                i = header["i"]
+                table = {str(n): (d, tuple(s)) for n, d, s in header["arrays"]}
                 row = dict(header["scalars"])
+                if type(i) is not int or i < recorded:
+                    raise ValueError(f"step index {i!r} out of order")
                 if schema is None:
                     schema, scalars = table, {k: [] for k in row}
                 if table != schema or row.keys() != scalars.keys():
-                    raise BadRecord(f"step {header.get('i')} does not match the episode's first step")
-                if not all(isinstance(v, (int, float)) for v in row.values()):
-                    raise BadRecord(f"step {header.get('i')} has non-numeric scalars")
+                    raise ValueError(f"step {i} does not match the episode's first kept step")
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values()):
+                    raise ValueError(f"step {i} has non-numeric scalars")
+                if i > recorded:
+                    lost.append((recorded, i - 1))
                 for name, a in arrays.items():
-                    if (name.startswith("img/") and not images) or (
-                        name.startswith("act/") and not activations
-                    ):
-                        continue
                     lists.setdefault(name, []).append(a)
                 for k, v in row.items():
                     scalars[k].append(v)
                 steering.append(header.get("steering"))
+                index.append(i)
+                recorded = i + 1
             elif kind == "event":
                 events.append(dict(header["ev"]))
             elif kind == "end":
                 complete = True
                 meta.update(header.get("final") or {})
                 meta["success"] = header.get("success")
-        except (BadRecord, KeyError, TypeError, ValueError, AttributeError) as e:
-            tail_error = f"at byte {pos} of {len(data)}: {e}"
-            break
-        pos = end
-    if not data:
-        tail_error = "empty log (the writer died before its first record)"
-    n = len(steering)
-    meta["length"] = n
+                recorded = max(recorded, _count(header.get("n_steps")))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            damage.append(Damage(pos, end, f"unusable {kind!r} record: {e}"))
+            continue
+        seen_any = True
+    if summary is not None:
+        recorded = max(recorded, summary["n_steps"])
+        if len(data) < summary["log_bytes"]:
+            short = f"the log ends {summary['log_bytes'] - len(data)} B before its summary says it did"
+            if damage and damage[-1].end == len(data):
+                last = damage.pop()
+                damage.append(Damage(last.start, summary["log_bytes"], f"{last.reason}; {short}"))
+            else:
+                damage.append(Damage(len(data), summary["log_bytes"], f"truncated: {short}"))
+    kept_to = index[-1] + 1 if index else 0
+    if recorded > kept_to:
+        lost.append((kept_to, recorded - 1))
+    meta["length"] = len(index)
     out: dict[str, np.ndarray] = {k: np.asarray(v, dtype=np.float64) for k, v in scalars.items()}
     imgs: dict[str, np.ndarray] = {}
     acts: dict[str, np.ndarray] = {}
@@ -164,18 +197,35 @@ def _parse(episode_id: str, data: bytes, *, images: bool, activations: bool) -> 
             acts[name[4:]] = stacked
         else:
             out[name] = stacked
-    return Episode(episode_id, meta, complete, out, imgs, acts, steering, events, tail_error)
+    return Episode(
+        episode_id,
+        meta,
+        complete,
+        out,
+        imgs,
+        acts,
+        steering,
+        events,
+        np.asarray(index, dtype=np.int64),
+        damage,
+        lost,
+    )
+
+
+def _count(n: Any) -> int:
+    return n if type(n) is int and n >= 0 else 0
 
 
 def _read_summary(path: Path) -> dict | None:
-    """The summary if it is whole and matches the log; a stale or damaged one is ignored (scan instead)."""
+    """What the writer said when it closed the episode (steps recorded, log size), or None if it did not
+    (a crash) or the summary is unreadable. The log is the truth; this only says what it should hold."""
     try:
         s = json.loads((path / SUMMARY).read_text())
-        if (path / LOG).stat().st_size != s["log_bytes"]:
+        n, size = s["n_steps"], s["log_bytes"]
+        if _count(n) != n or _count(size) != size:
             return None
-        if not isinstance(s["meta"], dict) or not isinstance(s["n_steps"], int):
-            return None
-        return {"meta": s["meta"], "n_steps": s["n_steps"], "complete": bool(s["complete"])}
+        repaired = s.get("repaired")
+        return {"n_steps": n, "log_bytes": size, "repaired": repaired if isinstance(repaired, dict) else None}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from vla_steer.core.rollouts.episode import EpisodeInfo
-from vla_steer.core.rollouts.files import atomic_json, check_marker, fsync_dir, locked
+from vla_steer.core.rollouts.files import atomic_json, check_marker, fsync_dir, hold_log_lock, locked
 from vla_steer.core.rollouts.format import (
     FINITE_CHECKED,
     FORMAT_NAME,
@@ -105,6 +105,7 @@ class EpisodeWriter:
             path / LOG, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644
         )
         self._finalizer = weakref.finalize(self, os.close, self._fd)
+        hold_log_lock(self._fd)
         self._write({"k": "meta", "format": FORMAT_VERSION, "t": time.time(), "meta": meta}, {})
         self._flush()
         fsync_dir(path)
