@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vla_steer.app.cli.args import add_security, config_path
+from vla_steer.app.cli.openpi_door import add_openpi_options, openpi_door, openpi_settings
 
 
 def add_parsers(sub) -> None:
@@ -31,6 +32,7 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--positions", choices=("all", "last"), default="all", help="token positions to steer")
     add_security(p, server=True)
+    add_openpi_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", help="generate a CURVE key pair (NAME.key to share, NAME.key_secret to keep)")
@@ -48,6 +50,7 @@ def cmd_serve(args) -> int:
     from vla_steer.core.node import PolicyNode
     from vla_steer.wire import Server
 
+    openpi = openpi_settings(args)  # bad flags fail before the weights load
     policy = load_policy(args.policy)
     directions = list(load_directions(args.directions).values()) if args.directions else []
     node = PolicyNode(policy, directions, mode=args.mode, positions=args.positions)
@@ -62,7 +65,7 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with server.start():
+    with server.start(), openpi_door(server, openpi):
         concepts = ", ".join(node.steerer.concepts) or "none"
         print(f"serving {policy.spec.name} on {server.address} (knobs: {concepts})", flush=True)
         if server.telemetry_address:
