@@ -45,12 +45,13 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
+    openpi = openpi_settings(args)  # bad flags fail before anything heavy is imported or loaded
+
     from policies import load_policy
     from vla_steer.core.discovery.direction import load_directions
     from vla_steer.core.node import PolicyNode
     from vla_steer.wire import Server
 
-    openpi = openpi_settings(args)  # bad flags fail before the weights load
     policy = load_policy(args.policy)
     directions = list(load_directions(args.directions).values()) if args.directions else []
     node = PolicyNode(policy, directions, mode=args.mode, positions=args.positions)

@@ -161,6 +161,9 @@ class OpenpiServer:
     def _check_handshake(self, connection: Any, request: Any) -> Any:
         """Refuse browsers, foreign Host names, missing tokens and one client too many before the upgrade."""
         headers = request.headers
+        for name in ("Host", "Origin", "Authorization"):
+            if len(headers.get_all(name)) > 1:
+                return connection.respond(http.HTTPStatus.BAD_REQUEST, f"more than one {name} header\n")
         origin = headers.get("Origin")
         if origin is not None and origin not in self.allowed_origins:
             log.warning("refused an openpi handshake from Origin %r", origin)
