@@ -7,19 +7,17 @@ helper finds or builds it) through an openpi LIBERO-style client loop (tests/app
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import VLA_STEER, free_address
+from support import VLA_STEER, free_address, side_python
 
 from vla_steer.app.cli import build_parser
 from vla_steer.app.cli.openpi_door import openpi_settings
@@ -27,7 +25,6 @@ from vla_steer.wire.openpi import pack, unpack
 
 HERE = Path(__file__).resolve().parent
 CLIENT_LOOP = HERE / "openpi_libero_client.py"
-ROOT = HERE.parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -160,16 +157,8 @@ def test_bad_openpi_options_fail_before_loading_weights(tmp_path):
 
 @pytest.fixture(scope="module")
 def openpi_python() -> str:
-    """An interpreter with openpi-client: $VLA_STEER_OPENPI_PYTHON, or the side venv the transport
-    benchmark builds (a one-off pip install of openpi-client, websockets and typing-extensions)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from transport_rtt import find_openpi_python
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    python, notes = find_openpi_python(argparse.Namespace(openpi_python=None, no_install=False))
-    assert python is not None, f"no interpreter with openpi-client, and building one failed: {notes}"
-    return python
+    """openpi-client pins numpy<2: $VLA_STEER_OPENPI_PYTHON, or the side venv the transport benchmark uses."""
+    return side_python("openpi-client", "VLA_STEER_OPENPI_PYTHON")
 
 
 def run_client(python: str, port: int, *args: str) -> dict:
