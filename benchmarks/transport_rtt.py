@@ -65,11 +65,6 @@ OBS_SPEC = {
     "observation/wrist_image": (IMAGE_SHAPE, "uint8"),
     "observation/state": ((STATE_DIM,), "float32"),
 }
-OPENPI_PACKAGES = ["openpi-client", "websockets>=13", "typing-extensions"]
-OPENPI_IMPORTS = (
-    "import openpi_client, openpi_client.msgpack_numpy, openpi_client.websocket_client_policy, "
-    "websockets.asyncio.server, websockets.sync.client"
-)
 COMMAND_TIMEOUT_S = 120.0
 
 
@@ -479,59 +474,12 @@ def measure_liveness(trials: int) -> dict:
     }
 
 
-def default_openpi_venv() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "vla-steer" / "openpi-client-venv"
-
-
-def _has_openpi(python: str) -> tuple[bool, str]:
-    try:
-        r = subprocess.run([python, "-c", OPENPI_IMPORTS], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f"{python}: {e}"
-    return r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
-
-
 def find_openpi_python(args) -> tuple[str | None, dict]:
     """An interpreter that can import openpi-client; creates the side venv if allowed. (python, notes)."""
-    notes: dict = {"tried": []}
+    from side_venv import side_python
+
     explicit = args.openpi_python or os.environ.get("VLA_STEER_OPENPI_PYTHON")
-    candidates = [explicit] if explicit else [sys.executable, str(default_openpi_venv() / "bin" / "python")]
-    for python in candidates:
-        if not python or not Path(python).exists():
-            notes["tried"].append({"python": python, "ok": False, "why": "does not exist"})
-            continue
-        ok, why = _has_openpi(python)
-        notes["tried"].append({"python": python, "ok": ok, **({} if ok else {"why": why})})
-        if ok:
-            return python, notes
-    if explicit or args.no_install:
-        return None, notes
-    venv = default_openpi_venv()
-    base = getattr(sys, "_base_executable", None) or sys.executable
-    print(
-        f"{NAME}: creating the openpi-client side environment {venv} (one-off; openpi-client pins numpy<2)",
-        file=sys.stderr,
-    )
-    try:
-        subprocess.run(
-            [base, "-m", "venv", str(venv)], check=True, capture_output=True, text=True, timeout=300
-        )
-        python = str(venv / "bin" / "python")
-        subprocess.run(
-            [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *OPENPI_PACKAGES],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    except (OSError, subprocess.SubprocessError) as e:
-        err = getattr(e, "stderr", "") or ""
-        notes["install_error"] = f"{e}; {err.strip()[-2000:]}"
-        return None, notes
-    ok, why = _has_openpi(python)
-    notes["tried"].append({"python": python, "ok": ok, "created": True, **({} if ok else {"why": why})})
-    return (python, notes) if ok else (None, notes)
+    return side_python("openpi-client", explicit=explicit, install=not args.no_install)
 
 
 def main_orchestrator(argv: list[str]) -> int:
@@ -544,6 +492,7 @@ def main_orchestrator(argv: list[str]) -> int:
         meets_target,
         write_result,
     )
+    from side_venv import KNOWN
 
     p = arg_parser(__doc__.splitlines()[0])
     p.add_argument(
@@ -708,7 +657,7 @@ def main_orchestrator(argv: list[str]) -> int:
                     "python": openpi_python,
                     "why_separate": "openpi-client 0.1.2 requires numpy<2.0.0 (pip would downgrade the project's "
                     "numpy 2.x) and imports typing_extensions without declaring it; it runs from its own venv "
-                    f"with {OPENPI_PACKAGES}",
+                    f"with {KNOWN['openpi-client'][0]}",
                     "versions": op_ready.get("versions"),
                     "lookup": openpi_notes,
                 }

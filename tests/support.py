@@ -65,3 +65,18 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.01, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def side_python(name: str, env_var: str) -> str:
+    """An interpreter for packages that cannot join the project's environment: $`env_var`, or the side
+    venv `name` (openpi-client, rerun) that benchmarks/side_venv.py finds or builds once; the test fails
+    if none can be had."""
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        from side_venv import side_python as find
+    finally:
+        sys.path.remove(benchmarks)
+    python, notes = find(name, explicit=os.environ.get(env_var))
+    assert python is not None, f"no interpreter has {name}, and building one failed: {notes}"
+    return python

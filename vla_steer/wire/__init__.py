@@ -9,6 +9,8 @@ from its own environment with nothing else of this project but `vla_steer.wire` 
     server      `Server`: answers every request (infer/reset on a worker thread, the rest on the socket's)
     client      `Client`: timeouts, retries, late replies dropped, heartbeats behind `alive`
     telemetry   `TelemetrySubscriber`: one record per request from the server's PUB socket
+    openpi      openpi's websocket protocol as a second front door of a `Server` (needs `websockets`;
+                imported on its own: `from vla_steer.wire.openpi import OpenpiServer`)
 """
 
 from vla_steer.wire.client import Client, RemoteError, RequestTimeout

@@ -16,6 +16,7 @@ state (pending count, outbox, client table) and are one piece of concurrency to 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import queue
@@ -23,6 +24,7 @@ import socket as pysocket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +91,7 @@ class _Job:
     request: Request
     t_recv: float
     decode_s: float
+    future: Future | None = None  # set for requests from another front door (see `Server.submit`)
 
 
 class Server:
@@ -185,6 +188,7 @@ class Server:
         # client name -> monotonic time of its last heartbeat, oldest first (see _heard_from)
         self._clients: dict[str, float] = {}
         self._clients_lock = threading.Lock()
+        self._local_ids = itertools.count(1)  # request ids of `submit`ted requests
 
     def _socket(self, kind: int, kp: Keypair | None, address: str) -> zmq.Socket:
         sock = self._ctx.socket(kind)
@@ -232,6 +236,13 @@ class Server:
             self._worker.join(timeout)
             if self._worker.is_alive():
                 log.warning("a handler is still running after close(); abandoning it")
+        while True:  # submitted requests nobody will run now get an answer all the same
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job.future is not None:
+                job.future.set_result(_error_message(Code.UNSUPPORTED, "the server is closed"))
         self._teardown()
         self._wake_r.close()
         self._wake_w.close()
@@ -254,6 +265,49 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- other front doors
+
+    def submit(self, kind: str, payload: Mapping[str, Any], client: bytes = b"local") -> Future[Message]:
+        """Answer a request that arrived through another front door (openpi's websocket protocol) as one
+        from the socket: the same checks, the same handler, infer and reset on the same worker (one at a
+        time with the socket's), the same telemetry. Thread-safe. The future's result is the reply a client
+        would decode: a `Message` of the request's kind, or an "error" one. Other kinds run in the caller's
+        thread, so they must be as thread-safe as the socket thread needs them to be."""
+        fut: Future[Message] = Future()
+        t_recv = time.perf_counter()
+        msg = Message(kind, dict(payload), next(self._local_ids), time.time())
+        try:
+            if self._closed:
+                raise ProtocolError(Code.UNSUPPORTED, "the server is closed")
+            check_request(msg)
+            if kind == "infer" and self.require_finite_observations:
+                require_finite(msg.payload["observation"], "observation")
+            if kind not in self._handlers:
+                raise ProtocolError(Code.UNSUPPORTED, f"this server has no {kind!r} handler", "kind")
+        except ProtocolError as e:
+            fut.set_result(_error_message(e.code, e.message, e.field))
+            self._outbox.put(("telemetry", self._record(kind, msg.request_id, client, e.code, {})))
+            self._wake()
+            return fut
+        req = Request(kind, msg.payload, msg.request_id, msg.timestamp, client)
+        decode_s = time.perf_counter() - t_recv
+        if kind in self.worker_kinds:
+            self._jobs.put(_Job([], req, t_recv, decode_s, fut))
+            return fut
+        frames, tele = self._run(req, 0.0, decode_s)
+        fut.set_result(self._as_message(frames))
+        self._outbox.put(("telemetry", tele))
+        self._wake()
+        return fut
+
+    def _as_message(self, frames: list) -> Message:
+        """A reply as its client would decode it (never raises: this runs on the worker thread)."""
+        try:
+            return decode(frames, max_bytes=self.max_message_bytes)
+        except ProtocolError as e:
+            log.error("a reply could not be decoded again: %s", e)
+            return _error_message(Code.HANDLER_ERROR, f"the reply could not be read back: {e.message}")
 
     # -- liveness of clients
 
@@ -334,7 +388,7 @@ class Server:
             if item[0] == "reply":
                 self._pending -= 1
                 self._router.send_multipart([*item[1], *item[2]], copy=False)
-            else:
+            elif item[1]:
                 self._publish(item[1])
 
     def _publish(self, frames: list) -> None:
@@ -416,7 +470,10 @@ class Server:
                     request_id=job.request.request_id,
                 )
                 tele = []
-            self._outbox.put(("reply", job.envelope, frames))
+            if job.future is not None:
+                job.future.set_result(self._as_message(frames))
+            else:
+                self._outbox.put(("reply", job.envelope, frames))
             if tele:
                 self._outbox.put(("telemetry", tele))
             self._wake()
@@ -509,6 +566,10 @@ def _resolve_handlers(handler: Any) -> dict[str, Handler]:
         control = handlers["control"]
         handlers["control"] = lambda req: control(req.payload["op"], dict(req.payload["args"]))
     return handlers
+
+
+def _error_message(code: str, message: str, fld: str | None = None) -> Message:
+    return Message("error", error_payload(code, message, fld))
 
 
 def _to_payload(result: Any) -> dict[str, Any]:

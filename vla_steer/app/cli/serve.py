@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vla_steer.app.cli.args import add_security, config_path
+from vla_steer.app.cli.openpi_door import add_openpi_options, openpi_door, openpi_settings
 
 
 def add_parsers(sub) -> None:
@@ -31,6 +32,7 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--positions", choices=("all", "last"), default="all", help="token positions to steer")
     add_security(p, server=True)
+    add_openpi_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", help="generate a CURVE key pair (NAME.key to share, NAME.key_secret to keep)")
@@ -42,6 +44,8 @@ def add_parsers(sub) -> None:
 def cmd_serve(args) -> int:
     import signal
     import threading
+
+    openpi = openpi_settings(args)  # bad flags fail before anything heavy is imported or loaded
 
     from policies import load_policy
     from vla_steer.core.discovery.direction import load_directions
@@ -62,7 +66,7 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with server.start():
+    with server.start(), openpi_door(server, openpi):
         concepts = ", ".join(node.steerer.concepts) or "none"
         print(f"serving {policy.spec.name} on {server.address} (knobs: {concepts})", flush=True)
         if server.telemetry_address:
