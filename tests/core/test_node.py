@@ -8,11 +8,13 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from support import VLA_STEER, free_address, serve_process, wait_for
 
 from policies import load_policy
 from vla_steer.core.discovery import load_directions
 from vla_steer.core.node import PolicyNode
+from vla_steer.core.steering import MAX_ACTIVATION, Steerer
 from vla_steer.wire import Client, RemoteError, Server, TelemetrySubscriber
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -218,3 +220,111 @@ def test_knobs_and_liveness_are_answered_while_an_inference_runs(checkpoint):
         # The running inference kept the setting it started with; the next one is steered.
         assert result["reply"].info["steering"]["fast"]["enabled"] is False
         assert sim.infer(OBS).info["steering"]["fast"]["strength"] == 60.0
+
+
+def _knob_state(c, name):
+    state = c.list_knobs()[name]
+    return state["strength"], state["enabled"]
+
+
+@pytest.mark.parametrize("strength", [1e39, 1e30, -1e30, 2 * MAX_ACTIVATION])
+def test_a_strength_beyond_the_bound_is_refused_never_stored_and_the_node_keeps_inferring(served, strength):
+    with Client(served.address, retries=0) as c:
+        base = c.infer(OBS).actions.copy()
+        with pytest.raises(RemoteError, match="out of range for mode 'clamp'") as e:
+            c.set_knobs({"fast": strength})
+        assert e.value.code == "bad_payload" and f"{MAX_ACTIVATION:g}" in e.value.message
+        assert _knob_state(c, "fast") == (0.0, False)
+        assert np.array_equal(c.infer(OBS).actions, base)
+
+
+def test_knobs_cli_refuses_an_overflowing_strength(served):
+    r = _knobs(served.address, "set", "fast=1e39")
+    assert r.returncode == 2 and "out of range" in r.stderr and "Traceback" not in r.stderr
+    with Client(served.address) as c:
+        assert _knob_state(c, "fast") == (0.0, False)
+
+
+def test_a_multi_knob_request_is_all_or_nothing_across_every_steered_stack(node, served):
+    """A second Steerer (pi0's action expert has one; here a second stack on the tiny model) must roll back
+    with the first when any part of the request fails."""
+    expert = Steerer(node.policy.backbone)
+    expert.add("grip", [(1, 3)], strength=0.0, enabled=False)
+    node.steerers["expert"] = expert
+    with Client(served.address, retries=0) as c:
+        before = c.list_knobs()
+        for request in (
+            {"fast": 5.0, "grip": 1e39},
+            {"grip": 5.0, "fast": 1e30},
+            {"fast": 2.0, "turbo": 1.0},
+        ):
+            with pytest.raises(RemoteError):
+                c.set_knobs(request)
+            assert c.list_knobs() == before, request
+        c.set_knobs({"fast": 5.0, "grip": 3.0})
+        after = c.list_knobs()
+        assert after["fast"]["strength"] == 5.0 and after["grip"] == {**after["grip"], "enabled": True}
+        with pytest.raises(RemoteError, match="unknown concept 'turbo'"):
+            c.disable(["fast", "grip", "turbo"])
+        assert c.list_knobs() == after
+
+
+@pytest.fixture(scope="module")
+def state_checkpoint(tmp_path_factory):
+    from policies.tiny_vla import TinyVLA, TinyVLAConfig
+
+    root = tmp_path_factory.mktemp("tiny_vla_state")
+    TinyVLA.build(TinyVLAConfig(state_dim=3), seed=4).save(root / "policy")
+    (root / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("state", "where"),
+    [
+        (
+            np.array([0.1, 1e39, 0.2]),
+            "observation.state\\[1\\] is 1e\\+39",
+        ),  # finite in float64, inf in float32
+        (np.array([0.1, 0.2, np.nan], np.float32), "observation.state"),
+        (np.array([-np.inf, 0.0, 0.0]), "observation.state"),
+    ],
+)
+def test_a_state_that_is_not_finite_in_the_models_dtype_is_refused_over_the_socket(
+    state_checkpoint, state, where
+):
+    node = PolicyNode(load_policy(state_checkpoint / "policy.yaml"))
+    with Server(node, "tcp://127.0.0.1:0").start() as server, Client(server.address, retries=0) as c:
+        ok = {**OBS, "state": np.array([0.1, 0.2, 0.3])}
+        assert c.infer(ok).actions.shape == (1, 7)
+        with pytest.raises(RemoteError, match=where) as e:
+            c.infer({**OBS, "state": state})
+        assert e.value.code == "not_finite" and e.value.field == "observation.state"
+        assert c.infer(ok).actions.shape == (1, 7)
+    assert node.inferences == 2  # the refused request never reached the policy
+
+
+def test_a_state_beyond_a_float16_model_is_refused_before_inference(state_checkpoint):
+    """Validated after the cast to the model's dtype: 1e5 is a finite float32 but inf in float16."""
+    policy = load_policy(state_checkpoint / "policy.yaml")
+    policy.language_model.to(torch.float16)
+    node = PolicyNode(policy)
+    beyond = r"state\[2\] is 100000.0, beyond what the model's torch.float16"
+    with (
+        Server(node, "tcp://127.0.0.1:0").start() as server,
+        Client(server.address, retries=0) as c,
+        pytest.raises(RemoteError, match=beyond),
+    ):
+        c.infer({**OBS, "state": np.array([0.0, 1.0, 1e5], np.float32)})
+    assert node.inferences == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["layer:\u0663", "layer:1\n", "layer: 1", "layer:+1", "layer:1 ", "layer:\uff11"]
+)
+def test_activation_layer_names_are_strict_ascii(served, name):
+    with Client(served.address, retries=0) as c:
+        with pytest.raises(RemoteError, match="ASCII digits") as e:
+            c.infer(OBS, activations=[name])
+        assert e.value.field == "activations"
+        assert set(c.infer(OBS, activations=["layer:1"]).activations) == {"layer:1"}

@@ -8,7 +8,8 @@ An `Observation` is what a policy is asked to act on: a language instruction, ca
 policy's image keys (uint8 [H, W, 3], row 0 at the top) and, when the policy takes it, a proprioceptive
 state vector. It travels as the payload's "observation" of an `infer` request (`to_payload` /
 `from_payload`), and `from_payload` is where every rule about a valid observation lives: errors name the
-key and what was wrong, values are checked (finite state, after the cast to float32), not only types.
+key and what was wrong, values are checked (finite state, after the cast to float32: a non-finite one is a
+`ProtocolError(NOT_FINITE)` naming "observation.state"), not only types.
 
 A `Step` is one executed control step as the node that stepped the world records it: the observation the
 action was chosen on, the chunk and the executed action, the end-effector pose and velocity (world frame:
@@ -397,9 +398,16 @@ class Observation:
             if state.dtype.kind not in "fiu":
                 raise ValueError(f"observation.state must be numeric, got {state.dtype}")
             with np.errstate(over="ignore", invalid="ignore"):
-                state = state.astype(np.float32)  # checked after the cast: 1e39 in float64 is inf here
-            if not np.all(np.isfinite(state)):
-                raise ValueError("observation.state contains NaN or inf (or a value beyond float32)")
+                cast = state.astype(np.float32)  # checked after the cast: 1e39 in float64 is inf here
+            bad = np.flatnonzero(~np.isfinite(cast))
+            if bad.size:
+                raise ProtocolError(
+                    Code.NOT_FINITE,
+                    f"observation.state[{bad[0]}] is {state[bad[0]].item()!r}: NaN, inf or beyond float32 "
+                    f"({bad.size} such values)",
+                    "observation.state",
+                )
+            state = cast
         else:
             state = None
         return cls(instruction, checked, state)

@@ -37,9 +37,18 @@ class Keypair:
     secret: bytes | None = None
 
 
-def generate_keypair(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
-    """Write `<name>.key` (public, share it) and `<name>.key_secret` (mode 0600) into `directory`."""
+def generate_keypair(
+    directory: str | os.PathLike, name: str, *, overwrite: bool = False
+) -> tuple[Path, Path]:
+    """Write `<name>.key` (public, share it) and `<name>.key_secret` (mode 0600) into `directory`.
+
+    Refuses (FileExistsError, nothing written) to replace an existing key file unless `overwrite`: a lost
+    secret key locks its peers out until every allow-list is redone.
+    """
     directory = Path(directory)
+    existing = [p for p in (directory / f"{name}.key", directory / f"{name}.key_secret") if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists; a new keypair would replace it")
     directory.mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(directory, name)
     os.chmod(secret, 0o600)
