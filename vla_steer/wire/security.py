@@ -146,8 +146,9 @@ def socket_options(sock: zmq.Socket, max_bytes: int, address: str | None = None)
     sock.linger = 0
     if address is not None and _is_ipv6(address):
         sock.ipv6 = True  # zmq sockets are IPv4-only unless told otherwise ("No such device" on bind)
-    # Hard cap per frame (peers beyond it are disconnected); the soft cap in decode answers with an error.
-    sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + 65536)
+    # Hard cap per frame (zmq checks a frame's length prefix and disconnects the peer before buffering it).
+    # libzmq has no cap on a whole multipart message: the Server sums frames as it reads them (see there).
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     sock.setsockopt(zmq.HEARTBEAT_IVL, _ZMQ_HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMQ_HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, _ZMQ_HEARTBEAT_TIMEOUT_MS)
