@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,3 +329,42 @@ def test_activation_layer_names_are_strict_ascii(served, name):
             c.infer(OBS, activations=[name])
         assert e.value.field == "activations"
         assert set(c.infer(OBS, activations=["layer:1"]).activations) == {"layer:1"}
+
+
+def _status_bytes(pid: int, key: str) -> int:
+    """A /proc/<pid>/status memory figure (VmRSS: resident now, VmHWM: peak resident) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_oversized_requests_for_a_while_leave_the_nodes_memory_bounded(checkpoint):
+    """`vla-steer serve` refuses 60 requests of 72 MB (3 frames of 24 MB, each within the 64 MB cap, their
+    sum beyond it): its peak RSS stays within one request in flight of its idle RSS (2x for allocator
+    slack), it frees them (no growth by the end), and it answers every valid request in between."""
+    request = 3 * (24 << 20)
+    address = free_address()
+    proc = serve_process(checkpoint, address)
+    try:
+        with Client(address, max_message_bytes=2**31, timeout=60, retries=0) as c:
+            for _ in range(3):
+                c.infer(OBS)  # warm: the first inferences allocate the model's working memory
+            idle = _status_bytes(proc.pid, "VmRSS")
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
+            pad = np.zeros(24 << 20, np.uint8)
+            for i in range(60):
+                with pytest.raises(RemoteError, match="too_large"):
+                    c.infer({**OBS, "pad": [pad, pad, pad]})
+                if i % 10 == 0:
+                    assert c.infer(OBS).actions.shape == (1, 7)
+            peak, end = _status_bytes(proc.pid, "VmHWM"), _status_bytes(proc.pid, "VmRSS")
+        growth = {"idle_mb": idle >> 20, "peak_mb": peak >> 20, "end_mb": end >> 20}
+        assert peak - idle <= 2 * request, growth
+        assert end - idle <= request, growth
+    finally:
+        proc.kill()
+        proc.wait(10)
