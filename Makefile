@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/openvla_step.py $(BENCH_ARGS)
 	$(PY) benchmarks/pi0_step.py $(BENCH_ARGS)
 	$(PY) benchmarks/servo_loop.py $(BENCH_ARGS)
+	$(PY) benchmarks/node_soak.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports

@@ -270,6 +270,14 @@ def test_a_multi_knob_request_is_all_or_nothing_across_every_steered_stack(node,
         assert c.list_knobs() == after
 
 
+def test_a_state_beyond_float32_is_refused_even_by_a_policy_that_takes_none(served):
+    with Client(served.address, retries=0) as c:
+        with pytest.raises(RemoteError, match=r"observation.state\[1\] is 1e\+39") as e:
+            c.infer({**OBS, "state": np.array([0.0, 1e39])})
+        assert e.value.code == "not_finite"
+        assert c.infer({**OBS, "state": np.array([0.0, 1.0])}).actions.shape == (1, 7)  # dropped, as before
+
+
 @pytest.fixture(scope="module")
 def state_checkpoint(tmp_path_factory):
     from policies.tiny_vla import TinyVLA, TinyVLAConfig

@@ -397,19 +397,23 @@ class Observation:
                 raise ValueError(f"observation.state must be a float array of shape [{state_dim}], got {got}")
             if state.dtype.kind not in "fiu":
                 raise ValueError(f"observation.state must be numeric, got {state.dtype}")
+        if isinstance(state, np.ndarray) and state.dtype.kind in "fiu":
+            # Checked even when the policy takes no state (it is then dropped): a sender of NaN or 1e39
+            # has a bug worth hearing about. Checked after the cast: 1e39 in float64 is inf in float32.
             with np.errstate(over="ignore", invalid="ignore"):
-                cast = state.astype(np.float32)  # checked after the cast: 1e39 in float64 is inf here
+                cast = state.astype(np.float32)
             bad = np.flatnonzero(~np.isfinite(cast))
             if bad.size:
+                first = np.unravel_index(bad[0], state.shape)
+                where = "".join(f"[{i}]" for i in first)
                 raise ProtocolError(
                     Code.NOT_FINITE,
-                    f"observation.state[{bad[0]}] is {state[bad[0]].item()!r}: NaN, inf or beyond float32 "
+                    f"observation.state{where} is {state[first].item()!r}: NaN, inf or beyond float32 "
                     f"({bad.size} such values)",
                     "observation.state",
                 )
             state = cast
-        else:
-            state = None
+        state = state if state_dim is not None else None
         return cls(instruction, checked, state)
 
 
