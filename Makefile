@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,sim]"
+	$(PY) -m pip install --quiet -e ".[dev,sim,fuzz]"
 	$(PY) -m pip install --quiet --no-deps "robosuite==1.5.2"
 	touch $(STAMP)
 

@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of the decoder (atheris / libFuzzer, tests/wire/fuzz_decoder.py), fixed budget.
 
-atheris is a native package (libFuzzer inside): it comes with the dev extra on Linux x86-64. Another
+atheris is a native package (libFuzzer inside): the `fuzz` extra, which `make install` adds. Another
 Python that has it (with numpy, msgpack and pyzmq) can run the fuzzer instead: VLA_STEER_FUZZ_PYTHON=path.
 """
 
