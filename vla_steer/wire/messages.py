@@ -408,7 +408,7 @@ class Observation:
                 where = "".join(f"[{i}]" for i in first)
                 raise ProtocolError(
                     Code.NOT_FINITE,
-                    f"observation.state{where} is {state[first].item()!r}: NaN, inf or beyond float32 "
+                    f"observation.state{where} is {state[first].item()!r}: NaN or inf (or beyond float32) "
                     f"({bad.size} such values)",
                     "observation.state",
                 )
