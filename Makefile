@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,sim]"
+	$(PY) -m pip install --quiet -e ".[dev,sim,fuzz]"
 	$(PY) -m pip install --quiet --no-deps "robosuite==1.5.2"
 	touch $(STAMP)
 
@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/openvla_step.py $(BENCH_ARGS)
 	$(PY) benchmarks/pi0_step.py $(BENCH_ARGS)
 	$(PY) benchmarks/servo_loop.py $(BENCH_ARGS)
+	$(PY) benchmarks/node_soak.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports

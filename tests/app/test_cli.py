@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 from support import VLA_STEER, free_address
@@ -139,3 +141,20 @@ def test_demo_and_train_demo_refuse_bad_options(tmp_path):
     assert r.returncode == 2 and "--episodes" in r.stderr
     r = run_cli("train-demo", "--out", str(tmp_path / "vla"), "--data", str(tmp_path / "none.npz"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_keys_refuses_to_overwrite_an_existing_keypair_without_force(tmp_path: Path) -> None:
+    def keys(*extra: str) -> subprocess.CompletedProcess:
+        return run_cli("keys", str(tmp_path), "server", *extra)
+
+    secret = tmp_path / "server.key_secret"
+    assert keys().returncode == 0
+    first = secret.read_bytes()
+    r = keys()
+    assert r.returncode == 2 and "already exists" in r.stderr and "--force" in r.stderr
+    assert "Traceback" not in r.stderr and secret.read_bytes() == first
+    (tmp_path / "server.key").unlink()  # half a pair is still a pair: the secret is not replaced either
+    assert keys().returncode == 2 and secret.read_bytes() == first
+    r = keys("--force")
+    assert r.returncode == 0 and secret.read_bytes() != first and (tmp_path / "server.key").exists()
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600

@@ -5,14 +5,17 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from support import VLA_STEER, free_address, serve_process, wait_for
 
 from policies import load_policy
 from vla_steer.core.discovery import load_directions
 from vla_steer.core.node import PolicyNode
+from vla_steer.core.steering import MAX_ACTIVATION, Steerer
 from vla_steer.wire import Client, RemoteError, Server, TelemetrySubscriber
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -218,3 +221,158 @@ def test_knobs_and_liveness_are_answered_while_an_inference_runs(checkpoint):
         # The running inference kept the setting it started with; the next one is steered.
         assert result["reply"].info["steering"]["fast"]["enabled"] is False
         assert sim.infer(OBS).info["steering"]["fast"]["strength"] == 60.0
+
+
+def _knob_state(c, name):
+    state = c.list_knobs()[name]
+    return state["strength"], state["enabled"]
+
+
+@pytest.mark.parametrize("strength", [1e39, 1e30, -1e30, 2 * MAX_ACTIVATION])
+def test_a_strength_beyond_the_bound_is_refused_never_stored_and_the_node_keeps_inferring(served, strength):
+    with Client(served.address, retries=0) as c:
+        base = c.infer(OBS).actions.copy()
+        with pytest.raises(RemoteError, match="out of range for mode 'clamp'") as e:
+            c.set_knobs({"fast": strength})
+        assert e.value.code == "bad_payload" and f"{MAX_ACTIVATION:g}" in e.value.message
+        assert _knob_state(c, "fast") == (0.0, False)
+        assert np.array_equal(c.infer(OBS).actions, base)
+
+
+def test_knobs_cli_refuses_an_overflowing_strength(served):
+    r = _knobs(served.address, "set", "fast=1e39")
+    assert r.returncode == 2 and "out of range" in r.stderr and "Traceback" not in r.stderr
+    with Client(served.address) as c:
+        assert _knob_state(c, "fast") == (0.0, False)
+
+
+def test_a_multi_knob_request_is_all_or_nothing_across_every_steered_stack(node, served):
+    """A second Steerer (pi0's action expert has one; here a second stack on the tiny model) must roll back
+    with the first when any part of the request fails."""
+    expert = Steerer(node.policy.backbone)
+    expert.add("grip", [(1, 3)], strength=0.0, enabled=False)
+    node.steerers["expert"] = expert
+    with Client(served.address, retries=0) as c:
+        before = c.list_knobs()
+        for request in (
+            {"fast": 5.0, "grip": 1e39},
+            {"grip": 5.0, "fast": 1e30},
+            {"fast": 2.0, "turbo": 1.0},
+        ):
+            with pytest.raises(RemoteError):
+                c.set_knobs(request)
+            assert c.list_knobs() == before, request
+        c.set_knobs({"fast": 5.0, "grip": 3.0})
+        after = c.list_knobs()
+        assert after["fast"]["strength"] == 5.0 and after["grip"] == {**after["grip"], "enabled": True}
+        with pytest.raises(RemoteError, match="unknown concept 'turbo'"):
+            c.disable(["fast", "grip", "turbo"])
+        assert c.list_knobs() == after
+
+
+def test_a_state_beyond_float32_is_refused_even_by_a_policy_that_takes_none(served):
+    with Client(served.address, retries=0) as c:
+        with pytest.raises(RemoteError, match=r"observation.state\[1\] is 1e\+39") as e:
+            c.infer({**OBS, "state": np.array([0.0, 1e39])})
+        assert e.value.code == "not_finite"
+        assert c.infer({**OBS, "state": np.array([0.0, 1.0])}).actions.shape == (1, 7)  # dropped, as before
+
+
+@pytest.fixture(scope="module")
+def state_checkpoint(tmp_path_factory):
+    from policies.tiny_vla import TinyVLA, TinyVLAConfig
+
+    root = tmp_path_factory.mktemp("tiny_vla_state")
+    TinyVLA.build(TinyVLAConfig(state_dim=3), seed=4).save(root / "policy")
+    (root / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("state", "where"),
+    [
+        (
+            np.array([0.1, 1e39, 0.2]),
+            "observation.state\\[1\\] is 1e\\+39",
+        ),  # finite in float64, inf in float32
+        (np.array([0.1, 0.2, np.nan], np.float32), "observation.state"),
+        (np.array([-np.inf, 0.0, 0.0]), "observation.state"),
+    ],
+)
+def test_a_state_that_is_not_finite_in_the_models_dtype_is_refused_over_the_socket(
+    state_checkpoint, state, where
+):
+    node = PolicyNode(load_policy(state_checkpoint / "policy.yaml"))
+    with Server(node, "tcp://127.0.0.1:0").start() as server, Client(server.address, retries=0) as c:
+        ok = {**OBS, "state": np.array([0.1, 0.2, 0.3])}
+        assert c.infer(ok).actions.shape == (1, 7)
+        with pytest.raises(RemoteError, match=where) as e:
+            c.infer({**OBS, "state": state})
+        assert e.value.code == "not_finite" and e.value.field == "observation.state"
+        assert c.infer(ok).actions.shape == (1, 7)
+    assert node.inferences == 2  # the refused request never reached the policy
+
+
+def test_a_state_beyond_a_float16_model_is_refused_before_inference(state_checkpoint):
+    """Validated after the cast to the model's dtype: 1e5 is a finite float32 but inf in float16."""
+    policy = load_policy(state_checkpoint / "policy.yaml")
+    policy.language_model.to(torch.float16)
+    node = PolicyNode(policy)
+    beyond = r"state\[2\] is 100000.0, beyond what the model's torch.float16"
+    with (
+        Server(node, "tcp://127.0.0.1:0").start() as server,
+        Client(server.address, retries=0) as c,
+        pytest.raises(RemoteError, match=beyond),
+    ):
+        c.infer({**OBS, "state": np.array([0.0, 1.0, 1e5], np.float32)})
+    assert node.inferences == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["layer:\u0663", "layer:1\n", "layer: 1", "layer:+1", "layer:1 ", "layer:\uff11"]
+)
+def test_activation_layer_names_are_strict_ascii(served, name):
+    with Client(served.address, retries=0) as c:
+        with pytest.raises(RemoteError, match="ASCII digits") as e:
+            c.infer(OBS, activations=[name])
+        assert e.value.field == "activations"
+        assert set(c.infer(OBS, activations=["layer:1"]).activations) == {"layer:1"}
+
+
+def _status_bytes(pid: int, key: str) -> int:
+    """A /proc/<pid>/status memory figure (VmRSS: resident now, VmHWM: peak resident) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_oversized_requests_for_a_while_leave_the_nodes_memory_bounded(checkpoint):
+    """`vla-steer serve` refuses 60 requests of 72 MB (3 frames of 24 MB, each within the 64 MB cap, their
+    sum beyond it): its peak RSS stays within one request in flight of its idle RSS (2x for allocator
+    slack), it frees them (no growth by the end), and it answers every valid request in between."""
+    request = 3 * (24 << 20)
+    address = free_address()
+    proc = serve_process(checkpoint, address)
+    try:
+        with Client(address, max_message_bytes=2**31, timeout=60, retries=0) as c:
+            for _ in range(3):
+                c.infer(OBS)  # warm: the first inferences allocate the model's working memory
+            idle = _status_bytes(proc.pid, "VmRSS")
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
+            pad = np.zeros(24 << 20, np.uint8)
+            for i in range(60):
+                with pytest.raises(RemoteError, match="too_large"):
+                    c.infer({**OBS, "pad": [pad, pad, pad]})
+                if i % 10 == 0:
+                    assert c.infer(OBS).actions.shape == (1, 7)
+            peak, end = _status_bytes(proc.pid, "VmHWM"), _status_bytes(proc.pid, "VmRSS")
+        growth = {"idle_mb": idle >> 20, "peak_mb": peak >> 20, "end_mb": end >> 20}
+        assert peak - idle <= 2 * request, growth
+        assert end - idle <= request, growth
+    finally:
+        proc.kill()
+        proc.wait(10)

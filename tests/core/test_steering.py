@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from vla_steer.core.steering import Neuron, Steerer
+from vla_steer.core.steering import MAX_ACTIVATION, MAX_GAIN, Neuron, Steerer, strength_bound
 
 NEURONS = [Neuron(0, 3), Neuron(0, 17, -1.0), Neuron(2, 5), Neuron(3, 40, -1.0)]
 
@@ -332,3 +332,84 @@ def test_malformed_neurons_are_refused_before_anything_is_registered(llama, neur
     with pytest.raises(ValueError, match=message):
         steerer.add("c", [(0, 1), neuron])
     assert steerer.concepts == [] and steerer.hooked_layers == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "largest", "refused"),
+    [("clamp", MAX_ACTIVATION, 1e30), ("add", -MAX_ACTIVATION, 1e39), ("scale", MAX_GAIN, 101.0)],
+)
+def test_strengths_beyond_the_mode_bound_are_refused_and_change_nothing(llama, ids, mode, largest, refused):
+    steerer = Steerer(llama)
+    steerer.add("a", [(0, 1), (2, 5, -1.0)], mode=mode, strength=1.0)
+    steerer.set("a", largest)  # the bound itself is a legal setting, and the model stays finite under it
+    assert torch.isfinite(logits(llama, ids)).all()
+    before = steerer.state()
+    for bad in (refused, -refused, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="'a'"):
+            steerer.set("a", bad)
+        with pytest.raises(ValueError, match="'a'"):
+            steerer.update({"a": bad}, enable=True)
+    with pytest.raises(ValueError, match=f"out of range for mode '{mode}'"):
+        steerer.set("a", refused)
+    assert steerer.state() == before and steerer.applied_state() == before
+    with pytest.raises(ValueError, match="out of range"):
+        steerer.add("b", [(1, 1)], mode=mode, strength=refused)
+    assert steerer.concepts == ["a"]
+    steerer.remove()
+
+
+def test_the_bound_follows_the_hook_dtype():
+    assert strength_bound("clamp", torch.float32) == strength_bound("add", torch.bfloat16) == MAX_ACTIVATION
+    # float16 holds at most 65504: the clamp/add bound keeps a 64x margin below it.
+    assert strength_bound("clamp", torch.float16) == torch.finfo(torch.float16).max / 64
+    assert strength_bound("scale", torch.float16) == MAX_GAIN
+    with pytest.raises(ValueError, match="mode must be one of"):
+        strength_bound("boost")
+
+
+def test_switching_mode_checks_the_strength_against_the_new_mode(llama):
+    steerer = Steerer(llama)
+    steerer.add("a", [(0, 1)], mode="clamp", strength=500.0)
+    with pytest.raises(ValueError, match="mode 'scale'"):
+        steerer.set("a", 500.0, mode="scale")
+    assert steerer.state()["a"]["mode"] == "clamp"
+    steerer.remove()
+
+
+def test_overlapping_concepts_are_bounded_together(llama):
+    """Offsets add and gains multiply on a shared neuron: the bound holds for what the neuron ends at."""
+    steerer = Steerer(llama)
+    steerer.add("a", [(0, 1)], mode="add", strength=0.6 * MAX_ACTIVATION)
+    steerer.add("b", [(0, 1), (0, 2)], mode="add", strength=0.6 * MAX_ACTIVATION, enabled=False)
+    with pytest.raises(ValueError, match=r"\['a', 'b'\] together steer neuron 1 of layer 0"):
+        steerer.enable("b")
+    assert not steerer.state()["b"]["enabled"]
+    with pytest.raises(ValueError, match="together"):
+        steerer.add("c", [(0, 1)], mode="add", strength=0.6 * MAX_ACTIVATION)
+    assert "c" not in steerer.concepts
+    steerer.add("g", [(1, 1)], mode="scale", strength=MAX_GAIN)
+    with pytest.raises(ValueError, match="gain"):
+        steerer.add("h", [(1, 1)], mode="scale", strength=2.0)
+    steerer.disable("a")
+    steerer.enable("b")  # fine once they no longer overlap
+    steerer.remove()
+
+
+def test_a_failed_batch_restores_every_setting_made_in_it(llama):
+    steerer = Steerer(llama)
+    steerer.add("a", [(0, 1)], strength=1.0, enabled=False)
+    steerer.add("b", [(1, 1)], strength=2.0, enabled=False)
+    before = steerer.state()
+    with pytest.raises(ValueError, match="'b'"), steerer.batch():
+        steerer.set("a", 7.0)
+        steerer.enable("a")
+        steerer.set("b", 1e39)
+    assert steerer.state() == before and steerer.applied_state() == before
+    # Inside a batch only the end state must be in bounds: lowering one knob and raising another works.
+    steerer.add("c", [(0, 1)], mode="add", strength=0.9 * MAX_ACTIVATION)
+    steerer.add("d", [(0, 1)], mode="add", strength=0.0)
+    with steerer.batch():
+        steerer.set("d", 0.9 * MAX_ACTIVATION)
+        steerer.disable("c")
+    assert steerer.state()["d"]["strength"] == 0.9 * MAX_ACTIVATION and not steerer.state()["c"]["enabled"]
+    steerer.remove()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import weakref
 
 import msgpack
 import numpy as np
@@ -421,3 +423,23 @@ def test_require_finite_names_the_offending_field() -> None:
     assert e.value.field == "gain"
     with pytest.raises(ProtocolError):
         require_finite(np.array(np.nan), "actions")
+
+
+def test_a_refused_message_is_freed_as_soon_as_its_error_is_dropped() -> None:
+    """No reference cycle on the error path: with the garbage collector off, the frames of a message
+    refused as too large (or malformed) die with the exception, not at the next collection."""
+    obs = {"observation": {"a": np.ones(4000, np.uint8), "b": np.ones(4000, np.uint8)}}
+    head = bytes(encode("infer", obs, max_bytes=2**20)[0])
+    cases = [(5000, 4000, Code.TOO_LARGE), (100, 4000, Code.TOO_LARGE), (2**20, 3999, Code.BUFFER_SIZE)]
+    gc.disable()
+    try:
+        for max_bytes, size_b, code in cases:
+            arrays = [np.ones(4000, np.uint8), np.ones(size_b, np.uint8)]
+            refs = [weakref.ref(a) for a in arrays]
+            with pytest.raises(ProtocolError) as e:
+                decode([head, *arrays], max_bytes=max_bytes)
+            assert e.value.code == code
+            del arrays, e
+            assert all(r() is None for r in refs), f"frames of a {code} message outlived its error"
+    finally:
+        gc.enable()

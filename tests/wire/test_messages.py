@@ -161,7 +161,7 @@ def test_an_observation_payload_carries_each_value_once() -> None:
         ({"state": np.zeros(4)}, r"shape \[3\], got \[4\]"),
         ({"state": np.zeros((1, 3))}, r"got \[1, 3\]"),
         ({"state": np.array([True, False, True])}, "state must be numeric, got bool"),
-        ({"state": np.array([0.0, np.nan, 1.0])}, "NaN or inf"),
+        ({"state": np.array([0.0, np.nan, 1.0])}, r"state\[1\] is nan: NaN or inf"),
         ({"state": np.array([0.0, 1e39, 1.0])}, "beyond float32"),  # finite in float64, inf in float32
     ],
 )

@@ -4,7 +4,9 @@ concurrency, malformed input, the client table, close. Every blocking call has a
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from vla_steer.wire import (
     decode,
     encode,
 )
-from vla_steer.wire.codec import ALLOWED_DTYPES
+from vla_steer.wire.codec import ALLOWED_DTYPES, MAX_ARRAYS
 
 # ----------------------------------------------------------------------------------------------- dispatch
 
@@ -315,8 +317,12 @@ malformed_cases = st.one_of(
             "observation.img",
         )
     ),
-    st.integers(1, MAX_BYTES).map(  # beyond 2x the limit the peer is cut off instead (see below)
-        lambda n: (_good_with(pad=np.zeros(MAX_BYTES + n, np.uint8)), Code.TOO_LARGE, None)
+    st.integers(1, MAX_BYTES // 2).map(  # every frame within the cap, their sum beyond it
+        lambda n: (
+            _good_with(pad=[np.zeros(MAX_BYTES // 2 + n, np.uint8), np.zeros(MAX_BYTES // 2, np.uint8)]),
+            Code.TOO_LARGE,
+            None,
+        )
     ),
     st.one_of(st.integers(-(2**63), 2**64 - 1).filter(lambda v: v != 1), st.text(max_size=4), st.none()).map(
         lambda v: (_rehead(_good(), version=v), Code.BAD_VERSION, "version")
@@ -366,18 +372,35 @@ def test_malformed_input_gets_named_error_replies_and_serving_goes_on(small_serv
 
 
 def test_oversize_request_from_a_client_gets_a_too_large_error(small_server: Server) -> None:
-    with Client(small_server.address, retries=0) as c:
+    with (  # our client refuses it before sending, naming the limit
+        Client(small_server.address, max_message_bytes=MAX_BYTES, retries=0) as c,
+        pytest.raises(ProtocolError, match=f"over the limit of {MAX_BYTES}"),
+    ):
+        c.infer({"img": np.zeros(2 * MAX_BYTES, np.uint8)})
+    # A peer that sends it anyway, in frames each within the cap, gets the error from the server.
+    with Client(small_server.address, max_message_bytes=2**30, retries=0) as c:
+        frames = [np.zeros(MAX_BYTES - 100, np.uint8) for _ in range(8)]
         with pytest.raises(RemoteError) as e:
-            c.infer({"img": np.zeros(2 * MAX_BYTES, np.uint8)})
-        assert e.value.code == Code.TOO_LARGE and str(MAX_BYTES) in e.value.message
+            c.infer({"frames": frames})
+        assert e.value.code == Code.TOO_LARGE and f"over the limit of {MAX_BYTES}" in e.value.message
         assert c.infer({"tag": 3}).info["tag"] == 3
 
 
-def test_a_frame_far_beyond_the_limit_disconnects_the_peer_and_serving_goes_on(small_server: Server) -> None:
-    # zmq's MAXMSGSIZE hard cap drops the connection before the server could even read the frame.
+def test_too_many_frames_are_refused_however_small(small_server: Server) -> None:
+    with zmq.Context() as ctx, raw_socket(ctx, small_server.address) as sock:
+        reply = raw_exchange(sock, [_good()[0], *[b"x"] * (MAX_ARRAYS + 5)])
+        assert reply.payload["code"] == Code.TOO_LARGE and "frames" in reply.payload["message"]
+        assert reply.request_id == 1
+        ok = raw_exchange(sock, _good("heartbeat", rid=2))
+        assert (ok.kind, ok.request_id) == ("heartbeat", 2)
+
+
+def test_a_frame_beyond_the_limit_disconnects_the_peer_and_serving_goes_on(small_server: Server) -> None:
+    # zmq's MAXMSGSIZE cap (= the request cap, per frame) drops the connection on the frame's length
+    # prefix, before its bytes are buffered and before the server could even read it.
     with Client(small_server.address, max_message_bytes=2**30, timeout=0.3, retries=0) as c:
         with pytest.raises(RequestTimeout):
-            c.infer({"img": np.zeros(4 * MAX_BYTES, np.uint8)})
+            c.infer({"img": np.zeros(MAX_BYTES + 1, np.uint8)})
         assert c.infer({"tag": 4}, timeout=2.0).info["tag"] == 4
 
 
@@ -442,3 +465,29 @@ def test_close_is_idempotent_and_releases_the_address() -> None:
         c.close()
         with pytest.raises(RuntimeError):
             c.hello()
+
+
+def test_the_frames_of_a_refused_request_are_freed_when_its_error_is_sent() -> None:
+    """With the garbage collector off, every frame the server read of an oversize request is freed by the
+    time its error reply is out: no reference cycle keeps a refused request's memory alive."""
+    with serving(max_message_bytes=MAX_BYTES) as srv:
+        refs: list[weakref.ref] = []
+        recv = srv._router.recv
+
+        def spy(*args: Any, **kwargs: Any) -> Any:  # the server's socket thread reads every frame here
+            frame = recv(*args, **kwargs)
+            if isinstance(frame, zmq.Frame) and len(frame) > 1000:
+                refs.append(weakref.ref(frame))
+            return frame
+
+        srv._router.recv = spy
+        gc.disable()
+        try:
+            with Client(srv.address, max_message_bytes=2**30, retries=0) as c:
+                for _ in range(3):
+                    with pytest.raises(RemoteError, match="too_large"):
+                        c.infer({"frames": [np.zeros(MAX_BYTES - 100, np.uint8)] * 3})
+                    wait_for(lambda: refs and all(r() is None for r in refs), what="the frames to be freed")
+                assert c.infer({"tag": 5}).info["tag"] == 5
+        finally:
+            gc.enable()

@@ -7,6 +7,7 @@ the model computed, not the value steering imposed; the steering state is logged
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -15,6 +16,25 @@ import torch
 from vla_steer.core.backbone import Backbone
 
 MAX_NEURONS = 4096
+LAYER_PREFIX = "layer:"
+_LAYER = re.compile(r"layer:([0-9]{1,6})")  # ASCII digits only; fullmatch, so no trailing newline
+
+
+def layer_of(name: str) -> int | None:
+    """N for the activation name `layer:N` (every coefficient of layer N), None for any other name.
+
+    Strict: N is 1-6 ASCII digits and nothing else, so `layer:\u0663` (an Arabic-Indic 3) or `layer:3\n`
+    raise ValueError instead of quietly reading as layer 3.
+    """
+    if not name.startswith(LAYER_PREFIX):
+        return None
+    m = _LAYER.fullmatch(name)
+    if m is None:
+        raise ValueError(
+            f"activation {name!r}: a layer is named {LAYER_PREFIX}N with N in ASCII digits 0-9 and nothing "
+            "else (e.g. layer:3)"
+        )
+    return int(m.group(1))
 
 
 class ActivationRecorder:

@@ -13,14 +13,14 @@ token position of the prefill and of each decoded token, recorded before steerin
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 
-from vla_steer.core.activations import ActivationRecorder
+from vla_steer.core.activations import ActivationRecorder, layer_of
 from vla_steer.core.discovery.direction import Direction
 from vla_steer.core.policy import Policy
 from vla_steer.core.steering import Steerer
@@ -35,7 +35,6 @@ from vla_steer.wire import (
     ServerInfo,
 )
 
-_LAYER = re.compile(r"^layer:(\d+)$")
 MAX_RECORDED_NEURONS = 65536
 
 
@@ -101,8 +100,12 @@ class PolicyNode:
         spec = self.policy.spec
         try:
             obs = Observation.from_payload(req.payload["observation"], spec.image_keys, spec.state_dim)
+        except ProtocolError:
+            raise
         except ValueError as e:
             raise ProtocolError(Code.BAD_PAYLOAD, str(e), "observation") from None
+        if obs.state is not None:
+            _check_representable(obs.state, self.steerer.dtype)
         selection = self._selection(req.payload.get("activations") or [])
         t0 = time.perf_counter()
         # One inference, one steering setting: a knob change made meanwhile applies from the next one.
@@ -151,6 +154,8 @@ class PolicyNode:
                 for st in self.steerers.values():
                     stack.enter_context(st.batch())
                 self._apply_knobs(k, names)
+                for st in self.steerers.values():  # every stack's end state, before any batch commits
+                    st.check_bounds()
         except KeyError as e:
             raise ProtocolError(Code.BAD_PAYLOAD, str(e).strip("'\""), "concepts") from None
         except ValueError as e:
@@ -166,7 +171,8 @@ class PolicyNode:
         return {"knobs": state}
 
     def _apply_knobs(self, k: KnobsRequest, names: list[str] | None) -> None:
-        """Apply one knobs op. Never waits for a running inference: it lands at the next one."""
+        """Apply one knobs op inside every Steerer's batch: a failure anywhere (an unknown name, a strength
+        out of bounds) undoes the whole request on every stack. Never waits for a running inference."""
         for name in [*(names or []), *k.strengths]:
             if name not in self._owner:
                 known = ", ".join(self._owner) or "none"
@@ -194,9 +200,11 @@ class PolicyNode:
         concepts = set(self._owner)
         keys = {id(st): key for key, st in self.steerers.items()}
         for name in dict.fromkeys(names):  # each name once, in order
-            m = _LAYER.match(name)
-            if m:
-                layer = int(m.group(1))
+            try:
+                layer = layer_of(name)
+            except ValueError as e:
+                raise ProtocolError(Code.BAD_PAYLOAD, str(e), "activations") from None
+            if layer is not None:
                 if layer >= bb.n_layers:
                     raise ProtocolError(
                         Code.BAD_PAYLOAD,
@@ -221,6 +229,20 @@ class PolicyNode:
                 "activations",
             )
         return out
+
+
+def _check_representable(state: np.ndarray, dtype: torch.dtype) -> None:
+    """Refuse a state the model's dtype turns into inf (float16 holds at most 65504): after the cast, not before."""
+    cast = torch.from_numpy(np.ascontiguousarray(state)).to(dtype)
+    bad = (~torch.isfinite(cast)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise ProtocolError(
+            Code.NOT_FINITE,
+            f"observation.state[{i}] is {float(state[i])!r}, beyond what the model's {dtype} can hold "
+            f"({len(bad)} such values)",
+            "observation.state",
+        )
 
 
 def _by_backbone(selection: list[tuple[str, str, list]]) -> dict[str, list[tuple[str, list]]]:

@@ -10,7 +10,8 @@ fixed-size buffers that fold its clamp mask, clamp value, gain and offset into o
     m' = where(clamp_mask, value, m * gain + offset)  ==  fill + m * keep      at the steered positions
 
 Modes per concept: `clamp` (the paper's: set the neurons to `sign * strength`), `add` (`+= sign * strength`),
-`scale` (`*= strength`). With every concept disabled the buffers are (keep 1, fill 0) and the output is
+`scale` (`*= strength`). Strengths are bounded per mode (`strength_bound`), so no knob can push a value the
+model's dtype cannot hold into a forward: a refused change leaves every setting as it was. With every concept disabled the buffers are (keep 1, fill 0) and the output is
 bit-identical to the unhooked model; `remove()` takes the hooks out entirely. Changing `positions`
 re-installs the hooks (one recompile), since the position rule is code, not data.
 
@@ -34,6 +35,27 @@ from vla_steer.core.backbone import Backbone
 
 MODES = ("clamp", "add", "scale")
 POSITIONS = ("all", "last")
+
+# Strength bounds (see `strength_bound`). The paper steers OpenVLA with alpha in 2..20 and the MLP coefficients
+# of Llama-2 / Gemma rarely exceed a few hundred, so 1e4 is 500x the largest published alpha and far beyond
+# any useful clamp or offset, yet small enough that down_proj, summing a few dozen steered neurons, stays
+# far from float32/bfloat16 overflow. DTYPE_MARGIN keeps the same headroom in float16 (65504 / 64 ~ 1e3).
+# A gain of 100 already multiplies a neuron's contribution hundredfold; overlapping scale concepts multiply.
+MAX_ACTIVATION = 1e4
+MAX_GAIN = 100.0
+DTYPE_MARGIN = 64.0
+
+
+def strength_bound(mode: str, dtype: torch.dtype = torch.float32) -> float:
+    """The largest |strength| (and |value| a steered neuron ends at, overlaps included) `mode` accepts.
+
+    clamp / add: min(MAX_ACTIVATION, finfo(dtype).max / DTYPE_MARGIN), a value the hook's dtype holds with
+    room for down_proj's sum; scale: MAX_GAIN. A user steering sensibly never gets near either.
+    """
+    _check_mode(mode)
+    if mode == "scale":
+        return MAX_GAIN
+    return min(MAX_ACTIVATION, torch.finfo(dtype).max / DTYPE_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,11 @@ class Steerer:
         with steerer.apply(fast=6.0): ... # temporary settings, restored on exit
         steerer.remove()                  # unhooked, exactly
 
+    Strengths: |strength| <= `strength_bound(mode, dtype)` (1e4 for clamp/add in float32 and bfloat16,
+    ~1e3 in float16, 100 for scale), and the same bound holds for what overlapping enabled concepts add up
+    to on one neuron; anything beyond raises ValueError naming the concept and the bound, and changes
+    nothing. A `batch()` is all or nothing: an exception inside restores every setting made in it.
+
     Consistency: every forward of `backbone.root` holds the steerer's forward lock, and the hook buffers
     are written only under it: a `set` from another thread returns at once and is applied when the next
     forward starts, never inside one (no forward mixes old and new settings).
@@ -109,6 +136,7 @@ class Steerer:
         self._dirty = False
         self._applied: dict[str, dict] = {}
         self._batch_owner: int | None = None
+        self._changes = 0  # depth of nested _change() blocks (a batch holds one open)
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         self._positions = positions
@@ -126,7 +154,7 @@ class Steerer:
     ) -> None:
         """Register a concept and hook its layers (once per layer, whatever the number of concepts)."""
         _check_mode(mode)
-        _check_strength(name, strength)
+        strength = self._check_strength(name, strength, mode)
         parsed = tuple(_parse_neuron(name, n) for n in neurons)
         if not parsed:
             raise ValueError(f"concept {name!r} has no neurons")
@@ -142,7 +170,12 @@ class Steerer:
         with self._structural():
             if name in self._concepts:
                 raise ValueError(f"concept {name!r} is already registered; discard it first")
-            self._concepts[name] = ConceptState(name, parsed, mode, float(strength), enabled)
+            self._concepts[name] = ConceptState(name, parsed, mode, strength, enabled)
+            try:
+                self.check_bounds()
+            except ValueError:
+                del self._concepts[name]
+                raise
             for layer in sorted({n.layer for n in parsed}):
                 self._hook_layer(layer)
             self._refresh()
@@ -171,48 +204,39 @@ class Steerer:
         self, name: str, strength: float, *, mode: str | None = None, enabled: bool | None = None
     ) -> None:
         """Change a concept's strength (and optionally mode / enabled); takes effect at the next forward."""
-        strength = _check_strength(name, strength)
         if mode is not None:
             _check_mode(mode)
-        with self._lock:
+        with self._change():
             c = self._get(name)
-            c.strength = strength
+            c.strength = self._check_strength(name, strength, mode or c.mode)
             if mode is not None:
                 c.mode = mode
             if enabled is not None:
                 c.enabled = enabled
-            self._refresh()
 
     def update(self, strengths: Mapping[str, float], *, enable: bool = False) -> None:
         """Set several strengths at once (and enable them, with `enable`): all or nothing, and no
         forward ever sees some of them changed and not others."""
-        with self._lock:
-            checked = {name: _check_strength(name, strength) for name, strength in strengths.items()}
-            for name in checked:
-                self._get(name)
-            for name, strength in checked.items():
-                c = self._concepts[name]
-                c.strength = strength
+        with self._change():
+            for name, strength in strengths.items():
+                c = self._get(name)
+                c.strength = self._check_strength(name, strength, c.mode)
                 if enable:
                     c.enabled = True
-            self._refresh()
 
     def enable(self, name: str) -> None:
-        with self._lock:
+        with self._change():
             self._get(name).enabled = True
-            self._refresh()
 
     def disable(self, name: str) -> None:
-        with self._lock:
+        with self._change():
             self._get(name).enabled = False
-            self._refresh()
 
     def off(self) -> None:
         """Disable every concept: outputs equal the unhooked model's until something is enabled."""
-        with self._lock:
+        with self._change():
             for c in self._concepts.values():
                 c.enabled = False
-            self._refresh()
 
     def set_positions(self, positions: str) -> None:
         """Steer every token position ('all') or only the last one of each forward ('last')."""
@@ -269,12 +293,14 @@ class Steerer:
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[Steerer]:
-        """Make several setting changes (set, update, enable, disable, off) land together: no forward
-        starts with only some of them applied. Adding or removing concepts inside is an error."""
+        """Make several setting changes (set, update, enable, disable, off) land together, or not at all:
+        no forward starts with only some of them applied, and an exception inside the block restores every
+        setting as it was at entry. Adding or removing concepts inside is an error."""
         with self._lock:
             self._batch_owner = threading.get_ident()
             try:
-                yield self
+                with self._change():
+                    yield self
             finally:
                 self._batch_owner = None
 
@@ -362,6 +388,91 @@ class Steerer:
         stack.enter_context(self._lock)
         return stack
 
+    @contextlib.contextmanager
+    def _change(self) -> Iterator[None]:
+        """A settings change: checked as a whole (overlaps included), applied whole, or undone whole."""
+        with self._lock:
+            saved = {n: (c.strength, c.mode, c.enabled) for n, c in self._concepts.items()}
+            self._changes += 1
+            try:
+                yield
+                if self._changes == 1:  # inside a batch, only its end state must be within bounds
+                    self.check_bounds()
+            except BaseException:
+                for name, (strength, mode, enabled) in saved.items():
+                    if name in self._concepts:
+                        c = self._concepts[name]
+                        c.strength, c.mode, c.enabled = strength, mode, enabled
+                self._refresh()  # the buffers may already hold a step of the failed change
+                raise
+            finally:
+                self._changes -= 1
+            self._refresh()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the steered coefficients (the hook buffers'): what the strength bounds protect."""
+        return self.backbone.down_proj(0).weight.dtype
+
+    def _check_strength(self, name: str, strength: float, mode: str) -> float:
+        if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
+            raise ValueError(f"strength for {name!r} must be a number, got {strength!r}")
+        strength = float(strength)
+        bound = strength_bound(mode, self.dtype)
+        if not math.isfinite(strength):
+            raise ValueError(f"strength for {name!r} must be finite, got {strength}")
+        if abs(strength) > bound:
+            raise ValueError(
+                f"strength {strength:g} for {name!r} is out of range for mode {mode!r}: |strength| <= "
+                f"{bound:g} ({self.dtype} hooks; see vla_steer.core.steering.strength_bound)"
+            )
+        return strength
+
+    def check_bounds(self) -> None:
+        """Raise ValueError if the enabled concepts together push a neuron beyond its mode's bound."""
+        act, gain_bound = strength_bound("clamp", self.dtype), strength_bound("scale", self.dtype)
+        for layer, (clamp, value, gain, offset) in self._compose().items():
+            over = (torch.where(clamp, value, offset).abs() > act) | (gain.abs() > gain_bound)
+            if over.any():
+                index = int(over.nonzero()[0, 0])
+                names = [
+                    c.name
+                    for c in self._concepts.values()
+                    if c.enabled and any(n.layer == layer and n.index == index for n in c.neurons)
+                ]
+                raise ValueError(
+                    f"concepts {names} together steer neuron {index} of layer {layer} beyond the bound "
+                    f"(|value| <= {act:g} for clamp/add, |gain| <= {gain_bound:g} for scale)"
+                )
+
+    def _compose(self) -> dict[int, tuple[torch.Tensor, ...]]:
+        """(clamp mask, clamp value, gain, offset) per layer of an enabled concept, in float64.
+
+        Registration order decides overlaps: a later clamp wins; offsets add; gains multiply."""
+        d_mlp = self.backbone.d_mlp
+        out: dict[int, tuple[torch.Tensor, ...]] = {}
+        for c in self._concepts.values():
+            if not c.enabled:
+                continue
+            for n in c.neurons:
+                if n.layer not in out:
+                    f64 = torch.float64
+                    out[n.layer] = (
+                        torch.zeros(d_mlp, dtype=torch.bool),
+                        torch.zeros(d_mlp, dtype=f64),
+                        torch.ones(d_mlp, dtype=f64),
+                        torch.zeros(d_mlp, dtype=f64),
+                    )
+                clamp, value, gain, offset = out[n.layer]
+                if c.mode == "clamp":
+                    clamp[n.index] = True
+                    value[n.index] = n.sign * c.strength
+                elif c.mode == "add":
+                    offset[n.index] += n.sign * c.strength
+                else:
+                    gain[n.index] *= c.strength
+        return out
+
     def _get(self, name: str) -> ConceptState:
         try:
             return self._concepts[name]
@@ -384,33 +495,15 @@ class Steerer:
         with self._lock:
             if not self._dirty:
                 return
-            d_mlp = self.backbone.d_mlp
-            fresh = {
-                layer: (
-                    torch.zeros(d_mlp, dtype=torch.bool),
-                    torch.zeros(d_mlp),
-                    torch.ones(d_mlp),
-                    torch.zeros(d_mlp),
-                )
-                for layer in self._buffers
-            }
-            # Registration order decides overlaps: a later clamp wins; offsets add; gains multiply.
-            for c in self._concepts.values():
-                if not c.enabled:
-                    continue
-                for n in c.neurons:
-                    clamp, value, gain, offset = fresh[n.layer]
-                    if c.mode == "clamp":
-                        clamp[n.index] = True
-                        value[n.index] = n.sign * c.strength
-                    elif c.mode == "add":
-                        offset[n.index] += n.sign * c.strength
-                    else:
-                        gain[n.index] *= c.strength
-            for layer, (clamp, value, gain, offset) in fresh.items():
-                buf = self._buffers[layer]
-                buf.keep.copy_(torch.where(clamp, 0.0, gain))
-                buf.fill.copy_(torch.where(clamp, value, offset))
+            composed = self._compose()
+            for layer, buf in self._buffers.items():
+                if layer in composed:
+                    clamp, value, gain, offset = composed[layer]
+                    buf.keep.copy_(torch.where(clamp, 0.0, gain))
+                    buf.fill.copy_(torch.where(clamp, value, offset))
+                else:
+                    buf.keep.fill_(1.0)
+                    buf.fill.zero_()
             self._applied = self.state()
             self._dirty = False
 
@@ -423,13 +516,6 @@ def _parse_neuron(concept: str, n) -> Neuron:
     if not isinstance(sign, numbers.Real) or isinstance(sign, bool) or not math.isfinite(sign) or sign == 0:
         raise ValueError(f"concept {concept!r}: neuron {n!r} needs a finite, non-zero sign")
     return Neuron(int(layer), int(index), float(sign))
-
-
-def _check_strength(name: str, strength: float) -> float:
-    strength = float(strength)
-    if not math.isfinite(strength):
-        raise ValueError(f"strength for {name!r} must be finite, got {strength}")
-    return strength
 
 
 def _check_mode(mode: str) -> None:

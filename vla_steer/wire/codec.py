@@ -242,22 +242,60 @@ def decode(
         raise ProtocolError(Code.MALFORMED, "empty message (no frames)", "frames")
     bufs = [_buffer(f) for f in frames]
     total = sum(b.nbytes for b in bufs)
-    too_large = ProtocolError(
-        Code.TOO_LARGE, f"message is {total} bytes, over the limit of {max_bytes}", "frames"
-    )
     if bufs[0].nbytes > max_bytes:
-        raise too_large
-    if bufs[0].nbytes > max_header_bytes:
+        raise too_large(total, max_bytes)
+    header = _unpack_header(bufs[0], max_header_bytes)
+    if not isinstance(header, dict):
+        raise ProtocolError(Code.BAD_HEADER, f"header must be a map, got {type(header).__name__}", "header")
+    rid, kind = _id_and_kind(header)
+    try:
+        # The size check comes after reading the header so that an oversize request still learns its
+        # error reply's id (the header alone is small and has been bounded above).
+        if total > max_bytes:
+            raise too_large(total, max_bytes)
+        return _decode_header(header, bufs, max_bytes)
+    except ProtocolError as e:
+        e.request_id, e.kind = rid, kind
+        raise
+
+
+def too_large(total: int, max_bytes: int) -> ProtocolError:
+    """The error for a message of `total` bytes over `max_bytes`. Built where it is raised: an exception
+    kept in a local of the frame that raises it forms a cycle (exception -> traceback -> frame -> exception)
+    that would keep the message's frames alive until the garbage collector runs."""
+    return ProtocolError(Code.TOO_LARGE, f"message is {total} bytes, over the limit of {max_bytes}", "frames")
+
+
+def peek_id(header_frame: Any, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[int | None, str | None]:
+    """The request id and kind of a header frame, (None, None) when unreadable: enough to address an error
+    reply to a request whose arrays were never kept (see `Server`: requests over the size cap)."""
+    try:
+        header = _unpack_header(_buffer(header_frame), max_header_bytes)
+    except ProtocolError:
+        return None, None
+    return _id_and_kind(header) if isinstance(header, dict) else (None, None)
+
+
+def _id_and_kind(header: dict) -> tuple[int | None, str | None]:
+    rid = header.get("id")
+    rid = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= _MAX_ID else None
+    kind = header.get("kind") if isinstance(header.get("kind"), str) else None
+    return rid, kind
+
+
+def _unpack_header(buf: memoryview, max_header_bytes: int) -> Any:
+    """msgpack-decode a header frame within the header bounds (size, list/map lengths, containers)."""
+    if buf.nbytes > max_header_bytes:
         raise ProtocolError(
             Code.TOO_LARGE,
-            f"header frame is {bufs[0].nbytes} bytes, over the header limit of {max_header_bytes} "
+            f"header frame is {buf.nbytes} bytes, over the header limit of {max_header_bytes} "
             "(arrays travel in frames of their own)",
             "header",
         )
     hook = _container_budget(MAX_HEADER_CONTAINERS)
     try:
-        header = msgpack.unpackb(
-            bufs[0],
+        return msgpack.unpackb(
+            buf,
             raw=False,
             use_list=True,
             strict_map_key=True,
@@ -276,20 +314,6 @@ def decode(
         if "exceeds max_" in str(e):  # one of the length limits above
             raise ProtocolError(Code.TOO_LARGE, f"header frame too large: {e}", "header") from e
         raise ProtocolError(Code.MALFORMED, f"header frame is not valid msgpack: {e}", "header") from e
-    if not isinstance(header, dict):
-        raise ProtocolError(Code.BAD_HEADER, f"header must be a map, got {type(header).__name__}", "header")
-    rid = header.get("id")
-    rid = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= _MAX_ID else None
-    kind = header.get("kind") if isinstance(header.get("kind"), str) else None
-    try:
-        # The size check comes after reading the header so that an oversize request still learns its
-        # error reply's id (the header alone is small and has been bounded above).
-        if total > max_bytes:
-            raise too_large
-        return _decode_header(header, bufs, max_bytes)
-    except ProtocolError as e:
-        e.request_id, e.kind = rid, kind
-        raise
 
 
 def _container_budget(limit: int) -> Callable[[Any], Any]:

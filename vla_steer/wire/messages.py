@@ -8,7 +8,8 @@ An `Observation` is what a policy is asked to act on: a language instruction, ca
 policy's image keys (uint8 [H, W, 3], row 0 at the top) and, when the policy takes it, a proprioceptive
 state vector. It travels as the payload's "observation" of an `infer` request (`to_payload` /
 `from_payload`), and `from_payload` is where every rule about a valid observation lives: errors name the
-key and what was wrong, values are checked (finite state, after the cast to float32), not only types.
+key and what was wrong, values are checked (finite state, after the cast to float32: a non-finite one is a
+`ProtocolError(NOT_FINITE)` naming "observation.state"), not only types.
 
 A `Step` is one executed control step as the node that stepped the world records it: the observation the
 action was chosen on, the chunk and the executed action, the end-effector pose and velocity (world frame:
@@ -396,12 +397,23 @@ class Observation:
                 raise ValueError(f"observation.state must be a float array of shape [{state_dim}], got {got}")
             if state.dtype.kind not in "fiu":
                 raise ValueError(f"observation.state must be numeric, got {state.dtype}")
+        if isinstance(state, np.ndarray) and state.dtype.kind in "fiu":
+            # Checked even when the policy takes no state (it is then dropped): a sender of NaN or 1e39
+            # has a bug worth hearing about. Checked after the cast: 1e39 in float64 is inf in float32.
             with np.errstate(over="ignore", invalid="ignore"):
-                state = state.astype(np.float32)  # checked after the cast: 1e39 in float64 is inf here
-            if not np.all(np.isfinite(state)):
-                raise ValueError("observation.state contains NaN or inf (or a value beyond float32)")
-        else:
-            state = None
+                cast = state.astype(np.float32)
+            bad = np.flatnonzero(~np.isfinite(cast))
+            if bad.size:
+                first = np.unravel_index(bad[0], state.shape)
+                where = "".join(f"[{i}]" for i in first)
+                raise ProtocolError(
+                    Code.NOT_FINITE,
+                    f"observation.state{where} is {state[first].item()!r}: NaN or inf (or beyond float32) "
+                    f"({bad.size} such values)",
+                    "observation.state",
+                )
+            state = cast
+        state = state if state_dim is not None else None
         return cls(instruction, checked, state)
 
 

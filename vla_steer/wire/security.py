@@ -37,9 +37,18 @@ class Keypair:
     secret: bytes | None = None
 
 
-def generate_keypair(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
-    """Write `<name>.key` (public, share it) and `<name>.key_secret` (mode 0600) into `directory`."""
+def generate_keypair(
+    directory: str | os.PathLike, name: str, *, overwrite: bool = False
+) -> tuple[Path, Path]:
+    """Write `<name>.key` (public, share it) and `<name>.key_secret` (mode 0600) into `directory`.
+
+    Refuses (FileExistsError, nothing written) to replace an existing key file unless `overwrite`: a lost
+    secret key locks its peers out until every allow-list is redone.
+    """
     directory = Path(directory)
+    existing = [p for p in (directory / f"{name}.key", directory / f"{name}.key_secret") if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists; a new keypair would replace it")
     directory.mkdir(parents=True, exist_ok=True)
     public, secret = zmq.auth.create_certificates(directory, name)
     os.chmod(secret, 0o600)
@@ -137,8 +146,9 @@ def socket_options(sock: zmq.Socket, max_bytes: int, address: str | None = None)
     sock.linger = 0
     if address is not None and _is_ipv6(address):
         sock.ipv6 = True  # zmq sockets are IPv4-only unless told otherwise ("No such device" on bind)
-    # Hard cap per frame (peers beyond it are disconnected); the soft cap in decode answers with an error.
-    sock.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + 65536)
+    # Hard cap per frame (zmq checks a frame's length prefix and disconnects the peer before buffering it).
+    # libzmq has no cap on a whole multipart message: the Server sums frames as it reads them (see there).
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     sock.setsockopt(zmq.HEARTBEAT_IVL, _ZMQ_HEARTBEAT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMQ_HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, _ZMQ_HEARTBEAT_TIMEOUT_MS)

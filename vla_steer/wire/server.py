@@ -33,12 +33,15 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from vla_steer.wire.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_ARRAYS,
     Code,
     Message,
     ProtocolError,
     decode,
     encode,
+    peek_id,
     require_finite,
+    too_large,
 )
 from vla_steer.wire.messages import KnobsRequest, TelemetryRecord, check_reply, check_request, error_payload
 from vla_steer.wire.security import (
@@ -57,6 +60,7 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 LIVENESS_S = 1.0  # a peer silent for this long is considered gone
 HANDLED_KINDS = ("hello", "infer", "reset", "knobs", "control")  # the server answers heartbeats itself
 _MAX_CLIENT_NAME = 256  # characters of a heartbeat's client name the server keeps
+_MAX_FRAMES = MAX_ARRAYS + 3  # routing id, REQ delimiter, header, one frame per array
 
 
 @dataclass
@@ -106,8 +110,16 @@ class Server:
     time in a worker thread; the others (control included, so a stop never queues behind an inference) run
     on the socket thread, concurrently with the worker, and must be quick and thread-safe with
     respect to the worker (the steering knobs are built for that). Reply arrays are sent zero-copy: return
-    arrays you will not mutate afterwards. Requests over `max_message_bytes` get a "too_large" error; a
-    single frame over twice that is cut off by zmq (MAXMSGSIZE) and its sender disconnected unanswered.
+    arrays you will not mutate afterwards.
+
+    Size: a request (header + every frame) over `max_message_bytes` gets a "too_large" error, and its
+    frames are released as they are read (only the routing id and header are kept, to address the error).
+    A single frame over `max_message_bytes` is cut off by zmq itself (MAXMSGSIZE, checked on the frame's
+    length prefix, before its bytes are buffered) and its sender disconnected unanswered. What no zmq
+    application can bound (libzmq 4.3): MAXMSGSIZE applies per frame, and libzmq hands a multipart message
+    to the application only once all of its frames have arrived, so while one is in flight libzmq holds
+    frames-so-far x `max_message_bytes` at most, per connection. Pass `keypair=`/`allowed_clients=` so only
+    known peers get that far; the node's memory soak benchmark (benchmarks/node_soak.py) measures the rest.
     """
 
     def __init__(
@@ -360,13 +372,9 @@ class Server:
                 self._drain_outbox()
                 for _ in range(64):  # bounded, so worker replies are not starved by a flood
                     try:
-                        frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        self._receive_one()
                     except zmq.Again:
                         break
-                    try:
-                        self._handle(frames)
-                    except Exception:  # a bug here must not take the server down
-                        log.exception("unexpected error handling a request")
         except zmq.ContextTerminated:
             pass
         finally:
@@ -395,12 +403,51 @@ class Server:
         if self._pub is not None:
             self._pub.send_multipart([TELEMETRY_TOPIC, *frames], copy=False)
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        t_recv = time.perf_counter()
+    def _receive_one(self) -> None:
+        """Receive and answer one request; raises zmq.Again when none is waiting. Its frames are dropped on
+        return (nothing here outlives the request but what a worker job holds)."""
+        frames, total, count = self._receive()
+        try:
+            self._handle(frames, total, count, time.perf_counter())
+        except Exception:  # a bug here must not take the server down
+            log.exception("unexpected error handling a request")
+
+    def _receive(self) -> tuple[list[zmq.Frame], int, int]:
+        """Read one multipart request frame by frame: (frames kept, bytes after the routing id, frames).
+
+        Once the total passes `max_message_bytes` (or the frame count the protocol allows) no further frame
+        is kept and those already kept beyond the envelope and header are let go, so each is freed as soon
+        as it is read; `_handle` then answers "too_large" from the envelope and header alone.
+        """
+        frame = self._router.recv(zmq.NOBLOCK, copy=False)
+        kept, total, count = [frame], 0, 1
+        while frame.more:
+            frame = self._router.recv(copy=False)
+            total += len(frame)
+            count += 1
+            if len(kept) == count - 1:  # still keeping
+                if total <= self.max_message_bytes and count <= _MAX_FRAMES:
+                    kept.append(frame)
+                else:
+                    del kept[_n_envelope(kept) + 1 :]
+        return kept, total, count
+
+    def _handle(self, frames: list[zmq.Frame], total: int, count: int, t_recv: float) -> None:
         # DEALER peers send [id, header, ...]; REQ peers add an empty delimiter, which we echo back.
-        n_env = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
+        n_env = _n_envelope(frames)
         envelope = [f.bytes for f in frames[:n_env]]
         client = envelope[0]
+        if total > self.max_message_bytes or count > _MAX_FRAMES:
+            rid, kind = peek_id(frames[n_env]) if len(frames) > n_env else (None, None)
+            err = too_large(total, self.max_message_bytes)
+            if count > _MAX_FRAMES:
+                err = ProtocolError(
+                    Code.TOO_LARGE, f"{count} frames, over the limit of {_MAX_FRAMES}", "frames"
+                )
+            del frames[n_env:]  # before the reply goes out
+            self._send_error(envelope, rid or 0, err.code, err.message, err.field)
+            self._emit(kind or "?", rid or 0, client, err.code, {"decode": time.perf_counter() - t_recv})
+            return
         msg: Message | None = None
         try:
             msg = decode(frames[n_env:], max_bytes=self.max_message_bytes)
@@ -552,6 +599,11 @@ class Server:
 
     def _emit(self, kind: str, rid: int, client: bytes, code: str | None, lat_s: Mapping[str, float]) -> None:
         self._publish(self._record(kind, rid, client, code, lat_s))
+
+
+def _n_envelope(frames: list[zmq.Frame]) -> int:
+    """Routing frames before the header: [id] from a DEALER, [id, b""] from a REQ socket."""
+    return 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
 
 
 def _resolve_handlers(handler: Any) -> dict[str, Handler]:

@@ -38,6 +38,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("keys", help="generate a CURVE key pair (NAME.key to share, NAME.key_secret to keep)")
     p.add_argument("directory", type=Path)
     p.add_argument("name", help="e.g. server, sim, robot, operator")
+    p.add_argument("--force", action="store_true", help="replace an existing keypair of that name")
     p.set_defaults(func=cmd_keys)
 
 
@@ -79,6 +80,11 @@ def cmd_serve(args) -> int:
 def cmd_keys(args) -> int:
     from vla_steer.wire import generate_keypair
 
-    public, secret = generate_keypair(args.directory, args.name)
+    try:
+        public, secret = generate_keypair(args.directory, args.name, overwrite=args.force)
+    except FileExistsError as e:
+        raise ValueError(
+            f"{e}; pass --force to replace it (its peers will need the new public key)"
+        ) from None
     print(f"public key (give it to peers): {public}\nsecret key (keep it here, mode 0600): {secret}")
     return 0
