@@ -8,16 +8,14 @@ every episode) with the end-effector speed and height after that step.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from vla_steer.core.activations import layer_of
 from vla_steer.core.discovery.direction import Direction
 from vla_steer.core.rollouts import Store
-
-_LAYER = re.compile(r"^layer:(\d+)$")
 
 
 @dataclass
@@ -64,11 +62,11 @@ def neuron_tracks(store: Store, directions: Mapping[str, Direction] | None = Non
     for name, parts in acts.items():
         x = np.concatenate(parts).astype(np.float64)
         rs, rh = _pearson(x, s), _pearson(x, h)
-        m = _LAYER.match(name)
+        layer_n = layer_of(name)  # the node refuses malformed layer names, so a store holds none
         neurons = directions.get(name).neurons if directions and name in directions else None
         for col in range(x.shape[1]):
-            if m:
-                layer, index, tokens = int(m.group(1)), col, []
+            if layer_n is not None:
+                layer, index, tokens = layer_n, col, []
             elif neurons is not None and col < len(neurons):
                 n = neurons[col]
                 layer, index, tokens = n.layer, n.index, list(n.tokens)
