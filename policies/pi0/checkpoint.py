@@ -229,6 +229,28 @@ def read_stats(directory: Path, cfg: PI0Config, norm_stats: str | Path | None = 
     return stats
 
 
+def openpi_dims(directory: Path, norm_stats: str | Path | None = None) -> tuple[int | None, int | None]:
+    """(state dim, action dim) an openpi checkpoint's norm stats were computed on (openpi normalises the
+    dataset's state and actions, then zero-pads them to the model's width); None where absent."""
+    if norm_stats is None:
+        found = sorted(directory.glob("assets/*/norm_stats.json"))
+        if len(found) != 1:
+            return None, None
+        norm_stats = found[0]
+    try:
+        data = json.loads(Path(norm_stats).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{norm_stats}: cannot read normalisation stats ({e})") from None
+    data = data.get("norm_stats", data)
+
+    def dim(feature: str) -> int | None:
+        stats = data.get(feature)
+        mean = stats.get("mean") if isinstance(stats, dict) else None
+        return len(mean) if isinstance(mean, list) else None
+
+    return dim("state"), dim("actions")
+
+
 def _feature_of_buffer(buffer: str, cfg: PI0Config) -> str | None:
     """`buffer_observation_state` -> `observation.state` (LeRobot replaced dots by underscores)."""
     names = [f.name for f in (*cfg.images, cfg.state, cfg.action) if f is not None]

@@ -19,6 +19,7 @@ the checkpoint's stats and zero-padded to `max_state_dim`; actions: the first `a
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 from policies.pi0 import checkpoint as ckpt
 from policies.pi0.config import PI0Config, read_config
 from policies.pi0.modeling import PI0Model
+from policies.weights import local_checkpoint
 from vla_steer.core.backbone import Backbone
 from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
 from vla_steer.wire import Observation
@@ -37,6 +39,14 @@ DEFAULT_TOKENIZER = "google/paligemma-3b-pt-224"  # what LeRobot and openpi toke
 LANGUAGE_LAYERS = "paligemma_with_expert.paligemma.model.language_model.layers"
 EXPERT_LAYERS = "paligemma_with_expert.gemma_expert.model.layers"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# What a hub download fetches: config, weights, LeRobot's normaliser files, openpi's norm stats, tokenizer.
+HUB_PATTERNS = (
+    "config.json",
+    ckpt.WEIGHTS,
+    "policy_*processor*",
+    "assets/*/norm_stats.json",
+    *TOKENIZER_FILES,
+)
 
 
 def default_image_key(feature: str) -> str:
@@ -150,10 +160,14 @@ class PI0Policy(Policy):
         `image_keys`: checkpoint image feature -> observation key; `norm_stats`: a stats JSON overriding
         the checkpoint's; `openpi_image_keys`, `state_dim`, `action_dim`: what an openpi config lacks.
         """
-        directory = Path(path)
-        for required in ("config.json", ckpt.WEIGHTS):
-            if not (directory / required).exists():
-                raise FileNotFoundError(f"{directory} is not a pi0 checkpoint: {required} is missing")
+        directory = local_checkpoint(path, HUB_PATTERNS, "a pi0")
+        if not (directory / ckpt.WEIGHTS).exists():
+            raise FileNotFoundError(f"{directory} is not a pi0 checkpoint: {ckpt.WEIGHTS} is missing")
+        if state_dim is None or action_dim is None:  # openpi: the dims its norm stats were computed on
+            config = json.loads((directory / "config.json").read_text())
+            if "action_horizon" in config and "type" not in config:
+                stats_state, stats_action = ckpt.openpi_dims(directory, norm_stats)
+                state_dim, action_dim = state_dim or stats_state, action_dim or stats_action
         cfg = read_config(
             directory / "config.json",
             n_action_steps=n_action_steps,
@@ -163,6 +177,9 @@ class PI0Policy(Policy):
             action_dim=action_dim,
         )
         dtype = _dtype(dtype)
+        # Stats and tokenizer first: a checkpoint that cannot run is refused before the weights are read.
+        state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
+        tok = _load_tokenizer(tokenizer, directory)
         with torch.device("meta"):  # no random init of billions of weights that are overwritten anyway
             model = PI0Model(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
                              max_period=cfg.max_period)  # fmt: skip
@@ -170,8 +187,6 @@ class PI0Policy(Policy):
         _reset_buffers(model)
         ckpt.load_weights(model, directory)
         model.to(device=device, dtype=dtype)
-        state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
-        tok = _load_tokenizer(tokenizer, directory)
         return cls(cfg, model, tok, state_norm=state_norm, action_norm=action_norm, seed=seed,
                    image_keys=image_keys, name=name or directory.name)  # fmt: skip
 

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from vla_steer.app.cli import analyze, demo, discover, knobs, serve, sim
+from vla_steer.app.cli import analyze, demo, discover, export, knobs, serve, sim
 from vla_steer.app.cli.robot import add_robot_parser
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parsers(sub)  # demo, train-demo
     add_robot_parser(sub)
     analyze.add_parsers(sub)
+    export.add_parsers(sub)  # export-lerobot
     return parser
 
 
