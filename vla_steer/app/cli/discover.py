@@ -122,12 +122,20 @@ def cmd_discover(args) -> int:
         memory_budget=args.memory_budget,
         device=args.device,
     )
-    for d in directions.values():
+    found = {name: d for name, d in directions.items() if d.neurons}
+    for d in found.values():
         d.provenance["backbone"] = "language"  # which of the policy's stacks the node steers with it
         print()
         print(format_direction(d))
         d.save(args.out)
-    print(f"\nwrote {len(directions)} directions to {args.out}/")
+    for name in sorted(set(directions) - set(found)):
+        print(f"\n{name}: no neuron scored >= --min-score {args.min_score}; not written")
+    if not found:
+        raise ValueError(
+            f"no neuron of {backbone.name} matched any pole: lower --min-score, widen --layers, or try "
+            "--method clusters"
+        )
+    print(f"\nwrote {len(found)} directions to {args.out}/")
     return 0
 
 

@@ -61,22 +61,22 @@ def _write_lerobot(store: Store, ids: list[str], work: Path, *, fps: int) -> Non
     import pyarrow.parquet as pq
 
     first = store.load(ids[0])
-    for name in ("state", "action"):
-        if name not in first.arrays:
-            raise SchemaError(name, f"episode {first.id} has no {name!r}; LeRobot needs it")
-    state_dim, action_dim = first.arrays["state"].shape[1], first.arrays["action"].shape[1]
+    if "action" not in first.arrays:
+        raise SchemaError("action", f"episode {first.id} has no 'action'; LeRobot needs it")
+    # A policy without proprioception (OpenVLA) records no state: the dataset then has no observation.state.
+    state_dim = first.arrays["state"].shape[1] if "state" in first.arrays else None
+    action_dim = first.arrays["action"].shape[1]
     cams = {k: v.shape[1:] for k, v in first.images.items()}
     for k, shape in cams.items():
         if shape[2] != 3:
             raise SchemaError(f"images[{k!r}]", f"only RGB (H, W, 3) can be exported, got {shape}")
     conv = first.meta.get("conventions") or {}
     robot_type = first.meta.get("robot") if isinstance(first.meta.get("robot"), str) else None
-    features: dict[str, dict] = {
-        "observation.state": {
-            "dtype": "float32",
-            "shape": [state_dim],
-            "names": _names(conv.get("state_names"), "state", state_dim),
-        },
+    features: dict[str, dict] = {}
+    if state_dim is not None:
+        names = _names(conv.get("state_names"), "state", state_dim)
+        features["observation.state"] = {"dtype": "float32", "shape": [state_dim], "names": names}
+    features |= {
         "action": {
             "dtype": "float32",
             "shape": [action_dim],
@@ -112,7 +112,7 @@ def _write_lerobot(store: Store, ids: list[str], work: Path, *, fps: int) -> Non
             t = ep.n_steps
             for name, want in (("state", state_dim), ("action", action_dim)):
                 got = ep.arrays.get(name)
-                if got is None or got.shape[1] != want:
+                if (got is None) != (want is None) or (got is not None and got.shape[1] != want):
                     raise SchemaError(
                         name,
                         f"episode {ep.id} has {None if got is None else got.shape[1:]}, "
@@ -130,7 +130,7 @@ def _write_lerobot(store: Store, ids: list[str], work: Path, *, fps: int) -> Non
             done = np.zeros(t, bool)
             done[-1] = True
             cols = {
-                "observation.state": ep.arrays["state"].astype(np.float32),
+                **({"observation.state": ep.arrays["state"].astype(np.float32)} if state_dim else {}),
                 "action": ep.arrays["action"].astype(np.float32),
                 "next.reward": ep.arrays.get("reward", np.zeros(t)).astype(np.float32),
                 "next.done": done,
@@ -307,9 +307,12 @@ def activation_feature(name: str) -> str:
 def _activation_features(acts: dict[str, tuple[int, ...]]) -> dict[str, dict]:
     """One float32 vector per recorded activation: [forwards x neurons] flattened, each entry named."""
     out = {}
-    for name, (forwards, neurons) in acts.items():
-        names = [f"forward{f}_neuron{n}" for f in range(forwards) for n in range(neurons)]
-        out[activation_feature(name)] = {"dtype": "float32", "shape": [forwards * neurons], "names": names}
+    for name, shape in acts.items():
+        if len(shape) == 2:  # what the node returns: [forwards, neurons]
+            names = [f"forward{f}_neuron{n}" for f in range(shape[0]) for n in range(shape[1])]
+        else:
+            names = ["neuron" + "_".join(map(str, i)) for i in np.ndindex(*shape)]
+        out[activation_feature(name)] = {"dtype": "float32", "shape": [len(names)], "names": names}
     return out
 
 
