@@ -28,7 +28,7 @@ def cmd_export(args) -> int:
     if not args.store.is_dir():
         raise FileNotFoundError(f"STORE {args.store}: no such rollout store directory")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise FileExistsError(f"OUT {args.out}: exists and is not an empty directory; choose a new one")
+        raise ValueError(f"OUT {args.out}: exists and is not an empty directory; choose a new one")
     store = open_store(args.store)
     fps = args.fps if args.fps is not None else _recorded_fps(store)
     if fps <= 0:
