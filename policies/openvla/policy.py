@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from policies.decoding import next_token
 from policies.openvla import processing
 from policies.openvla.config import PrismaticConfig
 from policies.openvla.modeling import DTYPES, PrismaticModel
@@ -178,7 +179,7 @@ class OpenVLAPolicy(Policy):
             token = (logits if mask is None else logits + mask).argmax(-1, keepdim=True)
             tokens.append(token)
             if step + 1 < self.spec.action_dim:
-                out = lm(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                out = next_token(lm, token, out)
         return torch.cat(tokens, dim=1)[0]
 
     def decode_actions(self, token_ids: np.ndarray) -> np.ndarray:
