@@ -63,7 +63,7 @@ def test_journey(layout, tmp_path):
         camera = next(iter(_cameras(env_cfg)))
         r = run(
             "sim", "--server", address, "--env", str(env_cfg), "--episodes", "1", "--max-steps", "3",
-            "--out", str(runs), "--steer", "slow=4", "--activations", "slow", "--video", camera,
+            "--out", str(runs), "--timeout", "60", "--steer", "slow=4", "--activations", "slow", "--video", camera,
         )  # fmt: skip
         assert f"{layout} " in r.stdout and "slow=4" in r.stdout and f"recorded in {runs}/" in r.stdout
         assert len(list((runs / "videos").glob("*.mp4"))) == 1

@@ -131,8 +131,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout",
         type=float,
-        default=30.0,
-        help="seconds to wait for one inference (default 30; a 7B model on a CPU needs more)",
+        default=5.0,
+        help="seconds to wait for one reply from the node (default 5; a 7B model on a CPU needs more)",
     )
     p.add_argument(
         "--video", metavar="CAMERA", help="also write an mp4 per episode from this camera (e.g. agentview)"
