@@ -64,6 +64,10 @@ class Pi0PolicyConfig(_Config):
     tokenizer: str | None = None
     image_keys: dict[str, str] | None = None
     norm_stats: Path | None = None
+    # What an openpi checkpoint's config.json does not record (LeRobot's does):
+    openpi_image_keys: list[str] | None = None
+    state_dim: int | None = Field(None, gt=0)
+    action_dim: int | None = Field(None, gt=0)
 
 
 PolicyConfig = Annotated[
@@ -114,6 +118,7 @@ def load_policy(config: str | Path | PolicyConfig) -> Policy:
         return PI0Policy.load(
             cfg.path, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, n_action_steps=cfg.n_action_steps,
             num_inference_steps=cfg.num_inference_steps, tokenizer=cfg.tokenizer, image_keys=cfg.image_keys,
-            norm_stats=cfg.norm_stats,
+            norm_stats=cfg.norm_stats, openpi_image_keys=cfg.openpi_image_keys, state_dim=cfg.state_dim,
+            action_dim=cfg.action_dim,
         )  # fmt: skip
     raise ValueError(f"unknown policy kind {cfg.kind!r}")  # unreachable: pydantic checked it

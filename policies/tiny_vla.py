@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from policies.decoding import next_token
 from vla_steer.core import tiny
 from vla_steer.core.backbone import Backbone
 from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
@@ -252,7 +253,7 @@ class TinyVLA(nn.Module, Policy):
             token = logits.argmax(-1, keepdim=True)
             tokens.append(token)
             if step + 1 < n:
-                out = lm(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                out = next_token(lm, token, out)
         return torch.cat(tokens, dim=1)[0]
 
     def decode_actions(self, token_ids: np.ndarray) -> np.ndarray:

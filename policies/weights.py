@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -36,3 +37,25 @@ def check_state_dict(
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}"
             )
+
+
+def local_checkpoint(path: str | Path, patterns: Sequence[str], what: str) -> Path:
+    """A local checkpoint directory, or a hub id downloaded (only the files matching `patterns`: never a
+    checkpoint's code) into the hub cache; offline, a hub id already in the cache resolves from it."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} has no config.json: not {what} checkpoint directory")
+        return p
+    looks_local = p.is_absolute() or str(path).startswith(".") or len(p.parts) != 2
+    if looks_local:
+        raise FileNotFoundError(f"checkpoint directory {p} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=list(patterns)))
+    except Exception as e:  # offline and not cached, unknown or gated repo
+        raise FileNotFoundError(
+            f"hub id {path}: cannot download it ({type(e).__name__}: {e}); download the checkpoint and pass "
+            "its directory"
+        ) from None

@@ -183,4 +183,21 @@ class RobotConfig(_Strict):
 
 def load_robot_config(path: str | Path) -> RobotConfig:
     """A robot config by path, or by the name of a shipped one ("ur5e_mujoco")."""
-    return load_yaml_model(resolve_config(path, "robots"), RobotConfig, "robot config")
+    path = resolve_config(path, "robots")
+    _not_a_sim_config(path)
+    return load_yaml_model(path, RobotConfig, "robot config")
+
+
+def _not_a_sim_config(path: Path) -> None:
+    """A sim config passed as a robot config gets one sentence, not a list of every key it should not have."""
+    import yaml
+
+    try:
+        kind = (yaml.safe_load(path.read_text()) or {}).get("kind")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # the loader says what is wrong with the file
+    if kind in ("robosuite", "libero"):
+        raise ValueError(
+            f"{path} is a sim config (kind: {kind}): run it with `vla-steer sim --env {path}`; a robot config "
+            "describes a UR5 cell, like the shipped ur5e.yaml (vla_steer/configs/robots)"
+        )

@@ -52,6 +52,7 @@ def run(
     server_key: Path | None = None,
     keypair: Path | None = None,
     connect_timeout: float = 10.0,
+    request_timeout: float = 2.0,
     progress: Callable[[str], None] = print,
 ) -> list[SettingResult]:
     """Every task (label -> sim config) x setting x `episodes` seeded episodes, recorded into the rollout
@@ -59,7 +60,7 @@ def run(
     the cells so far), or ValueError (bad arguments, knobs the node does not have)."""
     if episodes < 1 or max_steps < 1:
         raise ValueError("--episodes and --max-steps must be at least 1")
-    with Client(server, server_key=server_key, keypair=keypair) as client:
+    with Client(server, server_key=server_key, keypair=keypair, timeout=request_timeout) as client:
         if not client.wait_alive(connect_timeout):
             raise NoPolicyNode(f"no policy node answered at {server}")
         info = client.hello()

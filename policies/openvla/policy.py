@@ -26,8 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from policies.decoding import next_token
 from policies.openvla import processing
+from policies.openvla.config import PrismaticConfig
 from policies.openvla.modeling import DTYPES, PrismaticModel
+from policies.weights import local_checkpoint
 from vla_steer.core.backbone import Backbone
 from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
 from vla_steer.core.tokens import ActionBins, TokenLabeler
@@ -38,17 +41,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]  # never the
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A local checkpoint directory, or a hub id downloaded (weights, configs, tokenizer; no code)."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} has no config.json: not an OpenVLA checkpoint directory")
-        return p
-    looks_local = p.is_absolute() or str(path).startswith(".") or str(path).count("/") != 1
-    if looks_local:
-        raise FileNotFoundError(f"checkpoint directory {p} does not exist")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(path), allow_patterns=HUB_PATTERNS))
+    return local_checkpoint(path, HUB_PATTERNS, "an OpenVLA")
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
@@ -123,10 +116,12 @@ class OpenVLAPolicy(Policy):
 
         directory = resolve_checkpoint(path)
         torch_dtype = resolve_dtype(dtype, device)
-        model = PrismaticModel.from_pretrained(directory, dtype=torch_dtype, device=device)
+        # The statistics first: a wrong or missing unnorm_key is refused before the weights are read.
+        config = PrismaticConfig.from_file(directory / "config.json")
         stats = processing.select_stats(
-            processing.load_norm_stats(directory, model.config), unnorm_key, source=str(directory)
+            processing.load_norm_stats(directory, config), unnorm_key, source=str(directory)
         )
+        model = PrismaticModel.from_pretrained(directory, dtype=torch_dtype, device=device)
         # The Llama config keeps AutoTokenizer from reading config.json's unknown model_type "openvla".
         tokenizer = AutoTokenizer.from_pretrained(directory, config=model.config.llama_config())
         image_processor = processing.ImageProcessor.for_checkpoint(
@@ -184,7 +179,7 @@ class OpenVLAPolicy(Policy):
             token = (logits if mask is None else logits + mask).argmax(-1, keepdim=True)
             tokens.append(token)
             if step + 1 < self.spec.action_dim:
-                out = lm(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+                out = next_token(lm, token, out)
         return torch.cat(tokens, dim=1)[0]
 
     def decode_actions(self, token_ids: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from policies.openvla.config import PrismaticConfig, normalization_for
+from policies.weights import CheckpointError
 from vla_steer.core.tokens import ActionBins
 
 PROMPT = "In: What action should the robot take to {instruction}?\nOut:"
@@ -197,19 +198,24 @@ def select_stats(
     """The statistics to un-normalise with; errors list the keys there are."""
     keys = sorted(norm_stats)
     if not keys:
-        raise KeyError(
+        raise CheckpointError(
             f"{source} has no action statistics (no {STATS_FILE} and no norm_stats in config.json): "
             "cannot un-normalise actions"
         )
     if unnorm_key is None:
         if len(keys) > 1:
-            raise KeyError(f"{source} has statistics for several datasets; pass unnorm_key, one of {keys}")
+            raise CheckpointError(
+                f"{source} has statistics for several datasets; choose one with unnorm_key (a policy config "
+                f"key, or --option unnorm_key=NAME on the command line), one of {keys}"
+            )
         unnorm_key = keys[0]
     if unnorm_key not in norm_stats:
-        raise KeyError(f"unnorm_key {unnorm_key!r} is not in the {source}'s statistics; available: {keys}")
+        raise CheckpointError(
+            f"unnorm_key {unnorm_key!r} is not in the {source}'s statistics; available: {keys}"
+        )
     action = norm_stats[unnorm_key].get("action")
     if not isinstance(action, dict) or "q01" not in action or "q99" not in action:
-        raise KeyError(f"statistics {unnorm_key!r} lack action.q01 / action.q99")
+        raise CheckpointError(f"statistics {unnorm_key!r} lack action.q01 / action.q99")
     q01 = np.asarray(action["q01"], dtype=np.float64)
     q99 = np.asarray(action["q99"], dtype=np.float64)
     mask = np.asarray(action.get("mask", [True] * len(q01)), dtype=bool)

@@ -89,8 +89,9 @@ def to_module_keys(state: dict[str, torch.Tensor], source: str = WEIGHTS) -> dic
         out[EMBED] = out[LM_HEAD]
     elif EMBED in out and LM_HEAD not in out:
         out[LM_HEAD] = out[EMBED]
-    elif LM_HEAD in out and not torch.equal(out[LM_HEAD], out[EMBED]):
-        raise CheckpointError(f"{source}: {LM_HEAD} and {EMBED} differ, but PaliGemma ties them")
+    # Both present and different: a LeRobot fine-tune (it loads lm_head into a separate copy and trains
+    # only embed_tokens). As LeRobot does, the file's embed_tokens embeds the prompt and its lm_head stays
+    # the unembedding (which pi0 never runs; discovery projects onto it). Our loaded model keeps them apart.
     return out
 
 
@@ -117,10 +118,14 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
 
 
 def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict under the reference (openpi) names, the tied embedding stored once (as embed_tokens)."""
+    """The state dict under the reference (openpi) names; a tied embedding is stored once (as embed_tokens),
+    an untied lm_head (a fine-tune's) beside it."""
+    state = model.state_dict()
+    head, embed = state[LM_HEAD], state[EMBED]
+    tied = head is embed or head.is_meta or torch.equal(head, embed)  # meta: a shapes-only model
     out = {}
-    for name, value in model.state_dict().items():
-        if name == LM_HEAD:
+    for name, value in state.items():
+        if name == LM_HEAD and tied:
             continue
         if name.startswith(VISION_OURS):
             name = VISION_REF + name[len(VISION_OURS) :]
@@ -227,6 +232,28 @@ def read_stats(directory: Path, cfg: PI0Config, norm_stats: str | Path | None = 
                 if feature is not None:
                     stats.setdefault(feature, {}).setdefault(stat, _np(f.get_tensor(key)))
     return stats
+
+
+def openpi_dims(directory: Path, norm_stats: str | Path | None = None) -> tuple[int | None, int | None]:
+    """(state dim, action dim) an openpi checkpoint's norm stats were computed on (openpi normalises the
+    dataset's state and actions, then zero-pads them to the model's width); None where absent."""
+    if norm_stats is None:
+        found = sorted(directory.glob("assets/*/norm_stats.json"))
+        if len(found) != 1:
+            return None, None
+        norm_stats = found[0]
+    try:
+        data = json.loads(Path(norm_stats).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{norm_stats}: cannot read normalisation stats ({e})") from None
+    data = data.get("norm_stats", data)
+
+    def dim(feature: str) -> int | None:
+        stats = data.get(feature)
+        mean = stats.get("mean") if isinstance(stats, dict) else None
+        return len(mean) if isinstance(mean, list) else None
+
+    return dim("state"), dim("actions")
 
 
 def _feature_of_buffer(buffer: str, cfg: PI0Config) -> str | None:

@@ -11,7 +11,12 @@ Two checkpoint `config.json` flavours are understood:
   `action_horizon`, `paligemma_variant`, `action_expert_variant`, `precision`. Image keys, the real
   state/action dims and the norm-stats asset are not in that file; they come from the load options.
 
-Training-only fields are ignored. A non-standard architecture (the tiny test model) is stored under the
+Every key a config.json carries is honoured or refused (`check_keys`): the inference keys above, plus
+`use_relative_actions` / `relative_exclude_joints` / `action_feature_names` (the state is added back to the
+un-normalised actions, as LeRobot's AbsoluteActionsProcessorStep does), `empty_cameras` (blank images,
+masked out), `dtype` / openpi's `precision` (the default dtype), `n_obs_steps` (1 only), `proj_width` (the
+expert's width). Keys that change only training or runtime plumbing are listed in `NO_EFFECT`; an
+ALOHA adaptation, real-time chunking, pi0.5 or any key not known here is refused. A non-standard architecture (the tiny test model) is stored under the
 extra key `vla_steer_architecture`; without it the sizes follow the named Gemma variants and SigLIP
 So400m/14, as both reference implementations build them.
 """
@@ -24,6 +29,28 @@ from pathlib import Path
 from typing import Any
 
 ARCH_KEY = "vla_steer_architecture"
+# Keys of a LeRobot / openpi config.json that do not change what inference computes: training settings,
+# runtime plumbing (device, compile, attention kernel, caching), hub metadata.
+NO_EFFECT = frozenset({
+    "time_sampling_beta_alpha", "time_sampling_beta_beta", "time_sampling_scale", "time_sampling_offset",
+    "gradient_checkpointing", "compile_model", "compile_mode", "device", "use_amp", "use_peft", "use_cache",
+    "attention_implementation", "freeze_vision_encoder", "train_expert_only", "train_state_proj",
+    "optimizer_lr", "optimizer_betas", "optimizer_eps", "optimizer_weight_decay", "optimizer_grad_clip_norm",
+    "scheduler_warmup_steps", "scheduler_decay_steps", "scheduler_decay_lr", "push_to_hub", "repo_id",
+    "private", "tags", "license", "pretrained_path", "pretrained_revision",
+})  # fmt: skip
+HONOURED_LEROBOT = frozenset({
+    "type", "n_obs_steps", "input_features", "output_features", "normalization_mapping", "chunk_size",
+    "n_action_steps", "max_state_dim", "max_action_dim", "num_inference_steps", "num_steps",
+    "tokenizer_max_length", "image_resolution", "resize_imgs_with_padding", "min_period", "max_period",
+    "paligemma_variant", "action_expert_variant", "empty_cameras", "use_relative_actions",
+    "relative_exclude_joints", "action_feature_names", "dtype", "proj_width", "adapt_to_pi_aloha",
+    "use_delta_joint_actions_aloha", "rtc_config", ARCH_KEY,
+})  # fmt: skip
+HONOURED_OPENPI = frozenset({
+    "action_dim", "action_horizon", "paligemma_variant", "action_expert_variant", "precision", "dtype",
+    "max_token_len", "pi05", ARCH_KEY,
+})  # fmt: skip
 NORM_MODES = ("IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILES", "QUANTILE10")
 
 
@@ -126,6 +153,11 @@ class PI0Config:
         default_factory=lambda: {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
     )
     layout: str = "lerobot"  # lerobot | openpi
+    # Relative actions: the raw state is added to the un-normalised actions where the mask is true.
+    relative_actions: bool = False
+    relative_mask: tuple[bool, ...] = ()
+    empty_cameras: int = 0  # blank (-1) images with a false mask, after the real ones
+    dtype: str | None = None  # the checkpoint's own dtype (a load option overrides it)
 
     def __post_init__(self):
         if not 1 <= self.n_action_steps <= self.chunk_size:
@@ -145,12 +177,16 @@ class PI0Config:
         for kind, mode in self.normalization.items():
             if mode not in NORM_MODES:
                 raise ValueError(f"normalization_mapping.{kind} is {mode!r}; expected one of {NORM_MODES}")
-        size = self.architecture.vision.image_size
-        for img in self.images:
-            if img.shape[-2:] != (size, size):
+        for img in self.images:  # any size: resized with padding to the model's (LeRobot, openpi)
+            if len(img.shape) != 3 or img.shape[0] != 3:
+                raise ValueError(f"image feature {img.name} has shape {list(img.shape)}; expected [3, H, W]")
+        if self.relative_actions:
+            if self.state is None:
+                raise ValueError("use_relative_actions needs a STATE input feature (the state is added back)")
+            if self.state.shape[0] < self.action.shape[0]:
                 raise ValueError(
-                    f"image feature {img.name} has shape {list(img.shape)}; this pi0 takes {size}x{size} "
-                    "(image_resolution)"
+                    f"use_relative_actions adds the state to the actions, but the state has "
+                    f"{self.state.shape[0]} values and the actions {self.action.shape[0]}"
                 )
 
     @property
@@ -182,8 +218,12 @@ class PI0Config:
             "image_resolution": [a.vision.image_size, a.vision.image_size],
             "min_period": self.min_period,
             "max_period": self.max_period,
-            "empty_cameras": 0,
+            "empty_cameras": self.empty_cameras,
+            "use_relative_actions": self.relative_actions,
         }
+        if self.relative_actions:  # the mask as LeRobot rebuilds it: names, and the excluded ones
+            names = [f"a{i}" if m else f"a{i}_kept_absolute" for i, m in enumerate(self.relative_mask)]
+            out |= {"action_feature_names": names, "relative_exclude_joints": ["kept_absolute"]}
         standard = PI0Architecture(max_state_dim=a.max_state_dim, max_action_dim=a.max_action_dim)
         if a == standard:
             out |= {"paligemma_variant": "gemma_2b", "action_expert_variant": "gemma_300m"}
@@ -224,9 +264,8 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
         raise ValueError(
             f"{source}: type is {kind!r}; this loader reads pi0 checkpoints (pi05/pi0fast differ)"
         )
-    if data.get("adapt_to_pi_aloha"):
-        raise ValueError(f"{source}: adapt_to_pi_aloha=true (ALOHA joint conventions) is not supported")
     openpi = kind is None and "action_horizon" in data
+    check_keys(data, source, openpi)
     if kind is None and not openpi:
         raise ValueError(
             f"{source}: neither a LeRobot pi0 config ('type': 'pi0') nor an openpi one (action_horizon)"
@@ -250,6 +289,10 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
             max_action_dim=max_action,
         )
     size = arch.vision.image_size
+    if "proj_width" in data and int(data["proj_width"]) != arch.expert.width:
+        raise ValueError(
+            f"{source}: proj_width {data['proj_width']} differs from the expert width {arch.expert.width}"
+        )
 
     if openpi:
         keys = overrides.get("image_keys") or ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
@@ -266,6 +309,8 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
             num_inference_steps=int(overrides.get("num_inference_steps") or 10),
             normalization={"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
             layout="openpi",
+            tokenizer_max_length=int(data.get("max_token_len", 48)),
+            dtype=data.get("precision", data.get("dtype")),
         )
         return cfg
 
@@ -284,6 +329,11 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
     if len(states) > 1:
         raise ValueError(f"{source}: input_features holds {len(states)} STATE features; pi0 takes one")
     steps = data.get("num_inference_steps", data.get("num_steps", 10))
+    empty = int(data.get("empty_cameras") or 0)
+    names = {f.name for f in images}
+    images += [Feature(n, "VISUAL", (3, size, size)) for i in range(empty)
+               if (n := f"observation.images.empty_camera_{i}") not in names]  # fmt: skip
+    relative = bool(data.get("use_relative_actions", False))
     return PI0Config(
         architecture=arch,
         images=images,
@@ -297,4 +347,45 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
         max_period=float(data.get("max_period", 4.0)),
         normalization={str(k): str(v) for k, v in (data.get("normalization_mapping") or {}).items()}
         or {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+        relative_actions=relative,
+        relative_mask=relative_mask(data, actions[0].shape[0]) if relative else (),
+        empty_cameras=empty,
+        dtype=data.get("dtype"),
     )
+
+
+def relative_mask(data: dict, action_dim: int) -> tuple[bool, ...]:
+    """Which action dims are relative to the state: LeRobot's rule (RelativeActionsProcessorStep): all,
+    unless `action_feature_names` is given, when a name containing any `relative_exclude_joints` entry
+    (case-insensitive) stays absolute."""
+    exclude = [str(e).lower() for e in (data.get("relative_exclude_joints") or []) if e]
+    names = data.get("action_feature_names")
+    if not exclude or names is None:
+        return (True,) * action_dim
+    mask = [not any(e in str(n).lower() for e in exclude) for n in list(names)[:action_dim]]
+    return tuple(mask + [True] * (action_dim - len(mask)))
+
+
+def check_keys(data: dict, source: str, openpi: bool) -> None:
+    """Refuse what this loader cannot honour: unknown keys and settings it does not implement."""
+    known = (HONOURED_OPENPI if openpi else HONOURED_LEROBOT) | NO_EFFECT
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown config keys {unknown}: this loader does not know what they change, so it "
+            "refuses the checkpoint rather than ignore them"
+        )
+    for key in ("adapt_to_pi_aloha", "use_delta_joint_actions_aloha"):
+        if data.get(key):
+            raise ValueError(f"{source}: {key}=true (ALOHA joint conventions) is not supported")
+    if data.get("pi05"):
+        raise ValueError(f"{source}: pi05=true (a pi0.5 checkpoint); this loader reads pi0")
+    rtc = data.get("rtc_config")
+    if isinstance(rtc, dict) and rtc.get("enabled"):
+        raise ValueError(f"{source}: rtc_config.enabled (real-time chunking) is not supported")
+    if int(data.get("n_obs_steps", 1)) != 1:
+        raise ValueError(f"{source}: n_obs_steps is {data['n_obs_steps']}; pi0 takes one observation step")
+    if data.get("dtype", data.get("precision")) not in (None, "float32", "bfloat16"):
+        raise ValueError(
+            f"{source}: dtype {data.get('dtype', data.get('precision'))!r}; expected float32 or bfloat16"
+        )

@@ -19,6 +19,7 @@ the checkpoint's stats and zero-padded to `max_state_dim`; actions: the first `a
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 from policies.pi0 import checkpoint as ckpt
 from policies.pi0.config import PI0Config, read_config
 from policies.pi0.modeling import PI0Model
+from policies.weights import local_checkpoint
 from vla_steer.core.backbone import Backbone
 from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
 from vla_steer.wire import Observation
@@ -37,6 +39,15 @@ DEFAULT_TOKENIZER = "google/paligemma-3b-pt-224"  # what LeRobot and openpi toke
 LANGUAGE_LAYERS = "paligemma_with_expert.paligemma.model.language_model.layers"
 EXPERT_LAYERS = "paligemma_with_expert.gemma_expert.model.layers"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+EMPTY_CAMERA = "observation.images.empty_camera_"  # LeRobot's `empty_cameras` features
+# What a hub download fetches: config, weights, LeRobot's normaliser files, openpi's norm stats, tokenizer.
+HUB_PATTERNS = (
+    "config.json",
+    ckpt.WEIGHTS,
+    "policy_*processor*",
+    "assets/*/norm_stats.json",
+    *TOKENIZER_FILES,
+)
 
 
 def default_image_key(feature: str) -> str:
@@ -77,14 +88,16 @@ class PI0Policy(Policy):
             raise ValueError(
                 f"image_keys renames unknown image features {unknown}; known {[f.name for f in cfg.images]}"
             )
-        self.image_keys = {f.name: renames.get(f.name, default_image_key(f.name)) for f in cfg.images}
-        size = cfg.architecture.vision.image_size
+        real = [f for f in cfg.images if not f.name.startswith(EMPTY_CAMERA)]
+        self.image_keys = {f.name: renames.get(f.name, default_image_key(f.name)) for f in real}
+        self.n_empty = len(cfg.images) - len(real)
         self.spec = PolicySpec(
             name=name,
             action_dim=cfg.action_dim,
             chunk_length=cfg.n_action_steps,
             control_hz=10.0,
-            image_keys={key: (size, size, 3) for key in self.image_keys.values()},
+            # the resolution the checkpoint was trained on; any other is resized with padding too
+            image_keys={self.image_keys[f.name]: (f.shape[1], f.shape[2], 3) for f in real},
             state_dim=cfg.state_dim,
             action_space="checkpoint",  # whatever the fine-tune's dataset recorded (LIBERO: ee deltas)
         )
@@ -150,10 +163,14 @@ class PI0Policy(Policy):
         `image_keys`: checkpoint image feature -> observation key; `norm_stats`: a stats JSON overriding
         the checkpoint's; `openpi_image_keys`, `state_dim`, `action_dim`: what an openpi config lacks.
         """
-        directory = Path(path)
-        for required in ("config.json", ckpt.WEIGHTS):
-            if not (directory / required).exists():
-                raise FileNotFoundError(f"{directory} is not a pi0 checkpoint: {required} is missing")
+        directory = local_checkpoint(path, HUB_PATTERNS, "a pi0")
+        if not (directory / ckpt.WEIGHTS).exists():
+            raise FileNotFoundError(f"{directory} is not a pi0 checkpoint: {ckpt.WEIGHTS} is missing")
+        if state_dim is None or action_dim is None:  # openpi: the dims its norm stats were computed on
+            config = json.loads((directory / "config.json").read_text())
+            if "action_horizon" in config and "type" not in config:
+                stats_state, stats_action = ckpt.openpi_dims(directory, norm_stats)
+                state_dim, action_dim = state_dim or stats_state, action_dim or stats_action
         cfg = read_config(
             directory / "config.json",
             n_action_steps=n_action_steps,
@@ -162,7 +179,10 @@ class PI0Policy(Policy):
             state_dim=state_dim,
             action_dim=action_dim,
         )
-        dtype = _dtype(dtype)
+        dtype = _dtype(dtype if dtype is not None else cfg.dtype)
+        # Stats and tokenizer first: a checkpoint that cannot run is refused before the weights are read.
+        state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
+        tok = _load_tokenizer(tokenizer, directory)
         with torch.device("meta"):  # no random init of billions of weights that are overwritten anyway
             model = PI0Model(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
                              max_period=cfg.max_period)  # fmt: skip
@@ -170,8 +190,6 @@ class PI0Policy(Policy):
         _reset_buffers(model)
         ckpt.load_weights(model, directory)
         model.to(device=device, dtype=dtype)
-        state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
-        tok = _load_tokenizer(tokenizer, directory)
         return cls(cfg, model, tok, state_norm=state_norm, action_norm=action_norm, seed=seed,
                    image_keys=image_keys, name=name or directory.name)  # fmt: skip
 
@@ -213,14 +231,21 @@ class PI0Policy(Policy):
     ) -> dict[str, Any]:
         """The tensors `PI0Model.forward` takes, batch of one."""
         dev, a = self.device, self.cfg.architecture
+        size = a.vision.image_size
         images, masks = [], []
         for feature, key in self.image_keys.items():
             img = obs.images.get(key)
             if img is None:
                 raise ValueError(f"observation.images is missing {key!r} (feature {feature})")
-            x = torch.tensor(img, dtype=torch.float32, device=dev)  # copies: wire arrays are read-only
-            images.append((x.permute(2, 0, 1)[None] / 127.5) - 1.0)
+            # LeRobot's steps: uint8 -> [0, 1], resize with padding to the model's size, then [-1, 1].
+            x = torch.tensor(img, dtype=torch.float32, device=dev).permute(2, 0, 1)[None] / 255.0
+            if tuple(x.shape[-2:]) != (size, size):
+                x = resize_with_pad(x, size, size)
+            images.append(x * 2.0 - 1.0)
             masks.append(torch.ones(1, dtype=torch.bool, device=dev))
+        for _ in range(self.n_empty):  # blank cameras: -1 everywhere, masked out
+            images.append(torch.full((1, 3, size, size), -1.0, device=dev))
+            masks.append(torch.zeros(1, dtype=torch.bool, device=dev))
         ids = torch.tensor([self.prompt_ids(obs.instruction)], device=dev)
         state = np.zeros(a.max_state_dim, np.float32)
         if self.cfg.state is not None:
@@ -252,6 +277,9 @@ class PI0Policy(Policy):
     def infer(self, obs: Observation, *, noise: torch.Tensor | np.ndarray | None = None) -> ActionChunk:
         normed = self.model(**self.model_inputs(obs, noise))[0, :, : self.cfg.action_dim].cpu().numpy()
         actions = self.action_norm.unnormalize(normed)
+        if self.cfg.relative_actions:  # LeRobot's AbsoluteActionsProcessorStep: + the raw state, masked
+            state = np.asarray(obs.state, np.float32).reshape(-1)[: self.cfg.action_dim]
+            actions = actions + state * np.asarray(self.cfg.relative_mask, np.float32)
         return ActionChunk(
             actions=np.ascontiguousarray(actions[: self.cfg.n_action_steps]),
             info={"chunk_size": self.cfg.chunk_size, "num_inference_steps": self.cfg.num_inference_steps},
@@ -278,6 +306,19 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype not in table:
         raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
     return table[dtype]
+
+
+def resize_with_pad(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, C, h, w] in [0, 1] -> [B, C, height, width]: scaled to fit keeping the aspect ratio (bilinear,
+    no antialiasing), clamped to [0, 1], centred on black; openpi's and LeRobot's `resize_with_pad_torch` rule."""
+    h, w = x.shape[-2:]
+    ratio = max(w / width, h / height)
+    rh, rw = int(h / ratio), int(w / ratio)
+    x = torch.nn.functional.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False).clamp(
+        0.0, 1.0
+    )
+    top, left = (height - rh) // 2, (width - rw) // 2
+    return torch.nn.functional.pad(x, (left, width - rw - left, top, height - rh - top), value=0.0)
 
 
 def _reset_buffers(model: torch.nn.Module) -> None:

@@ -51,7 +51,7 @@ def test_discover_errors_are_clear(llama_dir, tmp_path):
     r = run_cli("discover", str(tmp_path / "missing"))
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
     r = run_cli("discover", str(llama_dir), "--poles", "sideways", "--out", str(tmp_path))
-    assert r.returncode == 1 and "unknown poles ['sideways']" in r.stderr
+    assert r.returncode == 2 and "unknown poles ['sideways']" in r.stderr
     r = run_cli("discover", str(llama_dir), "--layers", "9-2")
     assert r.returncode == 2 and "empty" in r.stderr
 

@@ -229,7 +229,8 @@ def test_unnorm_key_errors_list_the_keys(ckpt, tmp_path):
     ):
         OpenVLAPolicy.load(ckpt, unnorm_key="libero_10")
     with pytest.raises(
-        KeyError, match=r"several datasets; pass unnorm_key, one of \['other_suite', 'tiny_suite'\]"
+        KeyError,
+        match=r"several datasets; choose one with unnorm_key .*--option unnorm_key=NAME.* one of \['other_suite', 'tiny_suite'\]",
     ):
         OpenVLAPolicy.load(ckpt)
     with pytest.raises(KeyError, match="no action statistics"):

@@ -62,5 +62,13 @@ def _check_local(path: str | Path) -> None:
         return
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint directory {p} does not exist")
+    if (p / "policy_config.json").exists():
+        raise ValueError(f"{p} is a demo VLA checkpoint: load it with policies.load_policy (`.backbone`)")
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"{p} has no config.json: not a transformers checkpoint directory")
+    head = (p / "config.json").read_text()[:100_000]
+    if '"openvla"' in head or '"prismatic"' in head or '"action_horizon"' in head or '"type": "pi0"' in head:
+        raise ValueError(
+            f"{p} is a VLA policy checkpoint (OpenVLA or pi0): load it with "
+            "policies.load_policy(policies.resolve.resolve_policy(path)).backbones, or `vla-steer discover`"
+        )

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from vla_steer.app.cli import analyze, demo, discover, knobs, serve, sim, store, view
+from vla_steer.app.cli import analyze, demo, discover, export, knobs, serve, sim, store, view
 from vla_steer.app.cli.robot import add_robot_parser
 
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_parsers(sub)
     store.add_parsers(sub)  # store check, store repair
     view.add_parsers(sub)
+    export.add_parsers(sub)  # export-lerobot
     return parser
 
 

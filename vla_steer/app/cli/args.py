@@ -59,6 +59,47 @@ def config_path(group: str) -> Callable[[str], Path]:
     return parse
 
 
+def parse_option(text: str) -> tuple[str, object]:
+    """'unnorm_key=bridge_orig' -> ('unnorm_key', 'bridge_orig'); the value is read as YAML (true, 3, [a, b])."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. unnorm_key=bridge_orig), got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not a YAML scalar or list") from None
+
+
+POLICY_HELP = (
+    "a policy config (a YAML file, or a shipped one's name: demo_vla, openvla_7b, pi0_libero, ...), a checkpoint "
+    "directory (the demo VLA's, OpenVLA's official layout, pi0's LeRobot or openpi layout) or a hub id"
+)
+
+
+def add_policy_argument(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    """How every command takes a policy (`policies.resolve`): config, checkpoint directory or hub id."""
+    if positional:
+        p.add_argument("policy", metavar="POLICY", help=POLICY_HELP + "; a plain transformers LM works too")
+    else:
+        p.add_argument("--policy", required=True, help=POLICY_HELP)
+    p.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        type=parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a policy config option (e.g. unnorm_key=bridge_orig, center_crop=true, seed=0); repeatable",
+    )
+    p.add_argument(
+        "--kind",
+        choices=("tiny_vla", "openvla", "pi0", "language_model"),
+        help="what the checkpoint is, where its files cannot say (a hub id offline); default: read from them",
+    )
+
+
 def add_security(p: argparse.ArgumentParser, server: bool) -> None:
     g = p.add_argument_group("CURVE encryption (see `vla-steer keys`)")
     if server:
@@ -87,6 +128,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="rollout store directory (appended to)")
     p.add_argument("--seed", type=int, default=0, help="episode i of every setting uses seed + i")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for one reply from the node (default 5; a 7B model on a CPU needs more)",
+    )
     p.add_argument(
         "--video", metavar="CAMERA", help="also write an mp4 per episode from this camera (e.g. agentview)"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vla_steer.app.cli.args import parse_layers, parse_size
+from vla_steer.app.cli.args import add_policy_argument, parse_layers, parse_size
 
 
 def add_parsers(sub) -> None:
@@ -12,9 +12,11 @@ def add_parsers(sub) -> None:
         "discover",
         help="find concept neurons of a model and save them as directions",
         description="Project every FFN value vector onto the vocabulary (cached as a neuron index), "
-        "score neurons against concept lexicons (or cluster them by meaning), and save one direction per pole.",
+        "score neurons against concept lexicons (or cluster them by meaning), and save one direction per pole. "
+        "Examples: vla-steer discover policies/demo/weights; vla-steer discover /ckpt/openvla-7b --layers 15-31; "
+        "vla-steer discover lerobot/pi0_libero --kind pi0.",
     )
-    p.add_argument("model", help="local checkpoint directory (config.json + safetensors + tokenizer)")
+    add_policy_argument(p, positional=True)
     p.add_argument(
         "--out",
         type=Path,
@@ -38,12 +40,18 @@ def add_parsers(sub) -> None:
         "--memory-budget", type=parse_size, default=parse_size("1GiB"), help="extra memory for the projection"
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--lora", type=Path, help="PEFT LoRA adapter directory to merge before projecting")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="weights' dtype (default: float32; a policy config's own dtype wins unless this is given)",
+    )
+    p.add_argument(
+        "--lora", type=Path, help="PEFT LoRA adapter directory to merge before projecting (language models)"
+    )
     p.add_argument(
         "--action-bins",
         type=int,
-        help="top N tokenizer ids are OpenVLA action bins (default: config's n_action_bins)",
+        help="language models: top N tokenizer ids are OpenVLA action bins (default: config's n_action_bins)",
     )
     p.set_defaults(func=cmd_discover)
 
@@ -63,25 +71,44 @@ def add_parsers(sub) -> None:
 
 
 def cmd_discover(args) -> int:
+    from policies.resolve import LanguageModel, check_layers_and_size, resolve_target, stack_dims
     from vla_steer.core.config import shipped
     from vla_steer.core.discovery import discover, format_direction, load_lexicons
-    from vla_steer.core.loading import load_backbone
 
+    # Everything that can be checked before the weights load is checked first.
+    model_device = (
+        "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    )
+    target = resolve_target(
+        args.policy, kind=args.kind, flag="POLICY", settings=dict(args.option), device=model_device,
+        dtype=args.dtype,
+    )  # fmt: skip
+    if not isinstance(target, LanguageModel):
+        for flag, value in (("--lora", args.lora), ("--action-bins", args.action_bins)):
+            if value is not None:
+                raise ValueError(
+                    f"{flag} applies to plain language models; {args.policy} is a {target.kind} policy"
+                )
+    dims = stack_dims(target)
+    if dims is not None:
+        check_layers_and_size(dims["language"], args.layers, args.size, f"{args.policy}'s language model")
+    if args.k < 1:
+        raise ValueError(f"--k {args.k}: keep at least one token per neuron")
     poles = load_lexicons(args.concepts or shipped("concepts"))
     if args.poles:
         wanted = [p.strip() for p in args.poles.split(",") if p.strip()]
         unknown = [p for p in wanted if p not in poles]
         if unknown:
-            raise SystemExit(f"error: unknown poles {unknown}; the lexicons define {sorted(poles)}")
+            raise ValueError(f"--poles: unknown poles {unknown}; the lexicons define {sorted(poles)}")
         poles = {p: poles[p] for p in wanted}
-    model_device = (
-        "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
-    )
-    backbone = load_backbone(
-        args.model, dtype=args.dtype, device=model_device, lora=args.lora, action_bins=args.action_bins
-    )
+
+    backbones = _load_backbones(target, args)
+    backbone = backbones["language"]
     print(f"{backbone.name}: {backbone.n_layers} layers x {backbone.d_mlp} neurons, vocab {backbone.vocab_size} "
           f"(fingerprint {backbone.fingerprint()})")  # fmt: skip
+    print(_stacks_line(target.kind, backbones))
+    if args.layers is not None:  # a hub checkpoint's sizes are known only now
+        check_layers_and_size((backbone.n_layers, backbone.d_mlp), args.layers, args.size, backbone.name)
     directions = discover(
         backbone,
         poles,
@@ -95,12 +122,64 @@ def cmd_discover(args) -> int:
         memory_budget=args.memory_budget,
         device=args.device,
     )
-    for d in directions.values():
+    found = {name: d for name, d in directions.items() if d.neurons}
+    for d in found.values():
+        d.provenance["backbone"] = "language"  # which of the policy's stacks the node steers with it
         print()
         print(format_direction(d))
         d.save(args.out)
-    print(f"\nwrote {len(directions)} directions to {args.out}/")
+    for name in sorted(set(directions) - set(found)):
+        print(f"\n{name}: no neuron scored >= --min-score {args.min_score}; not written")
+    if not found:
+        raise ValueError(
+            f"no neuron of {backbone.name} matched any pole: lower --min-score, widen --layers, or try "
+            "--method clusters"
+        )
+    print(f"\nwrote {len(found)} directions to {args.out}/")
     return 0
+
+
+def _load_backbones(target, args) -> dict:
+    """Every steerable stack of the target by name ("language" first), loaded once."""
+    from policies.resolve import LanguageModel
+
+    if isinstance(target, LanguageModel):
+        from vla_steer.core.loading import load_backbone
+
+        bb = load_backbone(target.path, dtype=target.dtype, device=target.device, lora=args.lora,
+                           action_bins=args.action_bins)  # fmt: skip
+        return {"language": bb}
+    from policies import load_policy
+
+    if target.kind == "openvla" and target.unnorm_key is None:
+        target = _any_unnorm_key(target)
+    return load_policy(target).backbones
+
+
+def _any_unnorm_key(target):
+    """Discovery never decodes actions, so any dataset's statistics will do (loading needs one)."""
+    from policies.openvla import PrismaticConfig, processing
+    from policies.openvla.policy import resolve_checkpoint
+
+    directory = resolve_checkpoint(target.path)
+    keys = sorted(processing.load_norm_stats(directory, PrismaticConfig.from_file(directory / "config.json")))
+    return target.model_copy(update={"path": directory, "unnorm_key": keys[0] if keys else None})
+
+
+def _stacks_line(kind: str, backbones: dict) -> str:
+    """Which steerable stacks the policy has and which this command used."""
+    lines = [f"steerable stacks of this {kind}:"]
+    for key, bb in backbones.items():
+        size = f"{bb.n_layers} layers x {bb.d_mlp} neurons"
+        if key == "language":
+            lines.append(f"  {key} ({size}): vocabulary projection -- used here")
+        else:
+            lines.append(
+                f"  {key} ({size}): no vocabulary, so no projection; find its directions by contrast "
+                "(vla_steer.core.discovery.contrast.contrast_directions(policy.backbones['" + key + "'], "
+                f"run, positive_observations, negative_observations, name=..., backbone_key='{key}')) -- not used"
+            )
+    return "\n".join(lines)
 
 
 def _cuda() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vla_steer.app.cli.args import add_security, config_path
+from vla_steer.app.cli.args import add_policy_argument, add_security
 from vla_steer.app.cli.openpi_door import add_openpi_options, openpi_door, openpi_settings
 
 
@@ -14,14 +14,12 @@ def add_parsers(sub) -> None:
         help="serve a policy and its steering knobs over ZeroMQ",
         description="Load a policy, register its directions as knobs (all off), and serve infer / reset / "
         "knobs requests until interrupted. Binds loopback only unless keys (or --allow-insecure) are given. "
-        "Example: vla-steer serve --policy demo_vla --directions demo_out/directions",
+        "Flags, directions, keys and ports are checked before the weights load. Examples: vla-steer serve "
+        "--policy demo_vla --directions demo_out/directions; vla-steer serve --policy /ckpt/pi0_libero; "
+        "vla-steer serve --policy openvla/openvla-7b -o unnorm_key=bridge_orig --device cuda",
     )
-    p.add_argument(
-        "--policy",
-        type=config_path("policies"),
-        required=True,
-        help="policy config: a YAML file, or the name of a shipped one (demo_vla, openvla_7b, pi0_libero, ...)",
-    )
+    add_policy_argument(p)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the policy config's, else cpu)")
     p.add_argument("--directions", type=Path, help="directory of direction JSON files to offer as knobs")
     p.add_argument(
         "--bind", default="tcp://127.0.0.1:5555", help="request socket (default tcp://127.0.0.1:5555)"
@@ -49,12 +47,16 @@ def cmd_serve(args) -> int:
     openpi = openpi_settings(args)  # bad flags fail before anything heavy is imported or loaded
 
     from policies import load_policy
+    from policies.resolve import resolve_policy, stack_dims
     from vla_steer.core.discovery.direction import load_directions
     from vla_steer.core.node import PolicyNode
     from vla_steer.wire import Server
 
-    policy = load_policy(args.policy)
+    target = resolve_policy(args.policy, kind=args.kind, settings=dict(args.option), device=args.device)
     directions = list(load_directions(args.directions).values()) if args.directions else []
+    check_directions(directions, stack_dims(target), args.directions)
+    check_listen(args)
+    policy = load_policy(target)
     node = PolicyNode(policy, directions, mode=args.mode, positions=args.positions)
     server = Server(
         node,
@@ -75,6 +77,72 @@ def cmd_serve(args) -> int:
         stop.wait()
     print("stopped", flush=True)
     return 0
+
+
+def check_directions(directions: list, dims: dict[str, tuple[int, int]] | None, where: Path | None) -> None:
+    """Every direction steers a stack the policy has, inside its layers and width (before weights load)."""
+    if dims is None:
+        return
+    for d in directions:
+        key = d.provenance.get("backbone", "language")
+        if key not in dims:
+            raise ValueError(
+                f"--directions {where}: {d.name} steers stack {key!r}; this policy has {sorted(dims)}"
+            )
+        n_layers, d_mlp = dims[key]
+        bad = [n for n in d.neurons if not (0 <= n.layer < n_layers and 0 <= n.index < d_mlp)]
+        if bad:
+            raise ValueError(
+                f"--directions {where}: {d.name} has neuron layer {bad[0].layer} index {bad[0].index}, outside "
+                f"this policy's {key} stack ({n_layers} layers x {d_mlp} neurons): made for another model?"
+            )
+
+
+def check_listen(args) -> None:
+    """Keys readable, no insecure bind, ports free: all before the weights load (minutes for a 7B)."""
+    from vla_steer.wire.security import as_keypair, check_bind, load_allow_list
+
+    secure = args.keypair is not None
+    if secure != (args.allow_clients is not None):
+        raise ValueError(
+            "--keypair and --allow-clients go together (the server's secret key, the clients' keys)"
+        )
+    if secure:
+        as_keypair(args.keypair, True, "--keypair")
+        load_allow_list(args.allow_clients)
+    for flag, address in (("--bind", args.bind), ("--telemetry", args.telemetry)):
+        if address is None:
+            continue
+        try:
+            check_bind(address, secure, args.allow_insecure)
+        except ValueError:
+            raise ValueError(
+                f"{flag} {address} is not loopback: give it CURVE keys (--keypair and --allow-clients, see "
+                "`vla-steer keys`), bind 127.0.0.1, or pass --allow-insecure to let anyone on the network drive "
+                "the policy"
+            ) from None
+        _check_port_free(flag, address)
+
+
+def _check_port_free(flag: str, address: str) -> None:
+    import re
+    import socket
+
+    m = re.fullmatch(r"tcp://(\[?[^\]]*\]?|[^:]*):(\d+)", address)
+    if not m or m.group(2) == "0":
+        return  # ipc://, wildcard ports: nothing to probe
+    host = m.group(1).strip("[]")
+    host = "0.0.0.0" if host == "*" else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
+        try:
+            probe.bind((host, int(m.group(2))))
+        except OSError as e:
+            raise ValueError(
+                f"{flag} {address}: cannot listen there ({e.strerror}); is another `vla-steer serve` running? "
+                "Choose another port, e.g. --bind tcp://127.0.0.1:5565"
+            ) from None
 
 
 def cmd_keys(args) -> int:

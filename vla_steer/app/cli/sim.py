@@ -66,11 +66,20 @@ def run_grid(args, envs: list[Path], settings: list[dict[str, float]]) -> int:
     from sim.robosuite_env import load_sim_config
     from vla_steer.core.rollouts import write_video
 
-    tasks = {path.stem: load_sim_config(path) for path in envs}
+    tasks = {path.stem: _robosuite_config(path, load_sim_config) for path in envs}
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout {args.timeout}: must be positive seconds")
+    if args.video:  # checked now, not after every episode has run
+        for label, cfg in tasks.items():
+            if args.video not in cfg.cameras:
+                raise ValueError(
+                    f"--video {args.video}: {label} records the cameras {sorted(cfg.cameras)} (its `cameras:` "
+                    "keys); pick one of them"
+                )
     code, results = session.run_command(
         args.server, tasks, settings, out=args.out, episodes=args.episodes, max_steps=args.max_steps,
         seed=args.seed, execute_steps=args.execute_steps, activations=session.names(args.activations),
-        server_key=args.server_key, keypair=args.keypair,
+        server_key=args.server_key, keypair=args.keypair, request_timeout=args.timeout,
     )  # fmt: skip
     if code:
         return code
@@ -81,3 +90,19 @@ def run_grid(args, envs: list[Path], settings: list[dict[str, float]]) -> int:
                 write_video(args.out, episode_id, args.video, args.out / "videos" / f"{episode_id}.mp4")
         print(f"videos in {args.out}/videos/")
     return 0
+
+
+def _robosuite_config(path: Path, load):
+    """A robosuite sim config; a LIBERO one is refused with how to run it (its own venv and node)."""
+    import yaml
+
+    try:
+        kind = (yaml.safe_load(path.read_text()) or {}).get("kind")
+    except (OSError, yaml.YAMLError, AttributeError):
+        kind = None  # the loader says what is wrong with the file
+    if kind == "libero":
+        raise ValueError(
+            f"--env {path}: a LIBERO config; LIBERO runs in its own venv (`make libero`), as its own node: "
+            f".venv-libero/bin/python -m sim.libero_node --env {path} --episodes N --out DIR [--steer NAME=S]"
+        )
+    return load(path)

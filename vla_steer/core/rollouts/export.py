@@ -77,23 +77,23 @@ def _write_lerobot(store: Store, ids: list[str], work: Path, *, fps: int) -> Non
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    first = store.load(ids[0], activations=False)
-    for name in ("state", "action"):
-        if name not in first.arrays:
-            raise SchemaError(name, f"episode {first.id} has no {name!r}; LeRobot needs it")
-    state_dim, action_dim = first.arrays["state"].shape[1], first.arrays["action"].shape[1]
+    first = store.load(ids[0])
+    if "action" not in first.arrays:
+        raise SchemaError("action", f"episode {first.id} has no 'action'; LeRobot needs it")
+    # A policy without proprioception (OpenVLA) records no state: the dataset then has no observation.state.
+    state_dim = first.arrays["state"].shape[1] if "state" in first.arrays else None
+    action_dim = first.arrays["action"].shape[1]
     cams = {k: v.shape[1:] for k, v in first.images.items()}
     for k, shape in cams.items():
         if shape[2] != 3:
             raise SchemaError(f"images[{k!r}]", f"only RGB (H, W, 3) can be exported, got {shape}")
     conv = first.meta.get("conventions") or {}
     robot_type = first.meta.get("robot") if isinstance(first.meta.get("robot"), str) else None
-    features: dict[str, dict] = {
-        "observation.state": {
-            "dtype": "float32",
-            "shape": [state_dim],
-            "names": _names(conv.get("state_names"), "state", state_dim),
-        },
+    features: dict[str, dict] = {}
+    if state_dim is not None:
+        names = _names(conv.get("state_names"), "state", state_dim)
+        features["observation.state"] = {"dtype": "float32", "shape": [state_dim], "names": names}
+    features |= {
         "action": {
             "dtype": "float32",
             "shape": [action_dim],
@@ -107,6 +107,9 @@ def _write_lerobot(store: Store, ids: list[str], work: Path, *, fps: int) -> Non
     for k, key in video_keys.items():
         h, w, c = (int(d) for d in cams[k])
         features[key] = {"dtype": "video", "shape": [h, w, c], "names": ["height", "width", "channels"]}
+    concepts = _concepts(store, ids)
+    acts = {k: v.shape[1:] for k, v in store.load(ids[0], images=False).activations.items()}
+    features.update(_steering_features(concepts) | _activation_features(acts))
     for name in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
         features[name] = {"dtype": "float32" if name == "timestamp" else "int64", "shape": [1], "names": None}
 
@@ -122,11 +125,11 @@ def _write_lerobot(store: Store, ids: list[str], work: Path, *, fps: int) -> Non
     total = 0
     try:
         for e, episode_id in enumerate(ids):
-            ep, first = (first, None) if e == 0 else (store.load(episode_id, activations=False), None)
+            ep, first = (first, None) if e == 0 else (store.load(episode_id), None)
             t = ep.n_steps
             for name, want in (("state", state_dim), ("action", action_dim)):
                 got = ep.arrays.get(name)
-                if got is None or got.shape[1] != want:
+                if (got is None) != (want is None) or (got is not None and got.shape[1] != want):
                     raise SchemaError(
                         name,
                         f"episode {ep.id} has {None if got is None else got.shape[1:]}, "
@@ -144,7 +147,7 @@ def _write_lerobot(store: Store, ids: list[str], work: Path, *, fps: int) -> Non
             done = np.zeros(t, bool)
             done[-1] = True
             cols = {
-                "observation.state": ep.arrays["state"].astype(np.float32),
+                **({"observation.state": ep.arrays["state"].astype(np.float32)} if state_dim else {}),
                 "action": ep.arrays["action"].astype(np.float32),
                 "next.reward": ep.arrays.get("reward", np.zeros(t)).astype(np.float32),
                 "next.done": done,
@@ -155,6 +158,7 @@ def _write_lerobot(store: Store, ids: list[str], work: Path, *, fps: int) -> Non
                 "index": np.arange(total, total + t, dtype=np.int64),
                 "task_index": np.full(t, task_index, np.int64),
             }
+            cols.update(_steering_columns(ep.steering, concepts) | _activation_columns(ep, acts))
             table = pa.table({k: _arrow(v, pa) for k, v in cols.items()})
             if writer is None:
                 writer = pq.ParquetWriter(data_path, table.schema, compression="snappy")
@@ -274,6 +278,66 @@ def _arrow(v: np.ndarray, pa: Any) -> Any:
     if v.ndim == 1:
         return pa.array(v)
     return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+
+
+# -- this project's own data: the steering state and the recorded activations, per step ------------------
+
+
+def _concepts(store: Store, ids: list[str]) -> list[str]:
+    """Every concept a knob existed for in any exported step, sorted (one feature column each)."""
+    found: set[str] = set()
+    for episode_id in ids:
+        for step in store.load(episode_id, images=False, activations=False).steering:
+            found.update(c for c, v in (step or {}).items() if isinstance(v, dict))
+    return sorted(found)
+
+
+def _steering_features(concepts: list[str]) -> dict[str, dict]:
+    if not concepts:
+        return {}
+    return {
+        "steering.strength": {"dtype": "float32", "shape": [len(concepts)], "names": concepts},
+        "steering.enabled": {"dtype": "bool", "shape": [len(concepts)], "names": concepts},
+    }
+
+
+def _steering_columns(steering: list[dict | None], concepts: list[str]) -> dict[str, np.ndarray]:
+    """Per step and concept: the knob's strength and whether it was on (absent: 0, off)."""
+    if not concepts:
+        return {}
+    strength = np.zeros((len(steering), len(concepts)), np.float32)
+    enabled = np.zeros((len(steering), len(concepts)), bool)
+    for i, step in enumerate(steering):
+        for j, c in enumerate(concepts):
+            knob = (step or {}).get(c)
+            if isinstance(knob, dict):
+                strength[i, j] = float(knob.get("strength") or 0.0)
+                enabled[i, j] = bool(knob.get("enabled"))
+    return {"steering.strength": strength, "steering.enabled": enabled}
+
+
+def activation_feature(name: str) -> str:
+    """'fast' -> 'activations.fast'; 'layer:12' -> 'activations.layer_12' (LeRobot keys are dotted words)."""
+    return "activations." + "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
+
+
+def _activation_features(acts: dict[str, tuple[int, ...]]) -> dict[str, dict]:
+    """One float32 vector per recorded activation: [forwards x neurons] flattened, each entry named."""
+    out = {}
+    for name, shape in acts.items():
+        if len(shape) == 2:  # what the node returns: [forwards, neurons]
+            names = [f"forward{f}_neuron{n}" for f in range(shape[0]) for n in range(shape[1])]
+        else:
+            names = ["neuron" + "_".join(map(str, i)) for i in np.ndindex(*shape)]
+        out[activation_feature(name)] = {"dtype": "float32", "shape": [len(names)], "names": names}
+    return out
+
+
+def _activation_columns(ep: Any, acts: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    if set(ep.activations) != set(acts) or any(ep.activations[k].shape[1:] != acts[k] for k in acts):
+        got = {k: v.shape[1:] for k, v in ep.activations.items()}
+        raise SchemaError("activations", f"episode {ep.id} recorded {got}, the first exported episode {acts}")
+    return {activation_feature(k): ep.activations[k].reshape(ep.n_steps, -1).astype(np.float32) for k in acts}
 
 
 def _names(given: Any, prefix: str, n: int) -> list[str]:

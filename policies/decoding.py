@@ -1,0 +1,25 @@
+"""One cached decoding step on whichever key/value-cache argument the installed transformers takes.
+
+transformers 5.x renamed `past_key_values=` to `cache=` (the old name is deprecated and goes in 5.40);
+both OpenVLA-style policies decode their action tokens one cached forward at a time through this.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+from typing import Any
+
+import torch
+
+
+@cache
+def _takes_cache(cls: type) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters
+
+
+def next_token(lm: torch.nn.Module, token: torch.Tensor, previous: Any) -> Any:
+    """The forward of `token` [B, 1] after `previous` (the last output), reusing its key/value cache."""
+    if _takes_cache(type(lm)):
+        return lm(input_ids=token, cache=previous.cache, use_cache=True)
+    return lm(input_ids=token, past_key_values=previous.past_key_values, use_cache=True)
