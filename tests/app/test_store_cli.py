@@ -113,3 +113,20 @@ def test_bad_run_dir_is_named(tmp_path):
     assert r.returncode == 2 and "nowhere" in r.stderr and "does not exist" in r.stderr
     r = run_cli("store", "repair", str(tmp_path))
     assert r.returncode == 2 and "not a rollout store" in r.stderr
+
+
+def test_export_lerobot_refuses_a_damaged_episode_unless_told_to_skip_it(tmp_path):
+    root = tmp_path / "store"
+    record(root, 4)
+    damaged = record(root, 6)
+    log = root / "episodes" / damaged / LOG
+    start, _ = step_span(log, 2)
+    data = bytearray(log.read_bytes())
+    data[start + 25] ^= 0xFF
+    log.write_bytes(bytes(data))
+
+    refused = run_cli("export-lerobot", str(root), str(tmp_path / "out"), "--fps", "10")
+    assert refused.returncode != 0 and damaged in refused.stderr, refused.stderr
+    skipped = run_cli("export-lerobot", str(root), str(tmp_path / "out2"), "--fps", "10", "--skip-damaged")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "exported 1 episodes, 4 frames" in skipped.stdout
