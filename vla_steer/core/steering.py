@@ -11,9 +11,11 @@ fixed-size buffers that fold its clamp mask, clamp value, gain and offset into o
 
 Modes per concept: `clamp` (the paper's: set the neurons to `sign * strength`), `add` (`+= sign * strength`),
 `scale` (`*= strength`). Strengths are bounded per mode (`strength_bound`), so no knob can push a value the
-model's dtype cannot hold into a forward: a refused change leaves every setting as it was. With every concept disabled the buffers are (keep 1, fill 0) and the output is
-bit-identical to the unhooked model; `remove()` takes the hooks out entirely. Changing `positions`
-re-installs the hooks (one recompile), since the position rule is code, not data.
+model's dtype cannot hold into a forward: a refused change leaves every setting as it was.
+
+With every concept disabled the buffers are (keep 1, fill 0) and the output is bit-identical to the
+unhooked model; `remove()` takes the hooks out entirely. Changing `positions` re-installs the hooks (one
+recompile), since the position rule is code, not data.
 
 Over 400 lines on purpose: the Steerer, its hook buffers and its two-lock scheme (settings vs forward) are
 one piece of concurrency that must be read in one place to be trusted.
