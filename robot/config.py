@@ -93,6 +93,11 @@ class Faults(_Strict):
     stop_decel: float = Field(4.0, gt=0)  # servoStop deceleration (UR: m/s^2 for servoL, rad/s^2 servoJ)
     reconnect_interval: float = Field(1.0, gt=0)  # s between reconnect attempts after a robot fault
     joint_margin: float = Field(0.02, ge=0)  # rad; actual joints this close to a limit -> fault stop
+    # A resume takes effect once the measured TCP speed is below these (the arm at rest after servoStop),
+    # and is dropped if that takes longer than resume_timeout.
+    rest_linear_speed: float = Field(0.005, gt=0, le=0.05)  # m/s
+    rest_angular_speed: float = Field(0.05, gt=0, le=0.5)  # rad/s
+    resume_timeout: float = Field(10.0, ge=0.5, le=60.0)  # s
 
     @model_validator(mode="after")
     def _check(self) -> Faults:

@@ -28,7 +28,7 @@ import numpy as np
 from robot.actions import chunk_to_waypoints
 from robot.cameras import BlankCamera, MujocoCamera
 from robot.config import RobotConfig
-from robot.control import DEFAULT_CONTROL, REFUSED, control_server
+from robot.control import DEFAULT_CONTROL, REFUSED, check_operator_token, control_server, new_operator_token
 from robot.geometry import mat_to_quat, rotvec_to_mat
 from robot.servo_process import ServoProcess
 from robot.shared import Mode, Status
@@ -68,8 +68,11 @@ class RobotNode:
         allow_insecure_control: bool = False,
         server_key: bytes | str | Path | Keypair | None = None,
         keypair: Keypair | str | Path | None = None,
+        operator_token: str | None = None,
     ):
         self.config = config
+        # Resume over the control socket needs it (robot.control); generated per launch unless given.
+        self.operator_token = operator_token or new_operator_token()
         self.backend = backend
         self.server = server
         self.server_key, self.keypair = server_key, keypair
@@ -185,6 +188,7 @@ class RobotNode:
         self.servo.stop()
 
     def resume(self) -> None:
+        """The operator's resume (in process: the console, or the control socket after its token check)."""
         if self.shared.status().policy_alive_age > self.config.faults.policy_liveness:
             raise RuntimeError("the policy node is not alive: resume refused")
         self.servo.resume()
@@ -194,6 +198,7 @@ class RobotNode:
         if op == "stop":
             self.stop()
         elif op == "resume":
+            check_operator_token(args.get("token"), self.operator_token)
             try:
                 self.resume()
             except RuntimeError as e:
