@@ -1,54 +1,64 @@
 """Robot configs (`configs/robots/*.yaml`): limits, fault behaviour and the policy's action convention.
 
 Validated by pydantic through `vla_steer.core.config.load_yaml_model`, so a bad file fails with its path, the
-key and what was allowed ("configs/robots/x.yaml: action.convention: Input should be 'ee_delta', ...").
-Torch-free: the servo process imports it.
+key and what was allowed ("configs/robots/x.yaml: action.convention: Input should be 'ee_delta', ..."), and
+a key given twice is refused. Torch-free: the servo process imports it.
+
+No safety setting can switch its safeguard off: every number is finite (`.inf` is refused everywhere),
+every safety field has a range, and the arm's ranges come from the UR5/UR5e datasheets (every joint
++-360 deg at most 180 deg/s; tool speed 1 m/s typical; reach 0.85 m). Joint acceleration has no datasheet
+figure: 40 rad/s^2 is the controller's own bound (ur_rtde's UR_JOINT_ACCELERATION_MAX).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vla_steer.core.config import load_yaml_model, resolve_config
 
 N_JOINTS = 6
+UR_JOINT_RANGE = 2 * math.pi + 1e-3  # rad: +-360 deg (with room for the configs' 6.2832)
+UR_JOINT_SPEED = math.pi  # rad/s: 180 deg/s, every joint, UR5 and UR5e
+UR_JOINT_ACCEL = 40.0  # rad/s^2: the controller's bound
+UR_TCP_SPEED = 1.0  # m/s
+UR_WORKSPACE = 1.2  # m from the base on each axis: reach 0.85 m plus a tool
+GRIPPER_STROKE = 0.085  # m, Robotiq 2F-85
+GRIPPER_SPEED = 0.15  # m/s, Robotiq 2F-85: 20..150 mm/s
+
+Coordinate = Annotated[float, Field(ge=-UR_WORKSPACE, le=UR_WORKSPACE)]
+JointAngle = Annotated[float, Field(ge=-UR_JOINT_RANGE, le=UR_JOINT_RANGE)]
+JointSpeed = Annotated[float, Field(gt=0, le=UR_JOINT_SPEED)]
+JointAccel = Annotated[float, Field(gt=0, le=UR_JOINT_ACCEL)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _finite(values: list[float], what: str) -> None:
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{what} must be finite numbers, got {values}")
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no .inf, no .nan
 
 
 class Workspace(_Strict):
     """An axis-aligned box in the robot's base frame (metres) the tool centre point must stay inside."""
 
-    min: tuple[float, float, float]
-    max: tuple[float, float, float]
+    min: tuple[Coordinate, Coordinate, Coordinate]
+    max: tuple[Coordinate, Coordinate, Coordinate]
 
     @model_validator(mode="after")
     def _ordered(self) -> Workspace:
-        _finite([*self.min, *self.max], "workspace corners")
         if any(lo >= hi for lo, hi in zip(self.min, self.max, strict=True)):
             raise ValueError(f"workspace.min {list(self.min)} must be below workspace.max {list(self.max)}")
         return self
 
 
 class GripperLimits(_Strict):
-    min: float = 0.0  # opening width in metres (Robotiq 2F-85: 0 .. 0.085)
-    max: float = 0.085
-    max_speed: float = Field(0.15, gt=0)
+    min: float = Field(0.0, ge=0, le=GRIPPER_STROKE)  # opening width in metres (Robotiq 2F-85: 0 .. 0.085)
+    max: float = Field(GRIPPER_STROKE, ge=0, le=GRIPPER_STROKE)
+    max_speed: float = Field(GRIPPER_SPEED, gt=0, le=GRIPPER_SPEED)  # m/s of opening width
 
     @model_validator(mode="after")
     def _ordered(self) -> GripperLimits:
-        _finite([self.min, self.max, self.max_speed], "gripper limits")
         if self.min >= self.max:
             raise ValueError(f"gripper.min {self.min} must be below gripper.max {self.max}")
         return self
@@ -58,41 +68,43 @@ class Limits(_Strict):
     """What the safety filter enforces on every command (see robot/safety.py)."""
 
     workspace: Workspace
-    max_linear_speed: float = Field(0.25, gt=0, le=2.0)  # m/s
+    max_linear_speed: float = Field(0.25, gt=0, le=UR_TCP_SPEED)  # m/s
     max_linear_accel: float = Field(2.0, gt=0, le=20.0)  # m/s^2
-    max_angular_speed: float = Field(1.0, gt=0, le=6.0)  # rad/s
+    max_angular_speed: float = Field(1.0, gt=0, le=UR_JOINT_SPEED)  # rad/s
     max_angular_accel: float = Field(6.0, gt=0, le=60.0)  # rad/s^2
-    joint_min: tuple[float, float, float, float, float, float]
-    joint_max: tuple[float, float, float, float, float, float]
-    max_joint_speed: tuple[float, float, float, float, float, float] = (1.0,) * N_JOINTS  # rad/s
-    max_joint_accel: tuple[float, float, float, float, float, float] = (4.0,) * N_JOINTS  # rad/s^2
+    joint_min: tuple[JointAngle, JointAngle, JointAngle, JointAngle, JointAngle, JointAngle]
+    joint_max: tuple[JointAngle, JointAngle, JointAngle, JointAngle, JointAngle, JointAngle]
+    max_joint_speed: tuple[JointSpeed, JointSpeed, JointSpeed, JointSpeed, JointSpeed, JointSpeed] = (
+        1.0,
+    ) * N_JOINTS  # rad/s
+    max_joint_accel: tuple[JointAccel, JointAccel, JointAccel, JointAccel, JointAccel, JointAccel] = (
+        4.0,
+    ) * N_JOINTS  # rad/s^2
     gripper: GripperLimits = GripperLimits()
 
     @model_validator(mode="after")
     def _check(self) -> Limits:
-        _finite([*self.joint_min, *self.joint_max], "joint limits")
         for i, (lo, hi) in enumerate(zip(self.joint_min, self.joint_max, strict=True)):
             if lo >= hi:
                 raise ValueError(f"joint_min[{i}] {lo} must be below joint_max[{i}] {hi}")
-        for name in ("max_joint_speed", "max_joint_accel"):
-            values = getattr(self, name)
-            if not all(math.isfinite(v) and v > 0 for v in values):
-                raise ValueError(f"{name} must be positive finite numbers, got {list(values)}")
         return self
 
 
 class Faults(_Strict):
     """Fail-safe timings."""
 
-    max_action_age: float = Field(0.6, gt=0)  # s since the chunk's observation; older -> hold position
+    max_action_age: float = Field(
+        0.6, gt=0, le=5.0
+    )  # s since the chunk's observation; older -> hold position
     # s without a heartbeat reply -> servoStop (latched). A killed policy node is seen at once (its TCP
     # connection drops); this bounds a hung node or a cut network.
     policy_liveness: float = Field(0.1, gt=0, le=2.0)
     heartbeat_interval: float = Field(0.02, gt=0, le=0.5)  # s between liveness pings to the policy node
-    watchdog_min_hz: float = Field(20.0, gt=0)  # ur_rtde watchdog: the robot stops if kicked less often
-    stop_decel: float = Field(4.0, gt=0)  # servoStop deceleration (UR: m/s^2 for servoL, rad/s^2 servoJ)
-    reconnect_interval: float = Field(1.0, gt=0)  # s between reconnect attempts after a robot fault
-    joint_margin: float = Field(0.02, ge=0)  # rad; actual joints this close to a limit -> fault stop
+    # ur_rtde watchdog: the robot stops if kicked less often (kicked every servo period; at most its rate)
+    watchdog_min_hz: float = Field(20.0, ge=10.0, le=500.0)
+    stop_decel: float = Field(4.0, ge=1.0, le=40.0)  # servoStop deceleration (m/s^2 servoL, rad/s^2 servoJ)
+    reconnect_interval: float = Field(1.0, ge=0.1, le=60.0)  # s between reconnect attempts after a fault
+    joint_margin: float = Field(0.02, ge=0, le=0.5)  # rad; actual joints this close to a limit -> fault stop
     # A resume takes effect once the measured TCP speed is below these (the arm at rest after servoStop),
     # and is dropped if that takes longer than resume_timeout.
     rest_linear_speed: float = Field(0.005, gt=0, le=0.05)  # m/s
@@ -158,7 +170,7 @@ class Observation(_Strict):
 class RobotConfig(_Strict):
     name: str = "ur5e"
     model: Literal["ur5e", "ur5"] = "ur5e"
-    controller_hz: float = Field(500.0, gt=0, le=1000)  # e-Series 500 Hz, CB3 125 Hz
+    controller_hz: float = Field(500.0, ge=10.0, le=500.0)  # e-Series up to 500 Hz, CB3 up to 125 Hz
     servo: Literal["servoL", "servoJ"] = "servoL"
     servo_params: ServoParams = ServoParams()
     home_q: tuple[float, float, float, float, float, float]
@@ -169,7 +181,15 @@ class RobotConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RobotConfig:
-        _finite(list(self.home_q), "home_q")
+        if self.model == "ur5" and self.controller_hz > 125:
+            raise ValueError(
+                f"controller_hz {self.controller_hz:g}: a UR5 (CB3) controller runs at most 125 Hz"
+            )
+        if self.faults.watchdog_min_hz > self.controller_hz:
+            raise ValueError(
+                f"faults.watchdog_min_hz {self.faults.watchdog_min_hz:g} is above controller_hz "
+                f"{self.controller_hz:g}: the loop kicks the watchdog once per period"
+            )
         lo, hi = self.limits.joint_min, self.limits.joint_max
         bad = [i for i, q in enumerate(self.home_q) if not lo[i] <= q <= hi[i]]
         if bad:
@@ -189,3 +209,24 @@ class RobotConfig(_Strict):
 def load_robot_config(path: str | Path) -> RobotConfig:
     """A robot config by path, or by the name of a shipped one ("ur5e_mujoco")."""
     return load_yaml_model(resolve_config(path, "robots"), RobotConfig, "robot config")
+
+
+def safety_summary(cfg: RobotConfig, source: str | Path | None = None) -> str:
+    """The loaded safety settings, one `key: value` line each (printed at the start of `vla-steer robot`)."""
+
+    def lines(prefix: str, d: dict) -> list[str]:
+        out = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out += lines(f"{prefix}{k}.", v)
+            else:
+                out.append(f"  {prefix}{k}: {list(v) if isinstance(v, tuple) else v}")
+        return out
+
+    head = f"safety settings of {cfg.name} ({cfg.model}, {cfg.controller_hz:g} Hz, {cfg.servo})"
+    body = [
+        *lines("limits.", cfg.limits.model_dump()),
+        *lines("faults.", cfg.faults.model_dump()),
+        *lines("servo_params.", cfg.servo_params.model_dump()),
+    ]
+    return "\n".join([head + (f" from {source}:" if source else ":"), *body])

@@ -133,6 +133,7 @@ def test_vla_steer_robot_follows_a_policy_node_that_uses_curve_keys_and_only_the
     assert status()["mode"] == "stopped"  # --no-autostart: it waits for the operator
     token_file = operator_token_path(control_address)
     assert token_file.stat().st_mode & 0o777 == 0o600 and "operator token in" in log.read_text()
+    assert "faults.max_action_age: 5.0" in log.read_text()  # the safety settings, printed at start
     robot.stdin.write("resume\n")  # the operator at the robot's console
     robot.stdin.flush()
     wait_for(following, 60, what="the console's resume")

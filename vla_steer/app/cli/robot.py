@@ -57,12 +57,14 @@ def add_robot_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_robot(args) -> int:
-    from robot.config import load_robot_config
+    from robot.config import load_robot_config, safety_summary
     from robot.node import RobotNode
 
     if args.backend == "rtde" and not args.host:
         raise ValueError("--backend rtde needs --host ROBOT_IP")
-    cfg = load_robot_config(args.config or ("ur5e_mujoco" if args.backend == "mujoco" else "ur5e"))
+    config = args.config or ("ur5e_mujoco" if args.backend == "mujoco" else "ur5e")
+    cfg = load_robot_config(config)
+    print(safety_summary(cfg, config), flush=True)  # what will be enforced, before anything moves
     node = RobotNode(
         cfg,
         args.backend,
