@@ -342,7 +342,7 @@ class RobotNode:
             action_chunk=chunk,
             ee_pos=st.tcp_pose[:3],
             ee_quat=mat_to_quat(rotvec_to_mat(st.tcp_pose[3:])),
-            ee_vel=st.tcp_speed,
+            ee_vel=st.tcp_speed[:3],  # linear m/s: the store's one layout (angular is not recorded)
             steering=result.info.get("steering"),
         )
         self.recorder.step(step, policy=self.info.policy if self.info else None)

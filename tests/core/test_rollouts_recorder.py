@@ -58,6 +58,7 @@ def test_steps_and_steering_changes_make_an_episode(tmp_path):
         "seed": 3,
         "success": True,
         "length": 5,
+        "conventions": {"ee_quat": "xyzw", "ee_vel": "linear m/s, world (robot base) frame", "ee_pos": "m"},
     }
     np.testing.assert_array_equal(ep.arrays["action"][:, 0], np.arange(5, dtype=np.float32))
     np.testing.assert_array_equal(ep.arrays["t_wall"], 1000.0 + np.arange(5))

@@ -89,6 +89,9 @@ def test_killed_policy_node_stops_the_arm_and_only_the_operator_resumes_it(
     assert stops == [["policy_lost"], ["operator"]]
     assert all(ep.complete and ep.n_steps > 0 for ep in eps)
     assert eps[0].arrays["action_chunk"].shape[1:] == (1, 7)
+    # The store's one layout: linear velocity (m/s) and xyzw unit quaternions, said in the metadata.
+    assert eps[0].arrays["ee_vel"].shape[1:] == (3,) and eps[0].meta["conventions"]["ee_quat"] == "xyzw"
+    assert np.allclose(np.linalg.norm(eps[0].arrays["ee_quat"], axis=1), 1.0, atol=1e-5)
 
 
 def test_vla_steer_robot_follows_a_policy_node_that_uses_curve_keys_and_only_the_operator_resumes(
@@ -132,7 +135,8 @@ def test_vla_steer_robot_follows_a_policy_node_that_uses_curve_keys_and_only_the
     wait_for(lambda: (st := status()) and st["policy_alive"], 60, what="the robot node to reach the policy")
     assert status()["mode"] == "stopped"  # --no-autostart: it waits for the operator
     token_file = operator_token_path(control_address)
-    assert token_file.stat().st_mode & 0o777 == 0o600 and "operator token in" in log.read_text()
+    wait_for(lambda: "operator token in" in log.read_text(), 10, what="the start message")
+    assert token_file.stat().st_mode & 0o777 == 0o600
     assert "faults.max_action_age: 5.0" in log.read_text()  # the safety settings, printed at start
     robot.stdin.write("resume\n")  # the operator at the robot's console
     robot.stdin.flush()

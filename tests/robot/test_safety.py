@@ -289,3 +289,16 @@ def test_a_cb3_config_cannot_ask_for_500_hz_and_the_watchdog_not_above_the_loop(
         RobotConfig.model_validate(_with(base, "controller_hz", 500))
     with pytest.raises(ValidationError, match="watchdog_min_hz 200 is above controller_hz 125"):
         RobotConfig.model_validate(_with(base, "faults.watchdog_min_hz", 200))
+
+
+def test_quaternions_are_xyzw_as_the_sim_nodes_store_them():
+    from robot.geometry import mat_to_quat
+
+    R = rotvec_to_mat(np.array([0.0, 0.0, math.pi / 2]))
+    assert np.allclose(mat_to_quat(R), [0, 0, math.sin(math.pi / 4), math.cos(math.pi / 4)])
+    assert np.allclose(mat_to_quat(np.eye(3)), [0, 0, 0, 1])
+    transform_utils = pytest.importorskip("robosuite.utils.transform_utils")  # the sim nodes' source
+    rng = np.random.default_rng(0)
+    for r in rng.uniform(-3, 3, (20, 3)):
+        ours, theirs = mat_to_quat(rotvec_to_mat(r)), transform_utils.mat2quat(rotvec_to_mat(r))
+        assert np.allclose(ours, theirs, atol=1e-6) or np.allclose(ours, -theirs, atol=1e-6)
