@@ -157,8 +157,30 @@ class Action(_Strict):
 
 
 class Camera(_Strict):
-    source: Literal["mujoco", "blank"] = "mujoco"  # real cameras plug in here (see robot/cameras.py)
-    camera: str = "robotview"  # MuJoCo camera name
+    """One policy image key's camera (robot/cameras.py)."""
+
+    source: Literal["mujoco", "blank", "opencv", "realsense", "recorded"] = "mujoco"
+    camera: str = "robotview"  # mujoco: the scene's camera name
+    device: int | str = 0  # opencv: index or /dev/videoN (or a video file); realsense: serial ("" = first)
+    path: str | None = None  # recorded: a .npy of frames [n, H, W, 3] uint8
+    at_end: Literal["loop", "stall", "drop"] = "loop"  # recorded: what happens after the last frame
+    width: int = Field(640, ge=16, le=4096)  # the camera's resolution (the policy's size is resized to)
+    height: int = Field(480, ge=16, le=4096)
+    fps: float = Field(30.0, ge=1.0, le=120.0)
+    # The node holds the arm (as for a stale action) when the newest frame is older than this, or more than
+    # max_dropped grabs in a row failed; it follows fresh chunks again once frames flow.
+    max_frame_age: float = Field(0.2, gt=0, le=1.0)  # s
+    max_dropped: int = Field(5, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> Camera:
+        if self.source == "recorded" and not self.path:
+            raise ValueError("a recorded camera needs path: FRAMES.npy")
+        if self.source in ("opencv", "realsense", "recorded") and self.max_frame_age < 1.5 / self.fps:
+            raise ValueError(
+                f"max_frame_age {self.max_frame_age} s is shorter than 1.5 frames at {self.fps:g} fps"
+            )
+        return self
 
 
 class Observation(_Strict):

@@ -111,6 +111,7 @@ class ServoLoop:
         self.traj: Trajectory | None = None
         self.chunk_seq = 0
         self.resume_t = 0.0
+        self.hold_t = 0.0  # the last HOLD command: chunks observed before it are not followed
         self.resume_pending = False
         self.resume_deadline = 0.0
         self.stop_t = 0.0
@@ -201,6 +202,8 @@ class ServoLoop:
                 self._request_resume(now)
             elif c == Cmd.SHUTDOWN:
                 self.shutdown = True
+            elif c == Cmd.HOLD:  # as for a stale action: hold, follow only chunks observed from now on
+                self.traj, self.hold_t = None, now
         if chunk is not None:
             self._take_chunk(chunk, now)
         try:
@@ -261,8 +264,8 @@ class ServoLoop:
     def _take_chunk(self, chunk: tuple[int, float, np.ndarray, np.ndarray], now: float) -> None:
         seq, t_obs, times, wps = chunk
         self.chunk_seq = seq
-        if t_obs <= self.resume_t or self.mode not in (Mode.RUNNING, Mode.HOLD):
-            return  # observed before the last resume, or not servoing: never replayed later
+        if t_obs <= max(self.resume_t, self.hold_t) or self.mode not in (Mode.RUNNING, Mode.HOLD):
+            return  # observed before the last resume or hold, or not servoing: never replayed later
         future = times > now
         start = np.concatenate([self.filter.q if self.joints else self.filter.pose, [self.grip.x]])
         if future.any():

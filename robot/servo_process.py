@@ -85,6 +85,9 @@ class ServoProcess:
     def resume(self) -> None:
         self.shared.command(Cmd.RESUME)
 
+    def hold(self) -> None:
+        self.shared.command(Cmd.HOLD)
+
     def close(self, timeout: float = 5.0) -> None:
         if self.process.pid is None:
             return

@@ -36,6 +36,7 @@ class Cmd(enum.IntEnum):
     STOP = 1
     RESUME = 2
     SHUTDOWN = 3
+    HOLD = 4  # drop the chunk being followed and hold (a camera went stale): fresh chunks are followed again
 
 
 class Reason(enum.IntEnum):

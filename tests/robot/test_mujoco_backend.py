@@ -255,3 +255,43 @@ def test_resume_while_the_arm_still_slows_down_waits_for_rest():
     sh.write_chunk(np.array([now + 1.0]), np.concatenate([goal, [0.08]])[None], t_obs=now)
     step()
     assert loop.mode == Mode.RUNNING
+
+
+def test_a_camera_that_drops_frames_holds_the_arm_until_frames_flow_again(tmp_path, policy_node, robot_node):
+    """Recorded frames (the stand-in for a real camera, through the same StreamCamera) reach the policy;
+    when the camera drops frames beyond its bound the node holds the arm, as for a stale action, and sends
+    no chunk; once frames flow again it follows fresh chunks."""
+    from robot.config import Camera
+
+    recording = np.stack([np.full((48, 64, 3), 10 * (i + 1), np.uint8) for i in range(20)])
+    np.save(tmp_path / "frames.npy", recording)
+    cfg = gentle_config(liveness=1.0)
+    cam = Camera(
+        source="recorded", path=str(tmp_path / "frames.npy"), fps=30, max_frame_age=0.5, max_dropped=3
+    )
+    cfg = cfg.model_copy(
+        update={"observation": cfg.observation.model_copy(update={"cameras": {"agentview": cam}})}
+    )
+    address = free_address()
+    policy_node(address)
+    node = robot_node(address, config=cfg, out=tmp_path / "runs")
+    until(node, lambda: node.status().mode == Mode.RUNNING, 30, "the arm to follow the policy")
+    source = node.cameras["agentview"].source
+
+    source.at_end, source.i = "drop", len(source.frames)  # the camera stops delivering frames
+    until(node, lambda: node.status_dict()["camera_hold"], 10, "the node to see the stale camera")
+    until(node, lambda: node.status().mode == Mode.HOLD, 10, "the arm to hold")
+    d = node.status_dict()
+    assert "camera 'agentview'" in d["last_error"] and not d["cameras"]["agentview"]["ok"]
+    inferences, ticks = d["inferences"], d["ticks"]
+    until(node, lambda: node.status().ticks > ticks + QUIET_TICKS, 20, "the servo loop to run on")
+    assert node.status().mode == Mode.HOLD and node.stats.inferences == inferences  # blind: no chunk sent
+
+    source.at_end = "loop"  # frames again
+    until(node, lambda: node.stats.inferences > inferences + 1, 30, "inference on fresh frames")
+    until(node, lambda: node.status().mode == Mode.RUNNING, 10, "the arm to follow again")
+    node.close()
+    store = open_store(tmp_path / "runs")
+    images = np.concatenate([store.load(e.id).images["agentview"] for e in store.episodes()])
+    assert images.shape[1:] == (32, 32, 3)  # resized to the policy's size
+    assert set(np.unique(images)) <= set(np.unique(recording))  # the recorded frames, nothing else
