@@ -183,6 +183,15 @@ class Camera(_Strict):
         return self
 
 
+class GripperDevice(_Strict):
+    """The gripper on the real arm (robot/gripper.py); the MuJoCo twin simulates its width."""
+
+    driver: Literal["robotiq_2f85"] = "robotiq_2f85"
+    host: str | None = None  # the Robotiq URCap's socket; default: the robot's --host (it runs there)
+    port: int = Field(63352, ge=1, le=65535)
+    force: float = Field(60.0, ge=20.0, le=235.0)  # N, the 2F-85's grip force range
+
+
 class Observation(_Strict):
     cameras: dict[str, Camera] = {}  # policy image key -> source; keys the policy wants but lacks: blank
     state: Literal["none", "eef_pos_axisangle_gripper", "joints_gripper"] = "none"
@@ -200,6 +209,7 @@ class RobotConfig(_Strict):
     faults: Faults = Faults()
     action: Action = Action()
     observation: Observation = Observation()
+    gripper: GripperDevice | None = None  # None: no gripper driver (the width is still filtered)
 
     @model_validator(mode="after")
     def _check(self) -> RobotConfig:

@@ -16,7 +16,7 @@ from robot.shared import Cmd, Mode, Reason, Shared
 
 CFG = load_robot_config("ur5e")
 FAULTS = CFG.faults.model_copy(update={"reconnect_interval": 0.02, "policy_liveness": 0.5})
-CFG = CFG.model_copy(update={"faults": FAULTS})
+CFG = CFG.model_copy(update={"faults": FAULTS, "gripper": None})  # the gripper: test_gripper.py
 HOME_POSE = [-0.4, -0.2, 0.3, 0.0, 3.14, 0.0]
 
 

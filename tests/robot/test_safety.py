@@ -236,6 +236,7 @@ OUT_OF_RANGE = {
     "faults.resume_timeout": [0, 0.1, 100, math.inf],
     "servo_params.lookahead_time": [0, 0.01, 0.5, math.inf],
     "servo_params.gain": [0, 50, 5000, math.inf],
+    "gripper.force": [0, 19, 300, math.inf],  # N: the 2F-85's 20..235
 }
 
 
