@@ -41,7 +41,12 @@ def add_robot_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="rollout store for the episodes (default: no recording)")
     p.add_argument("--prompt", help="the task instruction (default: the config's)")
     p.add_argument("--no-autostart", action="store_true", help="wait for an operator's resume before moving")
-    p.add_argument("--rt-priority", type=int, default=0, help="SCHED_FIFO priority for the servo process")
+    p.add_argument(
+        "--rt-priority",
+        type=int,
+        default=0,
+        help="SCHED_FIFO priority for the servo process (an error where the system refuses it)",
+    )
     p.add_argument("--infer-timeout", type=float, default=2.0, help="seconds to wait for one inference")
     p.add_argument(
         "--operator-token-file",
@@ -59,9 +64,11 @@ def add_robot_parser(sub) -> argparse.ArgumentParser:
 def cmd_robot(args) -> int:
     from robot.config import load_robot_config, safety_summary
     from robot.node import RobotNode
+    from robot.servo_process import check_rt_priority
 
     if args.backend == "rtde" and not args.host:
         raise ValueError("--backend rtde needs --host ROBOT_IP")
+    check_rt_priority(args.rt_priority)  # fail fast: a refused priority is not silently dropped
     config = args.config or ("ur5e_mujoco" if args.backend == "mujoco" else "ur5e")
     cfg = load_robot_config(config)
     print(safety_summary(cfg, config), flush=True)  # what will be enforced, before anything moves
