@@ -33,7 +33,8 @@ DTYPES = frozenset(
     | {"float16", "float32", "float64"}
 )
 # The one pose and velocity layout of every writer (sim nodes, robot node), recorded in each episode's
-# metadata as "conventions": a quaternion is (x, y, z, w); ee_vel is the linear velocity only.
+# metadata's "conventions" (beside the writer's own, e.g. its gripper's): a quaternion is (x, y, z, w); ee_vel
+# is the linear velocity only.
 CONVENTIONS = {"ee_quat": "xyzw", "ee_vel": "linear m/s, world (robot base) frame", "ee_pos": "m"}
 # Per-step array fields: name -> required shape (None: any, fixed by the episode's first step) and ndim.
 VECTORS: dict[str, tuple[tuple[int, ...] | None, int]] = {

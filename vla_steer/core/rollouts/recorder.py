@@ -117,7 +117,8 @@ class EpisodeRecorder:
                 writer.abort(reason)
 
     def _open(self, meta: dict[str, Any]) -> None:
-        self._writer = self.recorder.start_episode({**meta, "conventions": CONVENTIONS})
+        conventions = {**(meta.get("conventions") or {}), **CONVENTIONS}  # the writer's (gripper, ...) kept
+        self._writer = self.recorder.start_episode({**meta, "conventions": conventions})
         self.episode_ids.append(self._writer.id)
         self._steering = None
         pending, self._pending = self._pending, []
