@@ -1,54 +1,64 @@
 """Robot configs (`configs/robots/*.yaml`): limits, fault behaviour and the policy's action convention.
 
 Validated by pydantic through `vla_steer.core.config.load_yaml_model`, so a bad file fails with its path, the
-key and what was allowed ("configs/robots/x.yaml: action.convention: Input should be 'ee_delta', ...").
-Torch-free: the servo process imports it.
+key and what was allowed ("configs/robots/x.yaml: action.convention: Input should be 'ee_delta', ..."), and
+a key given twice is refused. Torch-free: the servo process imports it.
+
+No safety setting can switch its safeguard off: every number is finite (`.inf` is refused everywhere),
+every safety field has a range, and the arm's ranges come from the UR5/UR5e datasheets (every joint
++-360 deg at most 180 deg/s; tool speed 1 m/s typical; reach 0.85 m). Joint acceleration has no datasheet
+figure: 40 rad/s^2 is the controller's own bound (ur_rtde's UR_JOINT_ACCELERATION_MAX).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vla_steer.core.config import load_yaml_model, resolve_config
 
 N_JOINTS = 6
+UR_JOINT_RANGE = 2 * math.pi + 1e-3  # rad: +-360 deg (with room for the configs' 6.2832)
+UR_JOINT_SPEED = math.pi  # rad/s: 180 deg/s, every joint, UR5 and UR5e
+UR_JOINT_ACCEL = 40.0  # rad/s^2: the controller's bound
+UR_TCP_SPEED = 1.0  # m/s
+UR_WORKSPACE = 1.2  # m from the base on each axis: reach 0.85 m plus a tool
+GRIPPER_STROKE = 0.085  # m, Robotiq 2F-85
+GRIPPER_SPEED = 0.15  # m/s, Robotiq 2F-85: 20..150 mm/s
+
+Coordinate = Annotated[float, Field(ge=-UR_WORKSPACE, le=UR_WORKSPACE)]
+JointAngle = Annotated[float, Field(ge=-UR_JOINT_RANGE, le=UR_JOINT_RANGE)]
+JointSpeed = Annotated[float, Field(gt=0, le=UR_JOINT_SPEED)]
+JointAccel = Annotated[float, Field(gt=0, le=UR_JOINT_ACCEL)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _finite(values: list[float], what: str) -> None:
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{what} must be finite numbers, got {values}")
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no .inf, no .nan
 
 
 class Workspace(_Strict):
     """An axis-aligned box in the robot's base frame (metres) the tool centre point must stay inside."""
 
-    min: tuple[float, float, float]
-    max: tuple[float, float, float]
+    min: tuple[Coordinate, Coordinate, Coordinate]
+    max: tuple[Coordinate, Coordinate, Coordinate]
 
     @model_validator(mode="after")
     def _ordered(self) -> Workspace:
-        _finite([*self.min, *self.max], "workspace corners")
         if any(lo >= hi for lo, hi in zip(self.min, self.max, strict=True)):
             raise ValueError(f"workspace.min {list(self.min)} must be below workspace.max {list(self.max)}")
         return self
 
 
 class GripperLimits(_Strict):
-    min: float = 0.0  # opening width in metres (Robotiq 2F-85: 0 .. 0.085)
-    max: float = 0.085
-    max_speed: float = Field(0.15, gt=0)
+    min: float = Field(0.0, ge=0, le=GRIPPER_STROKE)  # opening width in metres (Robotiq 2F-85: 0 .. 0.085)
+    max: float = Field(GRIPPER_STROKE, ge=0, le=GRIPPER_STROKE)
+    max_speed: float = Field(GRIPPER_SPEED, gt=0, le=GRIPPER_SPEED)  # m/s of opening width
 
     @model_validator(mode="after")
     def _ordered(self) -> GripperLimits:
-        _finite([self.min, self.max, self.max_speed], "gripper limits")
         if self.min >= self.max:
             raise ValueError(f"gripper.min {self.min} must be below gripper.max {self.max}")
         return self
@@ -58,41 +68,48 @@ class Limits(_Strict):
     """What the safety filter enforces on every command (see robot/safety.py)."""
 
     workspace: Workspace
-    max_linear_speed: float = Field(0.25, gt=0, le=2.0)  # m/s
+    max_linear_speed: float = Field(0.25, gt=0, le=UR_TCP_SPEED)  # m/s
     max_linear_accel: float = Field(2.0, gt=0, le=20.0)  # m/s^2
-    max_angular_speed: float = Field(1.0, gt=0, le=6.0)  # rad/s
+    max_angular_speed: float = Field(1.0, gt=0, le=UR_JOINT_SPEED)  # rad/s
     max_angular_accel: float = Field(6.0, gt=0, le=60.0)  # rad/s^2
-    joint_min: tuple[float, float, float, float, float, float]
-    joint_max: tuple[float, float, float, float, float, float]
-    max_joint_speed: tuple[float, float, float, float, float, float] = (1.0,) * N_JOINTS  # rad/s
-    max_joint_accel: tuple[float, float, float, float, float, float] = (4.0,) * N_JOINTS  # rad/s^2
+    joint_min: tuple[JointAngle, JointAngle, JointAngle, JointAngle, JointAngle, JointAngle]
+    joint_max: tuple[JointAngle, JointAngle, JointAngle, JointAngle, JointAngle, JointAngle]
+    max_joint_speed: tuple[JointSpeed, JointSpeed, JointSpeed, JointSpeed, JointSpeed, JointSpeed] = (
+        1.0,
+    ) * N_JOINTS  # rad/s
+    max_joint_accel: tuple[JointAccel, JointAccel, JointAccel, JointAccel, JointAccel, JointAccel] = (
+        4.0,
+    ) * N_JOINTS  # rad/s^2
     gripper: GripperLimits = GripperLimits()
 
     @model_validator(mode="after")
     def _check(self) -> Limits:
-        _finite([*self.joint_min, *self.joint_max], "joint limits")
         for i, (lo, hi) in enumerate(zip(self.joint_min, self.joint_max, strict=True)):
             if lo >= hi:
                 raise ValueError(f"joint_min[{i}] {lo} must be below joint_max[{i}] {hi}")
-        for name in ("max_joint_speed", "max_joint_accel"):
-            values = getattr(self, name)
-            if not all(math.isfinite(v) and v > 0 for v in values):
-                raise ValueError(f"{name} must be positive finite numbers, got {list(values)}")
         return self
 
 
 class Faults(_Strict):
     """Fail-safe timings."""
 
-    max_action_age: float = Field(0.6, gt=0)  # s since the chunk's observation; older -> hold position
+    max_action_age: float = Field(
+        0.6, gt=0, le=5.0
+    )  # s since the chunk's observation; older -> hold position
     # s without a heartbeat reply -> servoStop (latched). A killed policy node is seen at once (its TCP
     # connection drops); this bounds a hung node or a cut network.
     policy_liveness: float = Field(0.1, gt=0, le=2.0)
     heartbeat_interval: float = Field(0.02, gt=0, le=0.5)  # s between liveness pings to the policy node
-    watchdog_min_hz: float = Field(20.0, gt=0)  # ur_rtde watchdog: the robot stops if kicked less often
-    stop_decel: float = Field(4.0, gt=0)  # servoStop deceleration (UR: m/s^2 for servoL, rad/s^2 servoJ)
-    reconnect_interval: float = Field(1.0, gt=0)  # s between reconnect attempts after a robot fault
-    joint_margin: float = Field(0.02, ge=0)  # rad; actual joints this close to a limit -> fault stop
+    # ur_rtde watchdog: the robot stops if kicked less often (kicked every servo period; at most its rate)
+    watchdog_min_hz: float = Field(20.0, ge=10.0, le=500.0)
+    stop_decel: float = Field(4.0, ge=1.0, le=40.0)  # servoStop deceleration (m/s^2 servoL, rad/s^2 servoJ)
+    reconnect_interval: float = Field(1.0, ge=0.1, le=60.0)  # s between reconnect attempts after a fault
+    joint_margin: float = Field(0.02, ge=0, le=0.5)  # rad; actual joints this close to a limit -> fault stop
+    # A resume takes effect once the measured TCP speed is below these (the arm at rest after servoStop),
+    # and is dropped if that takes longer than resume_timeout.
+    rest_linear_speed: float = Field(0.005, gt=0, le=0.05)  # m/s
+    rest_angular_speed: float = Field(0.05, gt=0, le=0.5)  # rad/s
+    resume_timeout: float = Field(10.0, ge=0.5, le=60.0)  # s
 
     @model_validator(mode="after")
     def _check(self) -> Faults:
@@ -140,8 +157,39 @@ class Action(_Strict):
 
 
 class Camera(_Strict):
-    source: Literal["mujoco", "blank"] = "mujoco"  # real cameras plug in here (see robot/cameras.py)
-    camera: str = "robotview"  # MuJoCo camera name
+    """One policy image key's camera (robot/cameras.py)."""
+
+    source: Literal["mujoco", "blank", "opencv", "realsense", "recorded"] = "mujoco"
+    camera: str = "robotview"  # mujoco: the scene's camera name
+    device: int | str = 0  # opencv: index or /dev/videoN (or a video file); realsense: serial ("" = first)
+    path: str | None = None  # recorded: a .npy of frames [n, H, W, 3] uint8
+    at_end: Literal["loop", "stall", "drop"] = "loop"  # recorded: what happens after the last frame
+    width: int = Field(640, ge=16, le=4096)  # the camera's resolution (the policy's size is resized to)
+    height: int = Field(480, ge=16, le=4096)
+    fps: float = Field(30.0, ge=1.0, le=120.0)
+    # The node holds the arm (as for a stale action) when the newest frame is older than this, or more than
+    # max_dropped grabs in a row failed; it follows fresh chunks again once frames flow.
+    max_frame_age: float = Field(0.2, gt=0, le=1.0)  # s
+    max_dropped: int = Field(5, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> Camera:
+        if self.source == "recorded" and not self.path:
+            raise ValueError("a recorded camera needs path: FRAMES.npy")
+        if self.source in ("opencv", "realsense", "recorded") and self.max_frame_age < 1.5 / self.fps:
+            raise ValueError(
+                f"max_frame_age {self.max_frame_age} s is shorter than 1.5 frames at {self.fps:g} fps"
+            )
+        return self
+
+
+class GripperDevice(_Strict):
+    """The gripper on the real arm (robot/gripper.py); the MuJoCo twin simulates its width."""
+
+    driver: Literal["robotiq_2f85"] = "robotiq_2f85"
+    host: str | None = None  # the Robotiq URCap's socket; default: the robot's --host (it runs there)
+    port: int = Field(63352, ge=1, le=65535)
+    force: float = Field(60.0, ge=20.0, le=235.0)  # N, the 2F-85's grip force range
 
 
 class Observation(_Strict):
@@ -153,7 +201,7 @@ class Observation(_Strict):
 class RobotConfig(_Strict):
     name: str = "ur5e"
     model: Literal["ur5e", "ur5"] = "ur5e"
-    controller_hz: float = Field(500.0, gt=0, le=1000)  # e-Series 500 Hz, CB3 125 Hz
+    controller_hz: float = Field(500.0, ge=10.0, le=500.0)  # e-Series up to 500 Hz, CB3 up to 125 Hz
     servo: Literal["servoL", "servoJ"] = "servoL"
     servo_params: ServoParams = ServoParams()
     home_q: tuple[float, float, float, float, float, float]
@@ -161,10 +209,19 @@ class RobotConfig(_Strict):
     faults: Faults = Faults()
     action: Action = Action()
     observation: Observation = Observation()
+    gripper: GripperDevice | None = None  # None: no gripper driver (the width is still filtered)
 
     @model_validator(mode="after")
     def _check(self) -> RobotConfig:
-        _finite(list(self.home_q), "home_q")
+        if self.model == "ur5" and self.controller_hz > 125:
+            raise ValueError(
+                f"controller_hz {self.controller_hz:g}: a UR5 (CB3) controller runs at most 125 Hz"
+            )
+        if self.faults.watchdog_min_hz > self.controller_hz:
+            raise ValueError(
+                f"faults.watchdog_min_hz {self.faults.watchdog_min_hz:g} is above controller_hz "
+                f"{self.controller_hz:g}: the loop kicks the watchdog once per period"
+            )
         lo, hi = self.limits.joint_min, self.limits.joint_max
         bad = [i for i, q in enumerate(self.home_q) if not lo[i] <= q <= hi[i]]
         if bad:
@@ -201,3 +258,24 @@ def _not_a_sim_config(path: Path) -> None:
             f"{path} is a sim config (kind: {kind}): run it with `vla-steer sim --env {path}`; a robot config "
             "describes a UR5 cell, like the shipped ur5e.yaml (vla_steer/configs/robots)"
         )
+
+
+def safety_summary(cfg: RobotConfig, source: str | Path | None = None) -> str:
+    """The loaded safety settings, one `key: value` line each (printed at the start of `vla-steer robot`)."""
+
+    def lines(prefix: str, d: dict) -> list[str]:
+        out = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out += lines(f"{prefix}{k}.", v)
+            else:
+                out.append(f"  {prefix}{k}: {list(v) if isinstance(v, tuple) else v}")
+        return out
+
+    head = f"safety settings of {cfg.name} ({cfg.model}, {cfg.controller_hz:g} Hz, {cfg.servo})"
+    body = [
+        *lines("limits.", cfg.limits.model_dump()),
+        *lines("faults.", cfg.faults.model_dump()),
+        *lines("servo_params.", cfg.servo_params.model_dump()),
+    ]
+    return "\n".join([head + (f" from {source}:" if source else ":"), *body])

@@ -63,12 +63,12 @@ def rpy_to_mat(rpy: np.ndarray) -> np.ndarray:
 
 
 def mat_to_quat(m: np.ndarray) -> np.ndarray:
-    """(w, x, y, z), w >= 0."""
+    """(x, y, z, w), w >= 0: the store's and the sim nodes' order (robosuite's)."""
     r = mat_to_rotvec(m)
     theta = float(np.linalg.norm(r))
     if theta < 1e-12:
-        return np.array([1.0, 0.0, 0.0, 0.0])
-    return np.concatenate([[math.cos(theta / 2)], r / theta * math.sin(theta / 2)])
+        return np.array([0.0, 0.0, 0.0, 1.0])
+    return np.concatenate([r / theta * math.sin(theta / 2), [math.cos(theta / 2)]])
 
 
 def rotation_angle_between(a: np.ndarray, b: np.ndarray) -> float:

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from robot.actions import chunk_to_waypoints
-from robot.cameras import BlankCamera, MujocoCamera
+from robot.cameras import CameraStale, build_camera
 from robot.config import RobotConfig
-from robot.control import DEFAULT_CONTROL, REFUSED, control_server
+from robot.control import DEFAULT_CONTROL, REFUSED, check_operator_token, control_server, new_operator_token
 from robot.geometry import mat_to_quat, rotvec_to_mat
 from robot.servo_process import ServoProcess
 from robot.shared import Mode, Status
@@ -68,8 +68,11 @@ class RobotNode:
         allow_insecure_control: bool = False,
         server_key: bytes | str | Path | Keypair | None = None,
         keypair: Keypair | str | Path | None = None,
+        operator_token: str | None = None,
     ):
         self.config = config
+        # Resume over the control socket needs it (robot.control); generated per launch unless given.
+        self.operator_token = operator_token or new_operator_token()
         self.backend = backend
         self.server = server
         self.server_key, self.keypair = server_key, keypair
@@ -108,6 +111,7 @@ class RobotNode:
         self._watcher = threading.Thread(target=self._watch, name="robot-episodes", daemon=True)
         self._liveness = threading.Thread(target=self._watch_policy, name="robot-liveness", daemon=True)
         self.cameras: dict[str, Any] = {}
+        self.camera_hold = False  # a camera is stale: the arm holds, no chunk is sent
         self._closed = False
 
     # -- lifecycle
@@ -135,6 +139,12 @@ class RobotNode:
         )
         self._liveness.start()
         self.info = self.client.hello(timeout=hello_timeout)
+        missing = sorted(set(self.info.image_keys) - set(self.config.observation.cameras))
+        if missing and self.backend == "rtde":  # a real cell: black frames would steer it blind
+            raise ValueError(
+                f"the policy {self.info.policy} takes images {missing} that observation.cameras does not "
+                "configure: add a camera for each (source: opencv | realsense)"
+            )
         self.control.start()
         if self.autostart:
             deadline = time.monotonic() + 5.0  # the servo loop refuses to resume on a stale stamp
@@ -185,6 +195,7 @@ class RobotNode:
         self.servo.stop()
 
     def resume(self) -> None:
+        """The operator's resume (in process: the console, or the control socket after its token check)."""
         if self.shared.status().policy_alive_age > self.config.faults.policy_liveness:
             raise RuntimeError("the policy node is not alive: resume refused")
         self.servo.resume()
@@ -194,6 +205,7 @@ class RobotNode:
         if op == "stop":
             self.stop()
         elif op == "resume":
+            check_operator_token(args.get("token"), self.operator_token)
             try:
                 self.resume()
             except RuntimeError as e:
@@ -218,6 +230,8 @@ class RobotNode:
             errors=self.stats.errors,
             last_error=self.stats.last_error,
             episode=self.recorder.episode_id if self.recorder is not None else None,
+            camera_hold=self.camera_hold,
+            cameras={k: cam.health() for k, cam in list(self.cameras.items()) if hasattr(cam, "health")},
         )
         return d
 
@@ -244,11 +258,7 @@ class RobotNode:
 
     def _build_cameras(self, info: ServerInfo) -> None:
         for key, shape in info.image_keys.items():
-            cam = self.config.observation.cameras.get(key)
-            if cam is not None and cam.source == "mujoco":
-                self.cameras[key] = MujocoCamera(cam.camera, tuple(shape))
-            else:
-                self.cameras[key] = BlankCamera(tuple(shape))
+            self.cameras[key] = build_camera(key, self.config.observation.cameras.get(key), tuple(shape))
 
     def _observation(self, st: Status) -> dict[str, Any]:
         obs: dict[str, Any] = {
@@ -293,6 +303,18 @@ class RobotNode:
         t_obs = time.monotonic()
         try:
             obs = self._observation(st)
+        except CameraStale as e:  # blind: hold now, as for a stale action, until frames flow again
+            if not self.camera_hold:
+                self.servo.hold()
+                self.camera_hold = True
+                log.warning("holding the arm: %s", e)
+            self.stats.last_error = str(e)
+            self._stop.wait(0.01)
+            return
+        if self.camera_hold:
+            self.camera_hold = False
+            log.warning("cameras are fresh again: following new chunks")
+        try:
             result = self.client.infer(obs, timeout=self.infer_timeout)
         except (RequestTimeout, RemoteError, ProtocolError) as e:
             self.stats.errors += 1
@@ -337,7 +359,7 @@ class RobotNode:
             action_chunk=chunk,
             ee_pos=st.tcp_pose[:3],
             ee_quat=mat_to_quat(rotvec_to_mat(st.tcp_pose[3:])),
-            ee_vel=st.tcp_speed,
+            ee_vel=st.tcp_speed[:3],  # linear m/s: the store's one layout (angular is not recorded)
             steering=result.info.get("steering"),
         )
         self.recorder.step(step, policy=self.info.policy if self.info else None)

@@ -14,6 +14,11 @@ Fail-safes:
 - any stop (operator, lost policy, robot fault) is latched: the arm moves again only on an operator's
   resume, and then only toward chunks whose observation was taken after the resume (nothing stale is
   replayed);
+- a resume takes effect only from rest: while the arm still slows down after servoStop, the request waits
+  (`resume_pending`) until the measured TCP speed is below `faults.rest_linear_speed` and
+  `faults.rest_angular_speed`; then the filters start at rest at the measured pose, the arm holds, and it
+  follows the first chunk observed after that moment. A resume still waiting after `faults.resume_timeout`
+  is dropped (the operator asks again);
 - protective/emergency stops, safety mode and the control script are watched every tick; a fault issues
   servoStop and retries the connection every `faults.reconnect_interval`; recovering lands in STOPPED;
 - servoStop always runs in `finally`, whatever ended the loop.
@@ -106,6 +111,9 @@ class ServoLoop:
         self.traj: Trajectory | None = None
         self.chunk_seq = 0
         self.resume_t = 0.0
+        self.hold_t = 0.0  # the last HOLD command: chunks observed before it are not followed
+        self.resume_pending = False
+        self.resume_deadline = 0.0
         self.stop_t = 0.0
         self.ticks = 0
         self.overruns = 0
@@ -174,7 +182,9 @@ class ServoLoop:
             self._fault(Reason.STARTUP, time.monotonic(), stop=False)
             return
         if self.autostart:
-            self._resume(time.monotonic())
+            now = time.monotonic()
+            self._request_resume(now)
+            self._resume_at_rest(st, now)
         self._publish(started=1.0)
 
     def _sync_filters(self, st: RobotState) -> None:
@@ -189,9 +199,11 @@ class ServoLoop:
             if c == Cmd.STOP:
                 self._stop(Reason.OPERATOR, now)
             elif c == Cmd.RESUME:
-                self._resume(now)
+                self._request_resume(now)
             elif c == Cmd.SHUTDOWN:
                 self.shutdown = True
+            elif c == Cmd.HOLD:  # as for a stale action: hold, follow only chunks observed from now on
+                self.traj, self.hold_t = None, now
         if chunk is not None:
             self._take_chunk(chunk, now)
         try:
@@ -206,8 +218,10 @@ class ServoLoop:
             self._fault(_REASONS[fault], now)
         if self.mode == Mode.FAULT:
             self._recover(now)
+        elif self.mode == Mode.STOPPED and self.resume_pending:
+            self._resume_at_rest(st, now)
         elif self.mode in (Mode.RUNNING, Mode.HOLD):
-            if now - self.sh.policy_alive_t() > self.cfg.faults.policy_liveness:
+            if not self._policy_alive(now):
                 self._stop(Reason.POLICY_LOST, now)
             elif not self.joints and (why := self.guard.violation(st.q)):
                 log.error("joint limit: %s", why)
@@ -250,8 +264,8 @@ class ServoLoop:
     def _take_chunk(self, chunk: tuple[int, float, np.ndarray, np.ndarray], now: float) -> None:
         seq, t_obs, times, wps = chunk
         self.chunk_seq = seq
-        if t_obs <= self.resume_t or self.mode not in (Mode.RUNNING, Mode.HOLD):
-            return  # observed before the last resume, or not servoing: never replayed later
+        if t_obs <= max(self.resume_t, self.hold_t) or self.mode not in (Mode.RUNNING, Mode.HOLD):
+            return  # observed before the last resume or hold, or not servoing: never replayed later
         future = times > now
         start = np.concatenate([self.filter.q if self.joints else self.filter.pose, [self.grip.x]])
         if future.any():
@@ -277,6 +291,7 @@ class ServoLoop:
         elif self.mode == Mode.STOPPED and reason == Reason.OPERATOR:
             self.reason = reason
         self.traj = None
+        self.resume_pending = False  # a stop cancels a resume still waiting for rest
 
     def _fault(self, reason: Reason, now: float, stop: bool = True) -> None:
         log.error("robot fault: %s", reason.name)
@@ -285,6 +300,7 @@ class ServoLoop:
                 self.b.servo_stop(self.cfg.faults.stop_decel)
             self.stop_t = now
         self.mode, self.reason, self.traj = Mode.FAULT, reason, None
+        self.resume_pending = False
         self.next_reconnect = now + self.cfg.faults.reconnect_interval
 
     def _recover(self, now: float) -> None:
@@ -306,19 +322,45 @@ class ServoLoop:
         self.mode = Mode.STOPPED  # reason kept: the operator sees why, and resumes
         log.warning("robot recovered from %s; waiting for the operator to resume", self.reason.name)
 
-    def _resume(self, now: float) -> None:
+    def _policy_alive(self, now: float) -> bool:
+        return now - self.sh.policy_alive_t() <= self.cfg.faults.policy_liveness
+
+    def _request_resume(self, now: float) -> None:
+        """The operator's resume: taken from STOPPED only; it takes effect once the arm is at rest."""
         if self.mode != Mode.STOPPED:
             return
-        if now - self.sh.policy_alive_t() > self.cfg.faults.policy_liveness:
+        if not self._policy_alive(now):
             log.warning("resume refused: the policy node is not alive")
             return
-        st = self.state
-        if st is not None:
-            try:
-                self._sync_filters(st)  # start from where the arm came to rest, not a stale command
-            except ValueError as e:
-                log.error("resume refused: %s", e)
-                return
+        self.resume_pending = True
+        self.resume_deadline = now + self.cfg.faults.resume_timeout
+
+    def at_rest(self, st: RobotState | None) -> bool:
+        """Whether the measured TCP speed is below the rest thresholds (unknown speed is not rest)."""
+        if st is None:
+            return False
+        f = self.cfg.faults
+        v, w = np.linalg.norm(st.tcp_speed[:3]), np.linalg.norm(st.tcp_speed[3:6])
+        return bool(v < f.rest_linear_speed and w < f.rest_angular_speed)  # NaN compares False
+
+    def _resume_at_rest(self, st: RobotState | None, now: float) -> None:
+        if not self._policy_alive(now):
+            log.warning("resume dropped: the policy node was lost while the arm came to rest")
+            self.resume_pending = False
+            return
+        if not self.at_rest(st):
+            if now > self.resume_deadline:
+                log.warning(
+                    "resume dropped: the arm did not come to rest within %s s", self.cfg.faults.resume_timeout
+                )
+                self.resume_pending = False
+            return
+        self.resume_pending = False
+        try:
+            self._sync_filters(st)  # start at rest where the arm is, not from a stale command
+        except ValueError as e:
+            log.error("resume refused: %s", e)
+            return
         self.resume_t = now
         self.traj = None
         self.mode, self.reason = Mode.HOLD, Reason.NONE
@@ -336,6 +378,7 @@ class ServoLoop:
             "command_age": self.command_age,
             "stop_t": self.stop_t,
             "resume_t": self.resume_t,
+            "resume_pending": float(self.resume_pending),
             "rejected": self.filter.stats.rejected,
             "limited": self.filter.stats.limited,
             "chunk_used": self.traj.seq if self.traj is not None else 0,

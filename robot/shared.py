@@ -36,6 +36,7 @@ class Cmd(enum.IntEnum):
     STOP = 1
     RESUME = 2
     SHUTDOWN = 3
+    HOLD = 4  # drop the chunk being followed and hold (a camera went stale): fresh chunks are followed again
 
 
 class Reason(enum.IntEnum):
@@ -86,6 +87,7 @@ _FIELDS: dict[str, int] = {
     "command_age": 1,  # age of the chunk the last command came from (s)
     "stop_t": 1,  # when the last servoStop was issued
     "resume_t": 1,  # when the last resume took effect: only chunks observed after it are followed
+    "resume_pending": 1,  # a resume waits for the arm to come to rest
     "rejected": 1,
     "limited": 1,
     "chunk_used": 1,  # sequence number of the chunk being followed
@@ -121,6 +123,7 @@ class Status:
     command_age: float
     stop_t: float
     resume_t: float
+    resume_pending: bool
     rejected: int
     limited: int
     chunk_used: int
@@ -272,6 +275,7 @@ class Shared:
             command_age=s["command_age"],
             stop_t=s["stop_t"],
             resume_t=s["resume_t"],
+            resume_pending=bool(s["resume_pending"]),
             rejected=int(s["rejected"]),
             limited=int(s["limited"]),
             chunk_used=int(s["chunk_used"]),

@@ -7,6 +7,7 @@ rtde backend is a thin adapter and the MuJoCo backend behaves the way the real c
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,18 @@ class RobotState:
         if not self.program_running:
             return "program_stopped"
         return None
+
+
+SPIN_S = 0.0004  # busy-wait the last bit of each period: sleep alone overshoots by 0.1-1 ms
+
+
+def sleep_until(deadline: float, spin: float = SPIN_S) -> None:
+    """Sleep, then busy-wait the last `spin` seconds (what ur_rtde's waitPeriod does on the robot PC)."""
+    remaining = deadline - time.monotonic()
+    if remaining > spin:
+        time.sleep(remaining - spin)
+    while time.monotonic() < deadline:
+        pass
 
 
 class Backend(abc.ABC):

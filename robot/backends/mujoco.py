@@ -22,7 +22,7 @@ from pathlib import Path
 import mujoco
 import numpy as np
 
-from robot.backends.base import Backend, RobotState
+from robot.backends.base import Backend, RobotState, sleep_until
 from robot.config import RobotConfig
 from robot.geometry import mat_to_rotvec, rotvec_to_mat
 
@@ -31,7 +31,6 @@ _KP = (3000.0, 3000.0, 2000.0, 500.0, 500.0, 200.0)  # N m / rad per joint
 _ARMATURE = 0.1  # kg m^2 reflected rotor inertia: keeps the stiff servos stable at a 2 ms step
 _DAMPING = 1e-3  # DLS damping (lambda^2)
 _MAX_IK_STEP = 0.05  # rad per servo call: a target the arm cannot reach smoothly is not jumped to
-_SPIN_S = 0.0004  # busy-wait the last bit of each period: sleep alone overshoots by 0.1-1 ms
 
 
 def robosuite_ur5e_xml() -> Path:
@@ -236,15 +235,6 @@ class MujocoBackend(Backend):
         mujoco.mj_step(self.model, self.data, nstep=self.substeps)
         if self.realtime:
             sleep_until(token + self.dt)
-
-
-def sleep_until(deadline: float, spin: float = _SPIN_S) -> None:
-    """Sleep, then busy-wait the last `spin` seconds (what ur_rtde's waitPeriod does on the robot PC)."""
-    remaining = deadline - time.monotonic()
-    if remaining > spin:
-        time.sleep(remaining - spin)
-    while time.monotonic() < deadline:
-        pass
 
 
 def render_setup() -> None:

@@ -50,7 +50,14 @@ class RTDEBackend(Backend):
         self.host = host
         self.controller_hz = config.controller_hz
         self._factories = (control_factory, receive_factory)
-        self._gripper = gripper  # optional: an object with move(width_m) (e.g. a Robotiq driver)
+        if gripper is None and config.gripper is not None:  # the configured driver (robot/gripper.py)
+            from robot.gripper import RobotiqGripper
+
+            g = config.gripper
+            gripper = RobotiqGripper(
+                g.host or host, g.port, speed=config.limits.gripper.max_speed, force=g.force
+            )
+        self._gripper = gripper  # optional: connect(), move(width_m), width, close()
         self.cc: Any = None
         self.rc: Any = None
 
@@ -61,8 +68,12 @@ class RTDEBackend(Backend):
             control, receive = control or real_control, receive or real_receive
         self.rc = receive(self.host, self.controller_hz)
         self.cc = control(self.host, self.controller_hz)
+        if self._gripper is not None:
+            self._gripper.connect()
 
     def disconnect(self) -> None:
+        if self._gripper is not None:
+            self._gripper.close()
         if self.cc is not None:
             try:
                 self.cc.servoStop()
@@ -92,7 +103,7 @@ class RTDEBackend(Backend):
             tcp_speed=np.asarray(rc.getActualTCPSpeed(), dtype=float),
             q=np.asarray(rc.getActualQ(), dtype=float),
             qd=np.asarray(rc.getActualQd(), dtype=float),
-            gripper=float("nan"),
+            gripper=self._gripper.width if self._gripper is not None else float("nan"),
             safety_mode=int(rc.getSafetyMode()),
             robot_mode=int(rc.getRobotMode()),
             protective_stop=bool(rc.isProtectiveStopped()),

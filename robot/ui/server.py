@@ -11,6 +11,10 @@ also reported to the robot node, which records them in the current episode with 
     GET  /api/state     one status snapshot   POST /api/resume  follow fresh actions again
 
 Like the sockets, it serves loopback only unless told otherwise: the page can stop and start a robot.
+Every request passes `robot/ui/guard.py` first (Host allow-list, this launch's secret as a cookie, Origin
+and JSON-only bodies on every POST). Resume is an operator act: the robot node accepts it only with its
+operator token (`operator_token`, read from the file `vla-steer robot` writes); without it the page can
+change knobs and stop, and says why it cannot resume.
 """
 
 from __future__ import annotations
@@ -20,18 +24,28 @@ import logging
 import math
 import threading
 import time
+from html import escape
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from robot.control import ControlClient, ControlError
+from robot.ui.guard import Guard, Refused, new_secret
 from vla_steer.wire import Client, KnobsRequest, ProtocolError, RemoteError, RequestTimeout, is_loopback
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 64 * 1024
 KNOB_OPS = ("set", "enable", "disable", "off")
+SECURITY_HEADERS = {  # no framing (clickjacking), no sniffing, nothing loaded from elsewhere
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+    "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'none'",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 class KnobsUI:
@@ -46,6 +60,8 @@ class KnobsUI:
         server_key: Any = None,
         keypair: Any = None,
         status_hz: float = 20.0,
+        operator_token: str | None = None,
+        allowed_hosts: tuple[str, ...] = (),
     ):
         if not (allow_remote or is_loopback(f"tcp://{host}:0")):
             raise ValueError(
@@ -53,6 +69,9 @@ class KnobsUI:
                 "login. Serve loopback (default) and use an SSH tunnel, or pass allow_remote=True."
             )
         self.period = 1.0 / status_hz
+        self.guard = Guard(new_secret(), host, allowed_hosts, MAX_BODY)
+        self.operator_token = operator_token
+        self.refusals: list[tuple[str, str, int]] = []  # (method, path, HTTP status), newest last
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {"robot": None, "knobs": {}, "policy_ok": False, "robot_ok": False}
         self._knobs_at = 0.0
@@ -69,7 +88,9 @@ class KnobsUI:
             self.close()
             raise
         self.httpd.daemon_threads = True
-        self.url = f"http://{host}:{self.httpd.server_address[1]}/"
+        netloc = f"[{host}]" if ":" in host else host
+        self.base_url = f"http://{netloc}:{self.httpd.server_address[1]}/"
+        self.url = f"{self.base_url}?token={self.guard.secret}"  # shown once; opening it sets the cookie
         self._threads = [
             threading.Thread(target=self.httpd.serve_forever, name="knobs-ui-http", daemon=True),
             threading.Thread(target=self._poll, name="knobs-ui-poll", daemon=True),
@@ -148,10 +169,23 @@ class KnobsUI:
                 log.warning("could not report the knob change to the robot node: %s", e)
         return {"knobs": state}
 
+    def refused(self, method: str, path: str, e: Refused) -> None:
+        log.warning("refused %s %s: %s", method, urlsplit(path).path, e.message)
+        with self._lock:
+            self.refusals = [*self.refusals[-99:], (method, urlsplit(path).path, int(e.status))]
+
     def robot_op(self, op: str) -> dict:
         if self.robot is None:
             raise ControlError("no robot node configured (--robot)")
-        reply = self.robot.request(op)
+        if op == "resume":
+            if self.operator_token is None:
+                raise ControlError(
+                    "this page has no operator token for the robot node, so it cannot resume: start "
+                    "`vla-steer knobs ui` as the user running `vla-steer robot` (or pass --operator-token-file)"
+                )
+            reply = self.robot.resume(self.operator_token)
+        else:
+            reply = self.robot.request(op)
         self._update(robot=_finite(reply["status"]), robot_ok=True)
         return {"robot": _finite(reply["status"])}
 
@@ -168,32 +202,54 @@ def _finite(d: Any) -> Any:
 
 
 def _handler(ui: KnobsUI) -> type[BaseHTTPRequestHandler]:
+    guard = ui.guard
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "vla-steer-knobs"
 
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("%s " + fmt, self.address_string(), *args)
 
-        def _json(self, obj: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
-            data = json.dumps(obj).encode()
+        def _send(self, status: HTTPStatus, data: bytes, ctype: str, **headers: str) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
+            for name, value in {**SECURITY_HEADERS, **headers}.items():
+                self.send_header(name.replace("_", "-"), value)
             self.end_headers()
             self.wfile.write(data)
 
+        def _json(self, obj: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
+            self._send(status, json.dumps(obj).encode(), "application/json")
+
+        def _refuse(self, e: Refused, html: bool = False) -> None:
+            ui.refused(self.command, self.path, e)
+            self.close_connection = True  # a refused request's body is never read
+            if html:
+                page = f"<!doctype html><title>vla-steer knobs</title><p id=msg>{escape(e.message)}</p>"
+                self._send(e.status, page.encode(), "text/html; charset=utf-8")
+            else:
+                self._json({"error": e.message}, e.status)
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path in ("/", "/index.html"):
-                data = (STATIC / "index.html").read_bytes()
-                self.send_response(HTTPStatus.OK)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            elif self.path == "/api/state":
+            path = urlsplit(self.path).path
+            try:
+                guard.host(self.headers)
+                if path == "/" and guard.token_in_url(self.path):  # the printed URL: secret -> cookie
+                    self._send(
+                        HTTPStatus.SEE_OTHER, b"", "text/plain", Location="/", Set_Cookie=guard.cookie()
+                    )
+                    return
+                guard.session(self.headers)
+            except Refused as e:
+                self._refuse(e, html=path in ("/", "/index.html"))
+                return
+            if path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, (STATIC / "index.html").read_bytes(), "text/html; charset=utf-8")
+            elif path == "/api/state":
                 self._json(ui.snapshot())
-            elif self.path == "/events":
+            elif path == "/events":
                 self.send_response(HTTPStatus.OK)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-store")
@@ -206,12 +262,16 @@ def _handler(ui: KnobsUI) -> type[BaseHTTPRequestHandler]:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
             else:
-                self._json({"error": f"no such page {self.path!r}"}, HTTPStatus.NOT_FOUND)
+                self._json({"error": f"no such page {path!r}"}, HTTPStatus.NOT_FOUND)
 
         def do_POST(self) -> None:  # noqa: N802
-            n = int(self.headers.get("Content-Length") or 0)
-            if n > MAX_BODY:
-                self._json({"error": "request too large"}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            try:
+                host = guard.host(self.headers)
+                guard.origin(self.headers, host)
+                guard.session(self.headers)
+                n = guard.body_length(self.headers)
+            except Refused as e:
+                self._refuse(e)
                 return
             try:
                 body = json.loads(self.rfile.read(n) or b"{}")

@@ -19,7 +19,7 @@ def make_step(i: int, rng: np.random.Generator, *, cams=("agentview", "wrist")) 
         "state": rng.standard_normal(8),
         "ee_pos": rng.standard_normal(3).astype(np.float32),
         "ee_quat": rng.standard_normal(4),
-        "ee_vel": rng.standard_normal(6),
+        "ee_vel": rng.standard_normal(3),
         "action_chunk": rng.standard_normal((5, 7)).astype(np.float32),
         "action": rng.standard_normal(7).astype(np.float32),
         "reward": float(i) * 0.5,

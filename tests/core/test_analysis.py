@@ -129,3 +129,13 @@ def test_carrying_starts_at_the_first_close_command_when_the_gripper_convention_
     store = open_store(tmp_path)
     m = episode_metrics(store.load(store.episode_ids()[0]))
     assert m.carry_height == pytest.approx(np.mean([0.8 + 0.01 * t for t in range(6, 10)]))
+
+
+def test_speed_is_linear_only_even_in_stores_written_with_angular_velocity():
+    from vla_steer.core.analysis.metrics import linear_speed
+
+    legacy = np.array(
+        [[0.3, 0.4, 0.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]]
+    )  # [v (m/s), w (rad/s)]
+    np.testing.assert_allclose(linear_speed(legacy), [0.5, 0.0])
+    np.testing.assert_allclose(linear_speed(legacy[:, :3]), [0.5, 0.0])

@@ -60,3 +60,37 @@ def test_an_installed_wheel_finds_its_configs_and_the_demo_weights(tmp_path):
         found["weights"].startswith(str(site)) and (Path(found["weights"]) / "policy_config.json").is_file()
     )
     assert {"speed.yaml", "height.yaml"} <= set(found["concepts"])
+
+
+def test_a_key_given_twice_is_refused_in_every_config(tmp_path):
+    """Every config goes through load_yaml_model: a repeated key names the file, the key and both lines."""
+    from pydantic import BaseModel
+
+    from vla_steer.core.config import load_yaml, load_yaml_model
+
+    class Limits(BaseModel):
+        max_linear_speed: float
+        nested: dict = {}
+
+    path = tmp_path / "robot.yaml"
+    path.write_text("max_linear_speed: 0.15\nnested: {a: 1}\nmax_linear_speed: 2.0\n")
+    with pytest.raises(
+        ValueError, match=r"robot\.yaml: key 'max_linear_speed' appears twice \(lines 1 and 3\)"
+    ):
+        load_yaml_model(path, Limits)
+    path.write_text("max_linear_speed: 0.15\nnested:\n  a: 1\n  b: 2\n  a: 3\n")
+    with pytest.raises(ValueError, match=r"key 'a' appears twice \(lines 3 and 5\)"):
+        load_yaml_model(path, Limits)
+    path.write_text("max_linear_speed: 0.15\nnested: {a: 1, b: 2}\n")
+    assert load_yaml_model(path, Limits).nested == {"a": 1, "b": 2}
+    # A merge key may be overridden (that is what it is for): not a repeat.
+    path.write_text("base: &b {a: 1, b: 2}\nnested:\n  <<: *b\n  a: 3\n")
+    assert load_yaml(path)["nested"] == {"a": 3, "b": 2}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_shipped_configs_have_no_repeated_keys(group):
+    from vla_steer.core.config import load_yaml
+
+    for path in shipped(group).glob("*.yaml"):
+        load_yaml(path)  # raises DuplicateKeyError

@@ -26,6 +26,7 @@ def test_schema_errors_name_the_field(tmp_path):
     bad(r"^state: .*\(9,\).*\(8,\)", state=np.zeros(9))
     bad(r"^action: .*float64", action=np.zeros(7))
     bad(r"^ee_quat: expected shape \(4,\)", ee_quat=np.zeros(3))
+    bad(r"^ee_vel: expected shape \(3,\)", ee_vel=np.zeros(6))  # linear only: no rad/s in the speed
     bad(r"images\['wrist'\]: .*uint8", images={**first["images"], "wrist": np.zeros((12, 16, 3), np.float32)})
     bad(
         r"images\['front'\]: not in the episode's first step",

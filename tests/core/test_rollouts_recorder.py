@@ -58,6 +58,7 @@ def test_steps_and_steering_changes_make_an_episode(tmp_path):
         "seed": 3,
         "success": True,
         "length": 5,
+        "conventions": {"ee_quat": "xyzw", "ee_vel": "linear m/s, world (robot base) frame", "ee_pos": "m"},
     }
     np.testing.assert_array_equal(ep.arrays["action"][:, 0], np.arange(5, dtype=np.float32))
     np.testing.assert_array_equal(ep.arrays["t_wall"], 1000.0 + np.arange(5))
@@ -154,3 +155,15 @@ def test_ending_from_another_thread_while_stepping(tmp_path):
     infos = open_store(tmp_path).episodes()
     assert [i.id for i in infos] == rec.episode_ids
     assert all(i.complete for i in infos) and sum(i.n_steps for i in infos) == n
+
+
+def test_the_layout_joins_the_writers_own_conventions(tmp_path):
+    from vla_steer.core.rollouts.format import CONVENTIONS
+
+    rec = EpisodeRecorder(Recorder(tmp_path), {"conventions": {"gripper": "open_positive"}})
+    rec.step(make_step(0, None))
+    info = rec.end(True)
+    assert open_store(tmp_path).load(info.id).meta["conventions"] == {
+        "gripper": "open_positive",
+        **CONVENTIONS,
+    }

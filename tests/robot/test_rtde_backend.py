@@ -16,7 +16,7 @@ from robot.shared import Cmd, Mode, Reason, Shared
 
 CFG = load_robot_config("ur5e")
 FAULTS = CFG.faults.model_copy(update={"reconnect_interval": 0.02, "policy_liveness": 0.5})
-CFG = CFG.model_copy(update={"faults": FAULTS})
+CFG = CFG.model_copy(update={"faults": FAULTS, "gripper": None})  # the gripper: test_gripper.py
 HOME_POSE = [-0.4, -0.2, 0.3, 0.0, 3.14, 0.0]
 
 
@@ -297,3 +297,25 @@ def test_missing_ur_rtde_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "rtde_control", None)
     with pytest.raises(ImportError, match="pip install ur-rtde"):
         RTDEBackend(CFG, "192.0.2.10").connect()
+
+
+def test_rt_priority_the_system_refuses_is_a_clear_error_not_a_silent_fallback(monkeypatch):
+    import os
+    import subprocess
+
+    from support import VLA_STEER
+
+    from robot.servo_process import check_rt_priority
+
+    def refuse(pid, policy, param):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    with pytest.raises(
+        RuntimeError, match=r"refuses real-time priority 50 \(Operation not permitted\).*rtprio"
+    ):
+        check_rt_priority(50)
+    check_rt_priority(0)  # not asked for: nothing to check
+    out = subprocess.run([VLA_STEER, "robot", "--backend", "mujoco", "--rt-priority", "1000"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "SCHED_FIFO priorities are 1..99" in out.stderr, out.stderr

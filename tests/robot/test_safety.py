@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from robot.config import RobotConfig, load_robot_config
 from robot.geometry import mat_to_rotvec, rotvec_to_mat, rpy_to_mat
@@ -198,3 +200,106 @@ def test_rotation_vectors_whose_norm_overflows_still_give_a_rotation():
 
     m = rotvec_to_mat(np.array([0.0, 0.0, 0.0, 0.0, 1.27e308, 1.27e308])[3:])  # found by hypothesis
     assert np.all(np.isfinite(m)) and np.allclose(m @ m.T, np.eye(3)) and np.isclose(np.linalg.det(m), 1.0)
+
+
+# Every safety setting with values that would loosen or switch off its safeguard. A new field in these
+# sections must be added here (test_every_safety_field_has_a_range_test).
+OUT_OF_RANGE = {
+    "controller_hz": [0, 5, 1000, math.inf],
+    "limits.workspace.min": [[-0.6, -0.6, -math.inf], [-60.0, -0.6, 0.1], [math.nan, 0, 0]],
+    "limits.workspace.max": [[-0.2, 0.2, math.inf], [-0.2, 20.0, 0.6]],
+    "limits.max_linear_speed": [0, -0.1, 2.0, math.inf, math.nan],
+    "limits.max_linear_accel": [0, -1, 21, math.inf],
+    "limits.max_angular_speed": [0, -1, 3.2, math.inf],
+    "limits.max_angular_accel": [0, -1, 61, math.inf],
+    "limits.joint_min": [[-7.0, -6.0, -3.0, -6.0, -6.0, -6.0], [-math.inf, -6.0, -3.0, -6.0, -6.0, -6.0]],
+    "limits.joint_max": [[7.0, 6.0, 3.0, 6.0, 6.0, 6.0], [math.nan, 6.0, 3.0, 6.0, 6.0, 6.0]],
+    "limits.max_joint_speed": [
+        [1e6, 1, 1, 1, 1, 1],
+        [3.2, 1, 1, 1, 1, 1],
+        [0, 1, 1, 1, 1, 1],
+        [math.inf] * 6,
+    ],
+    "limits.max_joint_accel": [[1e6, 1, 1, 1, 1, 1], [41, 1, 1, 1, 1, 1], [-1, 1, 1, 1, 1, 1]],
+    "limits.gripper.min": [-0.01, 0.09, math.nan],
+    "limits.gripper.max": [0.2, -0.01, math.inf],
+    "limits.gripper.max_speed": [0, 0.5, math.inf],
+    "faults.max_action_age": [0, -1, 6, math.inf, math.nan],
+    "faults.policy_liveness": [0, 3, math.inf],
+    "faults.heartbeat_interval": [0, 0.6, math.inf],
+    "faults.watchdog_min_hz": [0, 1, 9, math.inf],
+    "faults.stop_decel": [0, 0.1, 100, math.inf],
+    "faults.reconnect_interval": [0, 0.01, 100, math.inf],
+    "faults.joint_margin": [-0.1, 1.0, math.inf],
+    "faults.rest_linear_speed": [0, 0.1, math.inf],
+    "faults.rest_angular_speed": [0, 1.0, math.inf],
+    "faults.resume_timeout": [0, 0.1, 100, math.inf],
+    "servo_params.lookahead_time": [0, 0.01, 0.5, math.inf],
+    "servo_params.gain": [0, 50, 5000, math.inf],
+    "gripper.force": [0, 19, 300, math.inf],  # N: the 2F-85's 20..235
+}
+
+
+def _with(data: dict, dotted: str, value) -> dict:
+    data = copy.deepcopy(data)
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return data
+
+
+@pytest.mark.parametrize(("key", "values"), OUT_OF_RANGE.items(), ids=list(OUT_OF_RANGE))
+def test_every_safety_field_refuses_values_out_of_its_range(key, values):
+    base = load_robot_config("ur5_cb3").model_dump(mode="python")
+    RobotConfig.model_validate(base)  # the base is valid: each refusal below is the one value's
+    for value in values:
+        with pytest.raises(ValidationError) as e:
+            RobotConfig.model_validate(_with(base, key, value))
+        locs = {".".join(str(x) for x in err["loc"] if not isinstance(x, int)) for err in e.value.errors()}
+        assert key in locs, (key, value, e.value)
+
+
+def test_every_safety_field_has_a_range_test():
+    from robot.config import Faults, GripperLimits, Limits, ServoParams, Workspace
+
+    sections = {"limits": Limits, "limits.workspace": Workspace, "limits.gripper": GripperLimits,
+                "faults": Faults, "servo_params": ServoParams}  # fmt: skip
+    fields = {f"{where}.{name}" for where, model in sections.items() for name in model.model_fields}
+    fields -= {"limits.workspace", "limits.gripper"}
+    assert fields - set(OUT_OF_RANGE) == set()
+
+
+def test_inf_in_a_yaml_config_is_refused_with_the_file_and_key(tmp_path):
+    text = (ROBOTS / "ur5e.yaml").read_text()
+    bad = tmp_path / "robot.yaml"
+    bad.write_text(text.replace("max_action_age: 0.5", "max_action_age: .inf"))
+    with pytest.raises(
+        ValueError, match=r"robot\.yaml: faults\.max_action_age: Input should be a finite number"
+    ):
+        load_robot_config(bad)
+    bad.write_text(text.replace("max_linear_speed: 0.15", "max_linear_speed: 0.15\n  max_linear_speed: 2.0"))
+    with pytest.raises(ValueError, match=r"robot\.yaml: key 'max_linear_speed' appears twice"):
+        load_robot_config(bad)
+
+
+def test_a_cb3_config_cannot_ask_for_500_hz_and_the_watchdog_not_above_the_loop():
+    base = load_robot_config("ur5_cb3").model_dump(mode="python")
+    with pytest.raises(ValidationError, match="at most 125 Hz"):
+        RobotConfig.model_validate(_with(base, "controller_hz", 500))
+    with pytest.raises(ValidationError, match="watchdog_min_hz 200 is above controller_hz 125"):
+        RobotConfig.model_validate(_with(base, "faults.watchdog_min_hz", 200))
+
+
+def test_quaternions_are_xyzw_as_the_sim_nodes_store_them():
+    from robot.geometry import mat_to_quat
+
+    R = rotvec_to_mat(np.array([0.0, 0.0, math.pi / 2]))
+    assert np.allclose(mat_to_quat(R), [0, 0, math.sin(math.pi / 4), math.cos(math.pi / 4)])
+    assert np.allclose(mat_to_quat(np.eye(3)), [0, 0, 0, 1])
+    transform_utils = pytest.importorskip("robosuite.utils.transform_utils")  # the sim nodes' source
+    rng = np.random.default_rng(0)
+    for r in rng.uniform(-3, 3, (20, 3)):
+        ours, theirs = mat_to_quat(rotvec_to_mat(r)), transform_utils.mat2quat(rotvec_to_mat(r))
+        assert np.allclose(ours, theirs, atol=1e-6) or np.allclose(ours, -theirs, atol=1e-6)

@@ -1,5 +1,8 @@
 """YAML config files validated by pydantic models, with errors that name the file, the key and the rule.
 
+A key given twice in one mapping is an error, not "the last one wins": a second `max_linear_speed` line
+must not silently replace the first.
+
 Torch-free: the LIBERO node reads its sim config from its own environment. The shipped configs are package
 data (`vla_steer/configs/{concepts,policies,sims,robots}`), so an installed wheel finds them by name.
 """
@@ -36,14 +39,47 @@ def resolve_config(arg: str | Path, group: str) -> Path:
     raise FileNotFoundError(f"{arg}: no such file, and no shipped {group} config of that name ({names})")
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: object, line: int, first: int):
+        super().__init__(f"key {key!r} appears twice (lines {first} and {line})")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key repeated in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden, by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, line, seen[key])
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class says so
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | Path) -> object:
+    """The YAML document in `path` (yaml.safe_load's types); a repeated key raises `DuplicateKeyError`."""
+    with open(path, encoding="utf-8") as f:
+        return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml_model(path: str | Path, model: type[Model], what: str = "config") -> Model:
     """`model` validated from the YAML file at `path` (an empty file is an empty mapping)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path)
         return model.model_validate(raw if raw is not None else {})
+    except DuplicateKeyError as e:
+        raise ValueError(f"{path}: {e} (a second line would silently replace the first)") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
     except ValidationError as e:

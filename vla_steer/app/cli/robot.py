@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 from pathlib import Path
 
-from robot.control import DEFAULT_CONTROL
+from robot.control import DEFAULT_CONTROL, operator_token_path, read_operator_token
 
 DEFAULT_UI_PORT = 8765
 
@@ -40,8 +41,19 @@ def add_robot_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="rollout store for the episodes (default: no recording)")
     p.add_argument("--prompt", help="the task instruction (default: the config's)")
     p.add_argument("--no-autostart", action="store_true", help="wait for an operator's resume before moving")
-    p.add_argument("--rt-priority", type=int, default=0, help="SCHED_FIFO priority for the servo process")
+    p.add_argument(
+        "--rt-priority",
+        type=int,
+        default=0,
+        help="SCHED_FIFO priority for the servo process (an error where the system refuses it)",
+    )
     p.add_argument("--infer-timeout", type=float, default=2.0, help="seconds to wait for one inference")
+    p.add_argument(
+        "--operator-token-file",
+        type=Path,
+        help="where to keep this launch's operator token, which resume needs (default: "
+        "$XDG_RUNTIME_DIR/vla-steer/robot-<control>.operator, mode 0600; `knobs ui` reads it there)",
+    )
     from vla_steer.app.cli.args import add_security  # the same key options as `knobs` (a client of the node)
 
     add_security(p, server=False)
@@ -50,12 +62,16 @@ def add_robot_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_robot(args) -> int:
-    from robot.config import load_robot_config
+    from robot.config import load_robot_config, safety_summary
     from robot.node import RobotNode
+    from robot.servo_process import check_rt_priority
 
     if args.backend == "rtde" and not args.host:
         raise ValueError("--backend rtde needs --host ROBOT_IP")
-    cfg = load_robot_config(args.config or ("ur5e_mujoco" if args.backend == "mujoco" else "ur5e"))
+    check_rt_priority(args.rt_priority)  # fail fast: a refused priority is not silently dropped
+    config = args.config or ("ur5e_mujoco" if args.backend == "mujoco" else "ur5e")
+    cfg = load_robot_config(config)
+    print(safety_summary(cfg, config), flush=True)  # what will be enforced, before anything moves
     node = RobotNode(
         cfg,
         args.backend,
@@ -70,19 +86,50 @@ def cmd_robot(args) -> int:
         server_key=args.server_key,
         keypair=args.keypair,
     )
+    from robot.control import write_operator_token
+
+    token_file = args.operator_token_file or operator_token_path(args.control)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with node:
-        print(
-            f"robot node: {cfg.name} ({args.backend}) at {cfg.controller_hz:g} Hz following {node.info.policy} "
-            f"on {args.server}; control socket {node.control_address}",
-            flush=True,
-        )
-        while not stop.wait(0.2) and node.servo.process.is_alive():
-            pass
+    try:
+        write_operator_token(token_file, node.operator_token)
+        with node:
+            print(
+                f"robot node: {cfg.name} ({args.backend}) at {cfg.controller_hz:g} Hz following "
+                f"{node.info.policy} on {args.server}; control socket {node.control_address}\n"
+                f"operator token in {token_file} (the knobs page reads it to resume); "
+                "type 'resume' or 'stop' + Enter here",
+                flush=True,
+            )
+            threading.Thread(target=_console, args=(node,), name="robot-console", daemon=True).start()
+            while not stop.wait(0.2) and node.servo.process.is_alive():
+                pass
+    finally:
+        if read_operator_token(token_file) == node.operator_token:  # not a later launch's
+            token_file.unlink()
     print("stopped", flush=True)
     return 0
+
+
+def _console(node) -> None:
+    """The operator at the robot's console: `resume` / `stop` / `status` lines on stdin."""
+    for line in sys.stdin:
+        cmd = line.strip().lower()
+        if cmd in ("r", "resume"):
+            try:
+                node.resume()
+                print("resume: following fresh actions once the arm is at rest", flush=True)
+            except RuntimeError as e:
+                print(f"resume refused: {e}", flush=True)
+        elif cmd in ("s", "stop"):
+            node.stop()
+            print("stop: servoStop sent", flush=True)
+        elif cmd == "status":
+            st = node.status()
+            print(f"mode {st.mode.name.lower()} ({st.reason.name.lower()})", flush=True)
+        elif cmd:
+            print(f"unknown command {cmd!r}: resume, stop or status", flush=True)
 
 
 def add_knobs_ui_options(p: argparse.ArgumentParser) -> None:
@@ -94,7 +141,24 @@ def add_knobs_ui_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--port", type=int, default=DEFAULT_UI_PORT, help=f"web server port (default {DEFAULT_UI_PORT})"
     )
-    g.add_argument("--allow-remote", action="store_true", help="serve the page beyond loopback (no auth!)")
+    g.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="serve the page beyond loopback (the URL's secret is the login)",
+    )
+    g.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name the page may be reached as (besides loopback and --bind); repeatable",
+    )
+    g.add_argument(
+        "--operator-token-file",
+        type=Path,
+        help="the robot node's operator token, which resume needs (default: the file `vla-steer robot` "
+        "writes for --robot)",
+    )
 
 
 def cmd_knobs_ui(args) -> int:
@@ -108,11 +172,19 @@ def cmd_knobs_ui(args) -> int:
         allow_remote=args.allow_remote,
         server_key=getattr(args, "server_key", None),
         keypair=getattr(args, "keypair", None),
+        operator_token=read_operator_token(args.operator_token_file or operator_token_path(args.robot)),
+        allowed_hosts=tuple(args.allow_host),
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with ui:
-        print(f"knobs UI on {ui.url} (policy {args.server}, robot {args.robot})", flush=True)
+        resume = (
+            "can resume"
+            if ui.operator_token
+            else "CANNOT resume (no operator token: see --operator-token-file)"
+        )
+        print(f"knobs UI on {ui.url} (policy {args.server}, robot {args.robot}; {resume})", flush=True)
+        print("open that URL once: it carries this launch's secret and sets the page's cookie", flush=True)
         stop.wait()
     return 0

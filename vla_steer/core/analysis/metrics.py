@@ -77,10 +77,16 @@ class EpisodeMetrics:
                     "mode": s["mode"], "label": self.setting.label}  # fmt: skip
 
 
+def linear_speed(ee_vel: np.ndarray) -> np.ndarray:
+    """|linear velocity| per step, m/s. Stores written before the one layout (the robot node then wrote
+    [vx vy vz wx wy wz]) still give m/s: rad/s never enters the speed."""
+    return np.linalg.norm(np.asarray(ee_vel)[:, :3], axis=1)
+
+
 def episode_metrics(ep: Episode, window: int = WINDOW) -> EpisodeMetrics:
     a = ep.arrays
     n = ep.n_steps
-    speed = np.linalg.norm(a["ee_vel"], axis=1) if n else np.zeros(0)
+    speed = linear_speed(a["ee_vel"]) if n else np.zeros(0)
     pos = a["ee_pos"] if n else np.zeros((0, 3))
     steps = np.linalg.norm(np.diff(pos, axis=0), axis=1) if n > 1 else np.zeros(0)
     carrying = _carrying(ep)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vla_steer.core.analysis import plots
-from vla_steer.core.analysis.metrics import EpisodeMetrics, Setting, by_setting, store_metrics
+from vla_steer.core.analysis.metrics import EpisodeMetrics, Setting, by_setting, linear_speed, store_metrics
 from vla_steer.core.analysis.probes import NeuronTrack, layer_histogram, neuron_tracks
 from vla_steer.core.analysis.stats import Estimate, mean_ci, relative_change
 from vla_steer.core.discovery.direction import Direction, load_directions
@@ -205,7 +205,7 @@ def _figures(a: Analysis, store: Store, control_hz: float | None) -> dict[str, b
         if label is not None and len(paths[label]) < 5:
             ep = store.load(r.episode, images=False, activations=False)
             paths[label].append(ep.arrays["ee_pos"])
-            speeds[label].append(np.linalg.norm(ep.arrays["ee_vel"], axis=1))
+            speeds[label].append(linear_speed(ep.arrays["ee_vel"]))
     dt = 1.0 / control_hz if control_hz else None
     if any(paths.values()):
         figs["trajectories"] = plots.trajectories({k: v for k, v in paths.items() if v}, dt)

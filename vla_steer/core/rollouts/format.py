@@ -36,12 +36,16 @@ DTYPES = frozenset(
     {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
     | {"float16", "float32", "float64"}
 )
+# The one pose and velocity layout of every writer (sim nodes, robot node), recorded in each episode's
+# metadata's "conventions" (beside the writer's own, e.g. its gripper's): a quaternion is (x, y, z, w); ee_vel
+# is the linear velocity only.
+CONVENTIONS = {"ee_quat": "xyzw", "ee_vel": "linear m/s, world (robot base) frame", "ee_pos": "m"}
 # Per-step array fields: name -> required shape (None: any, fixed by the episode's first step) and ndim.
 VECTORS: dict[str, tuple[tuple[int, ...] | None, int]] = {
     "state": (None, 1),
     "ee_pos": ((3,), 1),
     "ee_quat": ((4,), 1),
-    "ee_vel": (None, 1),
+    "ee_vel": ((3,), 1),
     "action_chunk": (None, 2),
     "action": (None, 1),
 }

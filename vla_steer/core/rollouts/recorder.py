@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vla_steer.core.rollouts.episode import EpisodeInfo
-from vla_steer.core.rollouts.format import SchemaError, plain
+from vla_steer.core.rollouts.format import CONVENTIONS, SchemaError, plain
 from vla_steer.core.rollouts.writer import EpisodeWriter, Recorder
 
 if TYPE_CHECKING:  # a type only: the store imports without the wire's sockets (the LIBERO venv writes it)
@@ -117,7 +117,8 @@ class EpisodeRecorder:
                 writer.abort(reason)
 
     def _open(self, meta: dict[str, Any]) -> None:
-        self._writer = self.recorder.start_episode(meta)
+        conventions = {**(meta.get("conventions") or {}), **CONVENTIONS}  # the writer's (gripper, ...) kept
+        self._writer = self.recorder.start_episode({**meta, "conventions": conventions})
         self.episode_ids.append(self._writer.id)
         self._steering = None
         pending, self._pending = self._pending, []
