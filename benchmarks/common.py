@@ -7,14 +7,16 @@ module from its own directory, so nothing here may depend on being installed as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,3 +287,41 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
         "--out", type=Path, default=RESULTS_DIR, help="directory for the JSON result (default: %(default)s)"
     )
     return p
+
+
+# -- a policy node to measure against ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def tiny_vla_node(tmp: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`vla-steer serve` for a fresh TinyVLA, run as a user runs it: (process, address), stopped on exit."""
+    from policies.tiny_vla import TinyVLA
+
+    TinyVLA.build(seed=0).save(tmp / "policy")
+    (tmp / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = subprocess.Popen(
+        [VLA_STEER, "serve", "--policy", str(tmp / "policy.yaml"), "--bind", address],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    try:
+        line = server.stdout.readline()
+        if "serving" not in line:
+            raise RuntimeError(f"vla-steer serve did not start (it said {line!r})")
+        yield server, address
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -18,10 +18,7 @@ transient; a real VLA's idle RSS is many GB.
 
 from __future__ import annotations
 
-import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
-from common import VLA_STEER, arg_parser, load_average, machine, meets_target, write_result  # noqa: E402
+from common import arg_parser, load_average, machine, meets_target, tiny_vla_node, write_result  # noqa: E402
 
 from vla_steer.wire import Client, RemoteError, decode, encode  # noqa: E402
 
@@ -45,12 +42,6 @@ CLIENTS = 8
 OVERSIZE_FRAME = 24 << 20  # 3 of them: 72 MB, over the 64 MB request cap; each frame within it
 IMAGE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
 OBS = {"instruction": "pick up the red block", "images": {"agentview": IMAGE}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _status(pid: int, key: str) -> int:
@@ -158,20 +149,11 @@ def _client(address: str, seed: int, stop: threading.Event, tally: Tally) -> Non
 
 def main() -> None:
     args = arg_parser(__doc__.splitlines()[0]).parse_args()
-    from policies.tiny_vla import TinyVLA
 
     duration = 20.0 if args.quick else 300.0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        TinyVLA.build(seed=0).save(tmp / "policy")
-        (tmp / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        server = subprocess.Popen(
-            [VLA_STEER, "serve", "--policy", str(tmp / "policy.yaml"), "--bind", address],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
-        try:
-            assert "serving" in server.stdout.readline()
+        with tiny_vla_node(tmp) as (server, address):
             with Client(address, timeout=60) as c:
                 for _ in range(5):
                     c.infer(OBS)  # warm: the first inferences allocate the model's working memory
@@ -196,9 +178,6 @@ def main() -> None:
             elapsed = time.monotonic() - t0
             peak, end = _status(server.pid, "VmHWM"), _status(server.pid, "VmRSS")
             alive = server.poll() is None
-        finally:
-            server.terminate()
-            server.wait(10)
     ratio = peak / idle
     valid_all = tally.answered["valid"] == tally.sent["valid"]
     result = {

@@ -13,8 +13,6 @@ the servo process at SCHED_FIFO N, and stops with a clear error where the system
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,15 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from common import VLA_STEER, arg_parser, load_average, machine, meets_target, write_result  # noqa: E402
+from common import arg_parser, free_port, load_average, machine, meets_target, tiny_vla_node, write_result  # noqa: E402
 
 STOP_TARGET_MS = 100.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_after_kill(node, server: subprocess.Popen) -> float:
@@ -77,48 +69,38 @@ def _config(case: str, tmp: Path):
 def run_case(case: str, duration: float, rt_priority: int, quick: bool) -> dict:
     from functools import partial
 
-    from policies.tiny_vla import TinyVLA
     from robot.node import RobotNode
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cfg = _config(case, tmp)
-        TinyVLA.build(seed=0).save(tmp / "policy")
-        (tmp / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        server = subprocess.Popen(
-            [VLA_STEER, "serve", "--policy", str(tmp / "policy.yaml"), "--bind", address],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
-        controller, options, host, port = None, {}, None, _free_port()
+        controller, options, host, port = None, {}, None, free_port()
         trace = tmp / "trace.npy"
         try:
-            assert "serving" in server.stdout.readline()
-            if case == "rtde":
-                from fake_controller import FakeControl, FakeReceive, start_controller
+            with tiny_vla_node(tmp) as (server, address):
+                if case == "rtde":
+                    from fake_controller import FakeControl, FakeReceive, start_controller
 
-                controller, host = start_controller(port), "127.0.0.1"
-                options = {"control_factory": partial(FakeControl, port=port),
-                           "receive_factory": partial(FakeReceive, port=port)}  # fmt: skip
-            ticks = int((duration + 5) * cfg.controller_hz)
-            node = RobotNode(
-                cfg, case, server=address, host=host, control=f"tcp://127.0.0.1:{_free_port()}",
-                out=tmp / "runs", infer_timeout=10.0, trace_path=trace, trace_ticks=ticks,
-                backend_options=options, rt_priority=rt_priority,
-            )  # fmt: skip
-            with node:
-                deadline = time.monotonic() + 30
-                while node.status().chunk_used == 0 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                t0 = time.monotonic()
-                time.sleep(duration)
-                t1 = time.monotonic()
-                stats = node.stats
-                stop_ms = _stop_after_kill(node, server)
-            data = np.load(trace)
+                    controller, host = start_controller(port), "127.0.0.1"
+                    options = {"control_factory": partial(FakeControl, port=port),
+                               "receive_factory": partial(FakeReceive, port=port)}  # fmt: skip
+                ticks = int((duration + 5) * cfg.controller_hz)
+                node = RobotNode(
+                    cfg, case, server=address, host=host, control=f"tcp://127.0.0.1:{free_port()}",
+                    out=tmp / "runs", infer_timeout=10.0, trace_path=trace, trace_ticks=ticks,
+                    backend_options=options, rt_priority=rt_priority,
+                )  # fmt: skip
+                with node:
+                    deadline = time.monotonic() + 30
+                    while node.status().chunk_used == 0 and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    t0 = time.monotonic()
+                    time.sleep(duration)
+                    t1 = time.monotonic()
+                    stats = node.stats
+                    stop_ms = _stop_after_kill(node, server)
+                data = np.load(trace)
         finally:
-            server.terminate()
-            server.wait(10)
             if controller is not None:
                 from fake_controller import stop_controller
 

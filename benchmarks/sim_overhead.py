@@ -11,8 +11,6 @@ the reference. Headline: median overhead / median bare env step; target <= 0.10.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,74 +19,64 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import VLA_STEER, arg_parser, load_average, machine, median, meets_target, summary, write_result  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import (  # noqa: E402
+    arg_parser,
+    load_average,
+    machine,
+    median,
+    meets_target,
+    summary,
+    tiny_vla_node,
+    write_result,
+)
 
 
 def main() -> None:
     args = arg_parser(__doc__.splitlines()[0]).parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from policies.tiny_vla import TinyVLA
     from sim.robosuite_env import RobosuiteEnv, load_sim_config
     from vla_steer.core.rollouts import EpisodeRecorder, Recorder
     from vla_steer.wire import Client
-    from vla_steer.wire.messages import Observation, Step
+    from vla_steer.wire.messages import Step
 
     steps, blocks = (20, 2) if args.quick else (60, 5)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        TinyVLA.build(seed=0).save(tmp / "policy")
-        (tmp / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
-        address = f"tcp://127.0.0.1:{_free_port()}"
-        server = subprocess.Popen(
-            [VLA_STEER, "serve", "--policy", str(tmp / "policy.yaml"), "--bind", address],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
-        try:
-            assert "serving" in server.stdout.readline()
-            with Client(address, timeout=30) as client:
-                info = client.hello()
-                env = RobosuiteEnv(load_sim_config("robosuite_lift"), info)
-                recorder = EpisodeRecorder(Recorder(tmp / "store"), {"benchmark": "sim_overhead"})
-                obs = env.reset(0)
-                zero = np.zeros(env.action_dim)
-                total, env_in_loop, model, bare = [], [], [], []
-                for _ in range(3):  # warm-up: first render, first inference
+        with tiny_vla_node(tmp) as (_, address), Client(address, timeout=30) as client:
+            info = client.hello()
+            env = RobosuiteEnv(load_sim_config("robosuite_lift"), info)
+            recorder = EpisodeRecorder(Recorder(tmp / "store"), {"benchmark": "sim_overhead"})
+            obs = env.reset(0)
+            zero = np.zeros(env.action_dim)
+            total, env_in_loop, model, bare = [], [], [], []
+            for _ in range(3):  # warm-up: first render, first inference
+                env.step(zero)
+                client.infer(obs.observation)
+            for block in range(blocks):
+                for _ in range(steps):  # bare env steps (the reference)
+                    t = time.perf_counter()
                     env.step(zero)
-                    client.infer(obs.payload())
-                for block in range(blocks):
-                    for _ in range(steps):  # bare env steps (the reference)
-                        t = time.perf_counter()
-                        env.step(zero)
-                        bare.append(time.perf_counter() - t)
-                    obs = env.reset(block + 1)
-                    for _ in range(steps):  # the full loop, as sim.runner runs it
-                        t0 = time.perf_counter()
-                        reply = client.infer(obs.payload())
-                        chunk = np.array(reply.actions, dtype=np.float64)
-                        t1 = time.perf_counter()
-                        result = env.step(chunk[0])
-                        t2 = time.perf_counter()
-                        recorder.step(Step(
-                            Observation(obs.instruction, obs.images, obs.state), action=chunk[0], action_chunk=chunk,
-                            ee_pos=obs.ee_pos, ee_quat=obs.ee_quat, ee_vel=obs.ee_vel, reward=result.reward,
-                            t_sim=result.observation.t_sim, steering=reply.info.get("steering", {}),
-                        ), episode=f"bench-{block}")  # fmt: skip
-                        t3 = time.perf_counter()
-                        total.append(t3 - t0)
-                        env_in_loop.append(t2 - t1)
-                        model.append(reply.info["policy_ms"] / 1e3)
-                        obs = result.observation
-                    recorder.end()
-                env.close()
-        finally:
-            server.terminate()
-            server.wait(10)
+                    bare.append(time.perf_counter() - t)
+                obs = env.reset(block + 1)
+                for _ in range(steps):  # the full loop, as sim.runner runs it
+                    t0 = time.perf_counter()
+                    reply = client.infer(obs.observation)
+                    chunk = np.array(reply.actions, dtype=np.float64)
+                    t1 = time.perf_counter()
+                    result = env.step(chunk[0])
+                    t2 = time.perf_counter()
+                    recorder.step(Step(
+                        obs.observation, action=chunk[0], action_chunk=chunk,
+                        ee_pos=obs.ee_pos, ee_quat=obs.ee_quat, ee_vel=obs.ee_vel, reward=result.reward,
+                        t_sim=result.observation.t_sim, steering=reply.info.get("steering", {}),
+                    ), episode=f"bench-{block}")  # fmt: skip
+                    t3 = time.perf_counter()
+                    total.append(t3 - t0)
+                    env_in_loop.append(t2 - t1)
+                    model.append(reply.info["policy_ms"] / 1e3)
+                    obs = result.observation
+                recorder.end()
+            env.close()
 
     overhead = [t - e - m for t, e, m in zip(total, env_in_loop, model, strict=True)]
     value = median(overhead) / median(bare)

@@ -34,11 +34,6 @@ class SimObservation:
         """What the policy is asked to act on (`client.infer(sim_obs.observation)`), in the wire's schema."""
         return Observation(self.instruction, self.images, self.state)
 
-    def payload(self) -> dict[str, Any]:
-        """The infer payload; kept for sim/runner.py and benchmarks/sim_overhead.py until they pass
-        `.observation` to `Client.infer`."""
-        return self.observation.to_payload()
-
 
 @dataclass
 class StepResult:

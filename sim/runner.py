@@ -33,7 +33,7 @@ import numpy as np
 from sim.base import SimEnv
 from vla_steer.core.rollouts import EpisodeRecorder, Event
 from vla_steer.wire import Client, Code, ProtocolError, RemoteError, RequestTimeout
-from vla_steer.wire.messages import Observation, Step
+from vla_steer.wire.messages import Step
 
 STILL = 0.01  # m/s: an end effector slower than this is holding still
 
@@ -154,7 +154,7 @@ def run_episodes(
             while step < max_steps and not done:
                 reply = watch.call(
                     "infer",
-                    lambda o=obs: client.infer(o.payload(), activations=wanted),
+                    lambda o=obs: client.infer(o.observation, activations=wanted),
                     name,
                     step,
                     summaries,
@@ -175,7 +175,7 @@ def run_episodes(
                     state.displacements.append(float(np.linalg.norm(new.ee_pos - obs.ee_pos)))
                     state.heights.append(float(new.ee_pos[2]))
                     executed = Step(
-                        observation=Observation(obs.instruction, obs.images, obs.state),
+                        observation=obs.observation,
                         action=action,
                         action_chunk=chunk,
                         ee_pos=obs.ee_pos,
