@@ -1,7 +1,8 @@
-"""Robot configs (`configs/robots/*.yaml`): limits, fault behaviour and the policy's action convention.
+"""Robot configs (`vla_steer/configs/robots/*.yaml`, or your own): limits, fault behaviour and the policy's
+action convention.
 
 Validated by pydantic through `vla_steer.core.config.load_yaml_model`, so a bad file fails with its path, the
-key and what was allowed ("configs/robots/x.yaml: action.convention: Input should be 'ee_delta', ..."), and
+key and what was allowed ("my_ur5e.yaml: action.convention: Input should be 'ee_delta', ..."), and
 a key given twice is refused. Torch-free: the servo process imports it.
 
 No safety setting can switch its safeguard off: every number is finite (`.inf` is refused everywhere),

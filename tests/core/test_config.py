@@ -94,3 +94,18 @@ def test_shipped_configs_have_no_repeated_keys(group):
 
     for path in shipped(group).glob("*.yaml"):
         load_yaml(path)  # raises DuplicateKeyError
+
+
+@pytest.mark.parametrize("path", sorted(shipped("policies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_policy_configs_point_where_their_comments_say(path):
+    """A checkpoint path is relative to its YAML file: a shipped one must land in the checkout (or the demo's
+    package), never inside vla_steer/ where no checkpoint lives (the configs moved one level deeper once)."""
+    from policies import read_policy_config
+
+    cfg = read_policy_config(path)
+    if not cfg.path.is_absolute():  # a hub id
+        return
+    package = shipped("policies").parents[1]  # .../vla_steer
+    assert package not in cfg.path.parents, f"{path.name}: path resolves to {cfg.path}"
+    if path.stem == "demo_vla":
+        assert (cfg.path / "policy_config.json").is_file()

@@ -1,4 +1,4 @@
-"""The policy node: a policy and its Steerer behind the transport's request handlers.
+"""The policy node: a policy and its Steerer behind the wire `Server`'s request handlers.
 
 `PolicyNode` answers hello (the policy's spec and its concepts), infer (one action chunk under one steering
 setting, plus the activations asked for), reset, and knobs (list / get / set / enable / disable / off,
@@ -78,7 +78,7 @@ class PolicyNode:
         """Concept name -> the Steerer holding it (concepts may also be added to a Steerer directly)."""
         return {name: st for st in self.steerers.values() for name in st.concepts}
 
-    # -- handlers (called by the transport Server) -------------------------------------------------
+    # -- handlers (called by the wire Server) -----------------------------------------------------
 
     def hello(self, req: Request) -> ServerInfo:
         spec = self.policy.spec

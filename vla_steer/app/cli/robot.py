@@ -25,14 +25,14 @@ def add_robot_parser(sub) -> argparse.ArgumentParser:
         "process (every command through the safety filter in the robot config), record every episode, and "
         "serve the control socket the knobs UI uses (stop / resume / status). Examples: `vla-steer robot "
         "--backend mujoco --server tcp://127.0.0.1:5555 --out runs/robot`; `vla-steer robot --backend rtde "
-        "--host 192.168.1.10 --config configs/robots/ur5e.yaml --out runs/ur5e`.",
+        "--host 192.168.1.10 --config my_ur5e.yaml --out runs/ur5e`.",
     )
     p.add_argument("--backend", choices=("rtde", "mujoco"), required=True)
     p.add_argument("--host", help="the robot's IP address (rtde backend)")
     p.add_argument(
         "--config",
         default=None,
-        help="robot config YAML or a name in configs/robots (default: ur5e_mujoco for mujoco, ur5e for rtde)",
+        help="robot config YAML, or the name of a shipped one (vla_steer/configs/robots; default: ur5e_mujoco for mujoco, ur5e for rtde)",
     )
     p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy node's address")
     p.add_argument(
