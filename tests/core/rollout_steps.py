@@ -12,14 +12,15 @@ from vla_steer.core.rollouts import Episode, Recorder
 STEER = {"fast": {"mode": "clamp", "strength": 4.0, "enabled": True, "layers": [15, 16]}}
 
 
-def make_step(i: int, rng: np.random.Generator, *, cams=("agentview", "wrist")) -> dict:
-    """Every field, with values derived from `i` so any step can be checked on its own."""
+def make_step(i: int, rng: np.random.Generator, *, cams=("agentview", "wrist"), ee_vel_dim: int = 3) -> dict:
+    """Every field, with values derived from `i` so any step can be checked on its own. (`ee_vel_dim=6`: the
+    layout stores had before the velocity convention became linear only.)"""
     return {
         "images": {c: rng.integers(0, 256, (12, 16, 3), dtype=np.uint8) for c in cams},
         "state": rng.standard_normal(8),
         "ee_pos": rng.standard_normal(3).astype(np.float32),
         "ee_quat": rng.standard_normal(4),
-        "ee_vel": rng.standard_normal(3),
+        "ee_vel": rng.standard_normal(ee_vel_dim),
         "action_chunk": rng.standard_normal((5, 7)).astype(np.float32),
         "action": rng.standard_normal(7).astype(np.float32),
         "reward": float(i) * 0.5,

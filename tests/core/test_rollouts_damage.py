@@ -250,7 +250,8 @@ def test_logs_written_before_resync_still_read(tmp_path):
     """`tests/data/rollout_log_v1.bin` was written by the store before this change (`record(root, 4, seed=7)` of
     tests/core/rollout_steps.py at commit 442d290): the framing is unchanged, and old logs resynchronise too."""
     old = (DATA / "rollout_log_v1.bin").read_bytes()
-    _, steps = record(tmp_path / "ref", 4, seed=7)  # the same steps, recorded now
+    rng = np.random.default_rng(7)  # the same steps, drawn as record() drew them then (6-d ee_vel)
+    steps = [make_step(i, rng, ee_vel_dim=6) for i in range(4)]
     root = tmp_path / "store"
     Recorder(root)
     ep_dir = root / "episodes" / "000000-00000000"
