@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from support import VLA_STEER
 
 from policies import load_policy
 from policies.resolve import resolve_policy
@@ -74,3 +76,12 @@ def test_the_fine_tune_runs_its_own_embed_tokens_not_lm_head(tmp_path):
     obs, noise, want, _, _ = reference("finetuned")
     got = load_policy(resolve_policy(copy, n_action_steps=6)).infer(obs, noise=noise).actions
     assert np.abs(got - want).max() > 200 * ATOL
+
+
+def test_discover_takes_a_lerobot_fine_tune_as_a_user_would(tmp_path):
+    """`vla-steer discover <the LeRobot-written fine-tune>`: the installed command, in a subprocess."""
+    out = tmp_path / "directions"
+    r = subprocess.run([VLA_STEER, "discover", str(DATA / "finetuned"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=170)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and any(out.iterdir())
