@@ -107,6 +107,28 @@ def test_serve_refuses_a_used_port_before_loading(corrupt):
     assert f"--bind {address}: cannot listen there" in err and "Choose another port" in err
 
 
+def test_knobs_ui_refuses_a_used_port_before_connecting():
+    """The policy and robot addresses are listening sockets: the refused page must not have dialled either."""
+    with socket.socket() as busy, socket.socket() as policy, socket.socket() as robot:
+        for s in (busy, policy, robot):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        port = busy.getsockname()[1]
+        policy_at, robot_at = (f"tcp://127.0.0.1:{s.getsockname()[1]}" for s in (policy, robot))
+        err = refused("knobs", "--server", policy_at, "ui", "--robot", robot_at, "--port", str(port))
+        for s in (policy, robot):
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.accept()
+    assert f"--port {port} on 127.0.0.1: cannot listen there" in err and "knobs ui` running?" in err
+
+
+def test_knobs_ui_names_its_flags_for_a_remote_bind_and_a_bad_port():
+    err = refused("knobs", "ui", "--bind", "0.0.0.0", "--port", "0")
+    assert "--bind 0.0.0.0" in err and "--allow-remote" in err and "allow_remote=True" not in err
+    assert "--port 70000: a TCP port is 0..65535" in refused("knobs", "ui", "--port", "70000")
+
+
 def test_serve_names_its_flags_for_an_insecure_bind(corrupt):
     err = refused("serve", "--policy", str(corrupt["pi0_lerobot"]), "--bind", "tcp://0.0.0.0:5599")
     assert "--allow-insecure" in err and "--keypair" in err and "allow_insecure=True" not in err

@@ -143,7 +143,7 @@ def test_bad_openpi_options_fail_before_loading_weights(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        with pytest.raises(RuntimeError, match=f"--openpi-port {busy.getsockname()[1]} on 127.0.0.1"):
+        with pytest.raises(ValueError, match=f"--openpi-port {busy.getsockname()[1]} on 127.0.0.1"):
             settings("--openpi-port", str(busy.getsockname()[1]))
     (tmp_path / "token").write_text("a-token-of-sufficient-length\n")
     remote = settings("--openpi-port", "0", "--openpi-host", "0.0.0.0", "--openpi-allow-remote",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,3 +139,18 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--video", metavar="CAMERA", help="also write an mp4 per episode from this camera (e.g. agentview)"
     )
     add_security(p, server=False)
+
+
+def check_port_free(what: str, host: str, port: int, hint: str) -> None:
+    """Refuse a TCP port that cannot be listened on, naming the flag (`what`): before any weights load or
+    anything connects. Port 0 (the OS picks) and ``*`` (every interface) are understood."""
+    if port == 0:
+        return
+    host = "0.0.0.0" if host == "*" else host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ and http.server bind
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"{what}: cannot listen there ({e.strerror or e}); {hint}") from None

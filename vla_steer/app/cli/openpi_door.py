@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vla_steer.app.cli.args import check_port_free
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def openpi_settings(args: argparse.Namespace) -> OpenpiSettings | None:
                 f"--openpi-keys: {keys!r} is neither a preset {sorted(PRESETS)} nor a file"
             )
         keys = KeyMap.from_dict(yaml.safe_load(path.read_text()), f"--openpi-keys {path}")
-    _check_port_free(args.openpi_host, args.openpi_port)
+    check_port_free(f"--openpi-port {args.openpi_port} on {args.openpi_host}", args.openpi_host, args.openpi_port,
+                    "choose another port, e.g. --openpi-port 8001")  # fmt: skip
     return OpenpiSettings(args.openpi_host, args.openpi_port, keys, token, args.openpi_allow_remote,
                           tuple(args.openpi_allow_origin))  # fmt: skip
 
@@ -112,15 +114,3 @@ def openpi_door(server: Any, settings: OpenpiSettings | None) -> Iterator[None]:
                       allowed_origins=s.origins) as door:  # fmt: skip
         print(f"openpi websocket on {door.url} (keys: {door.keys.describe()})", flush=True)
         yield
-
-
-def _check_port_free(host: str, port: int) -> None:
-    if port == 0:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host.strip("[]"), port))
-        except OSError as e:
-            raise RuntimeError(f"--openpi-port {port} on {host}: {e.strerror}") from None

@@ -163,7 +163,18 @@ def add_knobs_ui_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_knobs_ui(args) -> int:
     from robot.ui.server import KnobsUI
+    from vla_steer.app.cli.args import check_port_free
+    from vla_steer.wire.security import is_loopback
 
+    if not (args.allow_remote or is_loopback(f"tcp://{args.bind}:0")):
+        raise ValueError(
+            f"--bind {args.bind}: the knobs page can stop and start the robot; serve it on loopback (the "
+            "default) and use an SSH tunnel, or pass --allow-remote"
+        )
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: a TCP port is 0..65535")
+    check_port_free(f"--port {args.port} on {args.bind}", args.bind, args.port,
+                    "is another `vla-steer knobs ui` running? Choose another, e.g. --port 0 (any free port)")  # fmt: skip
     ui = KnobsUI(
         policy=args.server,
         robot=args.robot,

@@ -126,23 +126,13 @@ def check_listen(args) -> None:
 
 def _check_port_free(flag: str, address: str) -> None:
     import re
-    import socket
+
+    from vla_steer.app.cli.args import check_port_free
 
     m = re.fullmatch(r"tcp://(\[?[^\]]*\]?|[^:]*):(\d+)", address)
-    if not m or m.group(2) == "0":
-        return  # ipc://, wildcard ports: nothing to probe
-    host = m.group(1).strip("[]")
-    host = "0.0.0.0" if host == "*" else host
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
-        try:
-            probe.bind((host, int(m.group(2))))
-        except OSError as e:
-            raise ValueError(
-                f"{flag} {address}: cannot listen there ({e.strerror}); is another `vla-steer serve` running? "
-                "Choose another port, e.g. --bind tcp://127.0.0.1:5565"
-            ) from None
+    if m:  # ipc:// has no port to probe
+        hint = "is another `vla-steer serve` running? Choose another port, e.g. --bind tcp://127.0.0.1:5565"
+        check_port_free(f"{flag} {address}", m.group(1), int(m.group(2)), hint)
 
 
 def cmd_keys(args) -> int:
