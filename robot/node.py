@@ -336,7 +336,9 @@ class RobotNode:
         )
         self.shared.write_chunk(times, wps, t_obs)
         self.stats.inferences += 1
-        self._record(st, obs, result, wps)
+        # A chunk that arrives after a stop is never followed: it is no step, and must not open an episode.
+        if self.shared.status().mode in (Mode.RUNNING, Mode.HOLD):
+            self._record(st, obs, result, wps)
         self._stop.wait(max(0.0, t_obs + period - time.monotonic()))
 
     # -- recording
