@@ -99,3 +99,10 @@ def test_names_that_would_escape_the_directory_are_refused(tmp_path):
         import_paper_yaml("up:\n  5: fast\n", d_mlp=10)
     with pytest.raises(ValueError, match="no paths"):
         Direction("a/b", "c", []).save(tmp_path)
+
+
+def test_paper_yaml_with_a_repeated_key_is_refused():
+    from vla_steer.core.config import DuplicateKeyError
+
+    with pytest.raises(DuplicateKeyError, match="fast"):
+        import_paper_yaml("fast: {5: [a]}\nfast: {7: [b]}\n", d_mlp=4)

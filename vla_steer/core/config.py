@@ -64,10 +64,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def parse_yaml(text: str) -> object:
+    """A YAML document (yaml.safe_load's types); a repeated key raises `DuplicateKeyError`."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> object:
     """The YAML document in `path` (yaml.safe_load's types); a repeated key raises `DuplicateKeyError`."""
-    with open(path, encoding="utf-8") as f:
-        return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    return parse_yaml(Path(path).read_text(encoding="utf-8"))
 
 
 def load_yaml_model(path: str | Path, model: type[Model], what: str = "config") -> Model:

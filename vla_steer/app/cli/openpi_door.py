@@ -87,14 +87,14 @@ def openpi_settings(args: argparse.Namespace) -> OpenpiSettings | None:
         )
     keys: Any = args.openpi_keys
     if keys not in PRESETS:
-        import yaml
+        from vla_steer.core.config import load_yaml
 
         path = Path(keys)
         if not path.is_file():
             raise FileNotFoundError(
                 f"--openpi-keys: {keys!r} is neither a preset {sorted(PRESETS)} nor a file"
             )
-        keys = KeyMap.from_dict(yaml.safe_load(path.read_text()), f"--openpi-keys {path}")
+        keys = KeyMap.from_dict(load_yaml(path), f"--openpi-keys {path}")  # a repeated key is refused
     check_port_free(f"--openpi-port {args.openpi_port} on {args.openpi_host}", args.openpi_host, args.openpi_port,
                     "choose another port, e.g. --openpi-port 8001")  # fmt: skip
     return OpenpiSettings(args.openpi_host, args.openpi_port, keys, token, args.openpi_allow_remote,

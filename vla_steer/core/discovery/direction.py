@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from vla_steer.core.config import parse_yaml
 from vla_steer.core.steering import Neuron
 
 FORMAT_VERSION = 1
@@ -156,7 +157,7 @@ def import_paper_yaml(
     if d_mlp < 1:
         raise ValueError(f"d_mlp must be a positive number of neurons per layer, got {d_mlp}")
     text = Path(source).read_text(encoding="utf-8") if _is_path(source) else str(source)
-    doc = yaml.safe_load(text) or {}
+    doc = parse_yaml(text) or {}  # a repeated dictionary name or index is refused, not silently merged
     if not isinstance(doc, dict):
         raise ValueError("paper dictionary YAML must map dictionary names to {flat_index: [tokens]}")
     out = {}
