@@ -353,7 +353,11 @@ def _status_bytes(pid: int, key: str) -> int:
 def test_oversized_requests_for_a_while_leave_the_nodes_memory_bounded(checkpoint):
     """`vla-steer serve` refuses 60 requests of 72 MB (3 frames of 24 MB, each within the 64 MB cap, their
     sum beyond it): its peak RSS stays within one request in flight of its idle RSS (2x for allocator
-    slack), it frees them (no growth by the end), and it answers every valid request in between."""
+    slack), it does not grow over the last 50 of them, and it answers every valid request in between.
+
+    glibc may keep one freed request's pages for reuse (its mmap threshold rises to 32 MB after the first
+    free), so "freed" is measured as no growth after the first ten, not as a return to the idle RSS: a leak
+    of even one frame per request would add 1.2 GB over the last 50."""
     request = 3 * (24 << 20)
     address = free_address()
     proc = serve_process(checkpoint, address)
@@ -369,10 +373,18 @@ def test_oversized_requests_for_a_while_leave_the_nodes_memory_bounded(checkpoin
                     c.infer({**OBS, "pad": [pad, pad, pad]})
                 if i % 10 == 0:
                     assert c.infer(OBS).actions.shape == (1, 7)
+                if i == 9:
+                    settled = _status_bytes(proc.pid, "VmRSS")
             peak, end = _status_bytes(proc.pid, "VmHWM"), _status_bytes(proc.pid, "VmRSS")
-        growth = {"idle_mb": idle >> 20, "peak_mb": peak >> 20, "end_mb": end >> 20}
+        growth = {
+            "idle_mb": idle >> 20,
+            "settled_mb": settled >> 20,
+            "peak_mb": peak >> 20,
+            "end_mb": end >> 20,
+        }
         assert peak - idle <= 2 * request, growth
-        assert end - idle <= request, growth
+        assert end - settled <= request, growth
+        assert end - idle <= 2 * request, growth
     finally:
         proc.kill()
         proc.wait(10)
