@@ -206,9 +206,10 @@ def run_episodes(
             if recorder is not None:
                 recorder.abort(f"{type(e).__name__}: {e}")
             raise
-        summaries.append(_summary(name, ep_seed, success, step, state, t0, None))
+        summary = _summary(name, ep_seed, success, step, state, t0, None)
+        summaries.append(summary)
         if recorder is not None:
-            recorder.end(success, seed=ep_seed)
+            recorder.end(success, seed=ep_seed, summary=_recorded(summary))
     return summaries
 
 
@@ -231,6 +232,21 @@ def _summary(
         wall_s=time.perf_counter() - t0,
         error=error,
     )
+
+
+def _recorded(s: EpisodeSummary) -> dict[str, Any]:
+    """What an episode's final metadata says of it (`sim.grid.results` reads it back; NaN stored as None)."""
+    keys = (
+        "length",
+        "inferences",
+        "mean_ee_speed",
+        "mean_ee_displacement",
+        "mean_ee_height",
+        "return_",
+        "wall_s",
+    )
+    values = {k: getattr(s, k) for k in keys}
+    return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in values.items()}
 
 
 def _check_chunk(
