@@ -1,7 +1,8 @@
 """The policy node: a policy and its Steerer behind the wire `Server`'s request handlers.
 
 `PolicyNode` answers hello (the policy's spec and its concepts), infer (one action chunk under one steering
-setting, plus the activations asked for), reset, and knobs (list / get / set / enable / disable / off,
+setting: the request's own `steer` map if it carries one, else the live knobs; plus the activations asked
+for), reset, and knobs (list / get / set / enable / disable / off,
 from any client while inferences run). Every infer reply's telemetry carries the action, the steering
 state in force and the time spent in the policy.
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from vla_steer.core.activations import ActivationRecorder, layer_of
 from vla_steer.core.discovery.direction import Direction
 from vla_steer.core.policy import Policy
-from vla_steer.core.steering import Steerer
+from vla_steer.core.steering import Setting, Steerer
 from vla_steer.wire import (
     Code,
     InferResult,
@@ -107,12 +108,17 @@ class PolicyNode:
         if obs.state is not None:
             _check_representable(obs.state, self.steerer.dtype)
         selection = self._selection(req.payload.get("activations") or [])
+        setting = self.resolve_steer(req.payload.get("steer"))
         t0 = time.perf_counter()
-        # One inference, one steering setting: a knob change made meanwhile applies from the next one.
+        # One inference, one steering setting: the request's own, else the live knobs (a knob change made
+        # meanwhile applies from the next inference).
         with contextlib.ExitStack() as stack:
-            for st in self.steerers.values():
-                stack.enter_context(st.consistent())
-            steering = {k: v for st in self.steerers.values() for k, v in st.applied_state().items()}
+            for key, st in self.steerers.items():
+                stack.enter_context(st.consistent(None if setting is None else setting[key]))
+            if setting is None:
+                steering = {k: v for st in self.steerers.values() for k, v in st.applied_state().items()}
+            else:
+                steering = {k: v for s in setting.values() for k, v in s.state().items()}
             recorders = []
             for key, group in _by_backbone(selection).items():
                 neurons = [n for _, ns in group for n in ns]
@@ -140,6 +146,29 @@ class PolicyNode:
             "episode": self.episode,
         }
         return Reply(InferResult(actions, activations, info), telemetry)
+
+    def resolve_steer(self, steer: Mapping[str, float] | None) -> dict[str, Setting] | None:
+        """A request's own steering setting, one `Setting` per steered stack (None: the live knobs apply).
+        Checked like a knobs request: an unknown knob or a strength out of bounds is a BAD_PAYLOAD error
+        naming the knob, and nothing changes."""
+        if steer is None:
+            return None
+        owner = self._owner
+        unknown = [name for name in steer if name not in owner]
+        if unknown:
+            known = ", ".join(owner) or "none"
+            raise ProtocolError(
+                Code.BAD_PAYLOAD, f"steer: unknown knob {unknown[0]!r} (known: {known})", "steer"
+            )
+        try:
+            return {
+                key: st.resolve({n: v for n, v in steer.items() if owner[n] is st})
+                for key, st in self.steerers.items()
+            }
+        except (KeyError, ValueError) as e:
+            raise ProtocolError(
+                Code.BAD_PAYLOAD, f"steer: {str(e).strip(chr(39) + chr(34))}", "steer"
+            ) from None
 
     def reset(self, req: Request) -> dict[str, Any]:
         self.policy.reset()

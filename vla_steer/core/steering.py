@@ -28,7 +28,7 @@ import math
 import numbers
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -261,16 +261,7 @@ class Steerer:
     def state(self) -> dict[str, dict]:
         """A snapshot of every concept's settings (what telemetry and the knobs UI show)."""
         with self._lock:
-            return {
-                c.name: {
-                    "mode": c.mode,
-                    "strength": c.strength,
-                    "enabled": c.enabled,
-                    "n_neurons": len(c.neurons),
-                    "layers": sorted({n.layer for n in c.neurons}),
-                }
-                for c in self._concepts.values()
-            }
+            return _describe(self._concepts.values())
 
     @property
     def positions(self) -> str:
@@ -312,17 +303,39 @@ class Steerer:
             return {name: dict(s) for name, s in self._applied.items()}
 
     @contextlib.contextmanager
-    def consistent(self) -> Iterator[Steerer]:
+    def consistent(self, setting: Setting | None = None) -> Iterator[Steerer]:
         """Run a block under one setting: a whole inference (prefill and every decoded token) sees the
-        settings in force at entry; changes made meanwhile are applied when the next forward starts."""
+        settings in force at entry; changes made meanwhile are applied when the next forward starts.
+
+        With `setting` (from `resolve`), the block runs under that setting instead of the live one, which
+        stays as it is and is back in the hooks at the next forward outside the block."""
         with self._forward:
-            if not self._frozen:
+            if setting is not None and self._frozen:
+                raise RuntimeError("a consistent(setting) block cannot nest in another consistent() block")
+            if setting is not None:
+                self._write(self._compose(setting.concepts.values()))
+                self._dirty = True  # the hooks hold the request's setting: the next forward re-syncs
+            elif not self._frozen:
                 self._sync()
             self._frozen += 1
             try:
                 yield self
             finally:
                 self._frozen -= 1
+
+    def resolve(self, strengths: Mapping[str, float]) -> Setting:
+        """A complete setting of this Steerer's concepts: the named ones enabled at those strengths, every
+        other one off. Checked like `update` (unknown name: KeyError; strength or overlap out of bounds:
+        ValueError, naming the concept); the live settings are not touched. For `consistent(setting)`."""
+        with self._lock:
+            concepts = {n: replace(c, enabled=False) for n, c in self._concepts.items()}
+        for name, strength in strengths.items():
+            if name not in concepts:
+                self._get(name)  # raises the usual "unknown concept" KeyError
+            c = concepts[name]
+            c.strength, c.enabled = self._check_strength(name, strength, c.mode), True
+        self.check_bounds(concepts.values())
+        return Setting(concepts)
 
     # -- hooks -------------------------------------------------------------------------------------
 
@@ -430,16 +443,18 @@ class Steerer:
             )
         return strength
 
-    def check_bounds(self) -> None:
-        """Raise ValueError if the enabled concepts together push a neuron beyond its mode's bound."""
+    def check_bounds(self, concepts: Iterable[ConceptState] | None = None) -> None:
+        """Raise ValueError if the enabled concepts (the live ones, or `concepts`) together push a neuron
+        beyond its mode's bound."""
         act, gain_bound = strength_bound("clamp", self.dtype), strength_bound("scale", self.dtype)
-        for layer, (clamp, value, gain, offset) in self._compose().items():
+        concepts = list(self._concepts.values() if concepts is None else concepts)
+        for layer, (clamp, value, gain, offset) in self._compose(concepts).items():
             over = (torch.where(clamp, value, offset).abs() > act) | (gain.abs() > gain_bound)
             if over.any():
                 index = int(over.nonzero()[0, 0])
                 names = [
                     c.name
-                    for c in self._concepts.values()
+                    for c in concepts
                     if c.enabled and any(n.layer == layer and n.index == index for n in c.neurons)
                 ]
                 raise ValueError(
@@ -447,13 +462,13 @@ class Steerer:
                     f"(|value| <= {act:g} for clamp/add, |gain| <= {gain_bound:g} for scale)"
                 )
 
-    def _compose(self) -> dict[int, tuple[torch.Tensor, ...]]:
-        """(clamp mask, clamp value, gain, offset) per layer of an enabled concept, in float64.
-
-        Registration order decides overlaps: a later clamp wins; offsets add; gains multiply."""
+    def _compose(self, concepts: Iterable[ConceptState] | None = None) -> dict[int, tuple[torch.Tensor, ...]]:
+        """(clamp mask, clamp value, gain, offset) per layer of an enabled concept (the live ones, or
+        `concepts`), in float64. Registration order decides overlaps: a later clamp wins; offsets add;
+        gains multiply."""
         d_mlp = self.backbone.d_mlp
         out: dict[int, tuple[torch.Tensor, ...]] = {}
-        for c in self._concepts.values():
+        for c in self._concepts.values() if concepts is None else concepts:
             if not c.enabled:
                 continue
             for n in c.neurons:
@@ -497,17 +512,45 @@ class Steerer:
         with self._lock:
             if not self._dirty:
                 return
-            composed = self._compose()
-            for layer, buf in self._buffers.items():
-                if layer in composed:
-                    clamp, value, gain, offset = composed[layer]
-                    buf.keep.copy_(torch.where(clamp, 0.0, gain))
-                    buf.fill.copy_(torch.where(clamp, value, offset))
-                else:
-                    buf.keep.fill_(1.0)
-                    buf.fill.zero_()
+            self._write(self._compose())
             self._applied = self.state()
             self._dirty = False
+
+    def _write(self, composed: dict[int, tuple[torch.Tensor, ...]]) -> None:
+        """Copy composed settings into every hooked layer's buffers. Needs `_forward`."""
+        for layer, buf in self._buffers.items():
+            if layer in composed:
+                clamp, value, gain, offset = composed[layer]
+                buf.keep.copy_(torch.where(clamp, 0.0, gain))
+                buf.fill.copy_(torch.where(clamp, value, offset))
+            else:
+                buf.keep.fill_(1.0)
+                buf.fill.zero_()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A complete, checked setting of one Steerer's concepts (`Steerer.resolve`), applied to one inference
+    by `Steerer.consistent(setting)` without touching the live knobs."""
+
+    concepts: Mapping[str, ConceptState]
+
+    def state(self) -> dict[str, dict]:
+        """In `Steerer.state()`'s format: what an inference under this setting reports."""
+        return _describe(self.concepts.values())
+
+
+def _describe(concepts: Iterable[ConceptState]) -> dict[str, dict]:
+    return {
+        c.name: {
+            "mode": c.mode,
+            "strength": c.strength,
+            "enabled": c.enabled,
+            "n_neurons": len(c.neurons),
+            "layers": sorted({n.layer for n in c.neurons}),
+        }
+        for c in concepts
+    }
 
 
 def _parse_neuron(concept: str, n) -> Neuron:
