@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from sim.evaluate import SettingResult, setting_label
 from vla_steer.core.config import load_yaml, resolve_config
@@ -119,7 +120,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     """'2/4' -> (2, 4)."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not m:
-        raise ValueError(f"--shard {text!r}: expected i/N, e.g. 1/4 (shards are numbered from 1)")
+        raise ValueError(f"--shard {text}: expected i/N, e.g. 1/4 (shards are numbered from 1)")
     index, count = int(m.group(1)), int(m.group(2))
     if count < 1 or not 1 <= index <= count:
         raise ValueError(f"--shard {text}: expected 1 <= i <= N")
@@ -131,10 +132,13 @@ def parse_env(spec: str) -> list[Task]:
     name, sep, subset = spec.rpartition(":")
     if not sep or not _TASKS.match(subset):
         name, subset = spec, ""
-    path = resolve_config(name, "sims")
+    try:
+        path = resolve_config(name, "sims")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"argument --env: {e}") from None
     try:
         doc = load_yaml(path)
-    except Exception as e:  # the file's own loader would say the same; name the flag
+    except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"--env {spec}: {path} is not a readable YAML config ({e})") from None
     kind = doc.get("kind", "robosuite") if isinstance(doc, dict) else None
     if kind not in ("robosuite", "libero"):

@@ -116,7 +116,9 @@ def run_episodes(
     """Run `n_episodes` episodes of at most `max_steps` executed steps; returns one summary per episode.
 
     Episode i is named f"{episode_prefix}-{seed + i:04d}" and seeded `seed + i` (env and node). `steer`
-    ({"fast": 4.0}) is set with `client.set_knobs` once, before the first episode. `activations` (concept
+    ({"fast": 4.0}; {} unsteered) goes with every inference: each runs under exactly that setting, whatever
+    the node's live knobs are (untouched, so clients with other settings share the node); None leaves
+    the inferences to the live knobs (`vla-steer knobs`). `activations` (concept
     names or "layer:N") are requested with every inference and recorded with each step.
 
     Every executed step goes to `recorder` (one episode of its store per episode run, with the episode's
@@ -136,8 +138,7 @@ def run_episodes(
     watch = _Watch(client, dead_after)
     if not client.wait_alive(connect_timeout):
         raise PolicyNodeDied(f"no policy node answered at {client.address} within {connect_timeout}s", "", 0)
-    if steer:
-        watch.call("set_knobs", lambda: client.set_knobs(dict(steer)), "", 0, [])
+    setting = dict(steer) if steer is not None else None
     wanted = list(activations) if activations is not None else None
     summaries: list[EpisodeSummary] = []
     for i in range(n_episodes):
@@ -154,7 +155,7 @@ def run_episodes(
             while step < max_steps and not done:
                 reply = watch.call(
                     "infer",
-                    lambda o=obs: client.infer(o.observation, activations=wanted),
+                    lambda o=obs: client.infer(o.observation, steer=setting, activations=wanted),
                     name,
                     step,
                     summaries,
