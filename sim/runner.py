@@ -65,6 +65,8 @@ class EpisodeSummary:
     return_: float  # sum of rewards
     wall_s: float
     error: str | None = None
+    policy_s: float = 0.0  # of wall_s, waiting for the policy node (reset and infer requests)
+    sim_s: float = 0.0  # of wall_s, in the environment (reset and steps)
 
 
 class EpisodeError(RuntimeError):
@@ -94,6 +96,8 @@ class _Episode:
     heights: list[float] = field(default_factory=list)
     ret: float = 0.0
     inferences: int = 0
+    policy_s: float = 0.0
+    sim_s: float = 0.0
 
 
 def run_episodes(
@@ -148,11 +152,16 @@ def run_episodes(
         step = still = 0
         success = done = False
         try:
+            t = time.perf_counter()
             watch.call("reset", lambda n=name, s=ep_seed: client.reset(episode=n, seed=s), name, 0, summaries)
+            t_reset = time.perf_counter()
             obs = env.reset(ep_seed)
+            state.policy_s += t_reset - t
+            state.sim_s += time.perf_counter() - t_reset
             success = env.success()
             done = success and not settle
             while step < max_steps and not done:
+                t = time.perf_counter()
                 reply = watch.call(
                     "infer",
                     lambda o=obs: client.infer(o.observation, steer=setting, activations=wanted),
@@ -160,6 +169,7 @@ def run_episodes(
                     step,
                     summaries,
                 )
+                state.policy_s += time.perf_counter() - t
                 state.inferences += 1
                 chunk = _check_chunk(reply.actions, env.action_dim, name, step, summaries)
                 info = dict(reply.info)
@@ -168,7 +178,9 @@ def run_episodes(
                 n_exec = len(chunk) if execute_steps is None else min(execute_steps, len(chunk))
                 for k in range(n_exec):
                     action = chunk[k]
+                    t = time.perf_counter()
                     result = env.step(action)
+                    state.sim_s += time.perf_counter() - t
                     new = result.observation
                     success = env.success()
                     state.ret += result.reward
@@ -232,6 +244,8 @@ def _summary(
         return_=s.ret,
         wall_s=time.perf_counter() - t0,
         error=error,
+        policy_s=s.policy_s,
+        sim_s=s.sim_s,
     )
 
 
@@ -245,6 +259,8 @@ def _recorded(s: EpisodeSummary) -> dict[str, Any]:
         "mean_ee_height",
         "return_",
         "wall_s",
+        "policy_s",
+        "sim_s",
     )
     values = {k: getattr(s, k) for k in keys}
     return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in values.items()}
