@@ -27,7 +27,7 @@ import contextlib
 import math
 import numbers
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -83,20 +83,27 @@ class _LayerBuffers:
 
     `keep` and `fill` fold the four settings into one fused op, `m' = fill + m * keep`:
     clamped neurons get (keep 0, fill value), the others (keep gain, fill offset).
+
+    A batch whose samples run under different settings sets `rows`, (keep, fill) of shape [B, 1, d_mlp],
+    one row per sample, for its forwards only; every other forward (one setting, batched or not) reads the
+    shared [d_mlp] pair, at today's cost.
     """
 
     def __init__(self, d_mlp: int, device: torch.device, dtype: torch.dtype):
         self.keep = torch.ones(d_mlp, dtype=dtype, device=device)
         self.fill = torch.zeros(d_mlp, dtype=dtype, device=device)
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def hook_all(self, module: nn.Module, args: tuple) -> tuple:
-        return (torch.addcmul(self.fill, args[0], self.keep), *args[1:])
+        keep, fill = (self.keep, self.fill) if self.rows is None else self.rows
+        return (torch.addcmul(fill, args[0], keep), *args[1:])
 
     def hook_last(self, module: nn.Module, args: tuple) -> tuple:
         # Token positions are on dim -2; a one-token decode step is its own last position.
+        keep, fill = (self.keep, self.fill) if self.rows is None else (self.rows[0][:, 0], self.rows[1][:, 0])
         m = args[0]
         out = m.clone()
-        out[..., -1, :] = torch.addcmul(self.fill, m[..., -1, :], self.keep)
+        out[..., -1, :] = torch.addcmul(fill, m[..., -1, :], keep)
         return (out, *args[1:])
 
 
@@ -303,18 +310,25 @@ class Steerer:
             return {name: dict(s) for name, s in self._applied.items()}
 
     @contextlib.contextmanager
-    def consistent(self, setting: Setting | None = None) -> Iterator[Steerer]:
+    def consistent(self, setting: Setting | Sequence[Setting] | None = None) -> Iterator[Steerer]:
         """Run a block under one setting: a whole inference (prefill and every decoded token) sees the
         settings in force at entry; changes made meanwhile are applied when the next forward starts.
 
-        With `setting` (from `resolve`), the block runs under that setting instead of the live one, which
-        stays as it is and is back in the hooks at the next forward outside the block."""
+        With `setting` (from `resolve` or `live`), the block runs under that setting instead of the live
+        one, which stays as it is and is back in the hooks at the next forward outside the block. A list of
+        settings is one per sample of a batched forward (batch dimension first): when they all agree the
+        block costs what one setting costs; otherwise each hooked layer gets per-sample rows for the block.
+        """
+        if isinstance(setting, Sequence) and len({s.key for s in setting}) == 1:
+            setting = setting[0]  # the fast path: one shared setting
         with self._forward:
             if setting is not None and self._frozen:
                 raise RuntimeError("a consistent(setting) block cannot nest in another consistent() block")
-            if setting is not None:
+            if isinstance(setting, Setting):
                 self._write(self._compose(setting.concepts.values()))
                 self._dirty = True  # the hooks hold the request's setting: the next forward re-syncs
+            elif setting is not None:
+                self._write_rows(setting)
             elif not self._frozen:
                 self._sync()
             self._frozen += 1
@@ -322,6 +336,13 @@ class Steerer:
                 yield self
             finally:
                 self._frozen -= 1
+                for buf in self._buffers.values():
+                    buf.rows = None
+
+    def live(self) -> Setting:
+        """The live settings as a `Setting` (a copy: later knob changes do not alter it)."""
+        with self._lock:
+            return Setting({n: replace(c) for n, c in self._concepts.items()})
 
     def resolve(self, strengths: Mapping[str, float]) -> Setting:
         """A complete setting of this Steerer's concepts: the named ones enabled at those strengths, every
@@ -516,6 +537,25 @@ class Steerer:
             self._applied = self.state()
             self._dirty = False
 
+    def _write_rows(self, settings: Sequence[Setting]) -> None:
+        """Per-sample rows [B, 1, d_mlp] in every hooked layer, one per setting. Needs `_forward`."""
+        composed = {}  # each distinct setting composed once
+        for s in settings:
+            if s.key not in composed:
+                composed[s.key] = self._compose(s.concepts.values())
+        for layer, buf in self._buffers.items():
+            keep, fill = [], []
+            for s in settings:
+                if layer in composed[s.key]:
+                    clamp, value, gain, offset = composed[s.key][layer]
+                    keep.append(torch.where(clamp, 0.0, gain))
+                    fill.append(torch.where(clamp, value, offset))
+                else:
+                    keep.append(torch.ones(buf.keep.shape, dtype=torch.float64))
+                    fill.append(torch.zeros(buf.keep.shape, dtype=torch.float64))
+            like = {"dtype": buf.keep.dtype, "device": buf.keep.device}
+            buf.rows = (torch.stack(keep)[:, None].to(**like), torch.stack(fill)[:, None].to(**like))
+
     def _write(self, composed: dict[int, tuple[torch.Tensor, ...]]) -> None:
         """Copy composed settings into every hooked layer's buffers. Needs `_forward`."""
         for layer, buf in self._buffers.items():
@@ -534,6 +574,11 @@ class Setting:
     by `Steerer.consistent(setting)` without touching the live knobs."""
 
     concepts: Mapping[str, ConceptState]
+
+    @property
+    def key(self) -> tuple:
+        """Equal for settings that steer alike (what lets a batch share one setting)."""
+        return tuple((c.name, c.mode, c.strength) for c in self.concepts.values() if c.enabled)
 
     def state(self) -> dict[str, dict]:
         """In `Steerer.state()`'s format: what an inference under this setting reports."""
