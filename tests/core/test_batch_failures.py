@@ -90,3 +90,36 @@ def test_a_request_setting_write_failing_on_the_second_layer_leaves_the_live_kno
         node.infer(infer(OBS[0], {"wide": 60.0, "slow": 30.0}))
     monkeypatch.undo()
     assert_clean_like_fresh(node, fresh)
+
+
+def test_a_sample_the_policy_cannot_run_errors_alone_and_the_rest_of_its_batch_get_their_actions(
+    checkpoint, monkeypatch
+):
+    node = make_node(checkpoint)
+    poison = {"instruction": OBS[0]["instruction"], "images": {"agentview": np.zeros((32, 32, 3), np.uint8)}}
+    real = node.policy.infer_batch
+
+    def infer_batch(observations, episodes):  # faked: a policy that cannot run an all-black image
+        if any(not o.images["agentview"].any() for o in observations):
+            raise ValueError("cannot run an all-black image")
+        return real(observations, episodes)
+
+    monkeypatch.setattr(node.policy, "infer_batch", infer_batch)
+    batch = [infer(OBS[0], {"wide": 60.0}), infer(poison), infer(OBS[1], {}), infer(OBS[2])]
+    expected = [actions(node, r) for r in batch[:1] + batch[2:]]
+    replies = node.infer_batch(batch)
+    assert isinstance(replies[1], ValueError) and "all-black" in str(replies[1])
+    got = [r.payload.actions for r in replies[:1] + replies[2:]]
+    assert all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
+def test_a_batch_where_one_observation_lacks_the_state_the_policy_takes_is_refused_naming_it():
+    from policies.tiny_vla import TinyVLA, TinyVLAConfig
+    from vla_steer.wire import Observation
+
+    policy = TinyVLA.build(TinyVLAConfig(state_dim=3), seed=4)
+    with_state = [Observation(o["instruction"], o["images"], np.array([0.1, 0.2, 0.3])) for o in OBS[:2]]
+    stateless = Observation(OBS[2]["instruction"], OBS[2]["images"])
+    assert len(policy.infer_batch(with_state, [None, None])) == 2
+    with pytest.raises(ValueError, match=r"observations \[1\] have none"):
+        policy.infer_batch([with_state[0], stateless, with_state[1]], [None] * 3)
