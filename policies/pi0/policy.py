@@ -15,6 +15,8 @@ truncated to `tokenizer_max_length`; unpadded, which is exactly what padding to 
 computes. Images: uint8 [H, W, 3] at the model's resolution, scaled to [-1, 1]. State: normalised with
 the checkpoint's stats and zero-padded to `max_state_dim`; actions: the first `action_dim` of the
 `max_action_dim` outputs, un-normalised; the first `n_action_steps` of the `chunk_size` are returned.
+
+Over 400 lines for now: one model's loading, inputs, sampling and batching, kept whole while pi0.5 is added.
 """
 
 from __future__ import annotations
