@@ -75,15 +75,16 @@ def tiny_sizes() -> None:
         setattr(modeling_pi0, name, functools.partial(wrap, getattr(modeling_pi0, name)))
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(corpus: tuple[str, ...] = ()):
     """The project's tiny BPE tokenizer made to behave as PaliGemma's where pi0's prompt relies on it:
     BOS added, and "\\n" one token of its own (LeRobot tokenizes "task\\n" at once, this project BOS, the
-    task and "\\n" apart; PaliGemma gives the same ids either way, a plain Metaspace BPE does not)."""
+    task and "\\n" apart; PaliGemma gives the same ids either way, a plain Metaspace BPE does not).
+    `corpus`: more training text (pi0.5's prompt holds the state as numbers)."""
     from tokenizers import processors
 
     from vla_steer.core import tiny
 
-    tok = tiny.build_tokenizer(vocab_size=VOCAB - 8, extra_words=["quickly", "slowly"])
+    tok = tiny.build_tokenizer(vocab_size=VOCAB - 8, extra_words=["quickly", "slowly"], corpus=corpus)
     tok.add_tokens(["\n"])
     tok._tokenizer.post_processor = processors.TemplateProcessing(  # noqa: SLF001
         single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
