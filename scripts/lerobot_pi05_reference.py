@@ -11,8 +11,8 @@ reference.safetensors + reference.json: the inputs, the noise, LeRobot's interme
 embeddings, the prefix key/value cache of every layer, the velocity of the first flow step, all at the
 prefix's valid positions) and the actions its processors and `predict_action_chunk` produced.
 
-What is patched, and only to make the model tiny, is what the pi0 generator patches (the Gemma variants,
-the SigLIP tower, the vocabulary, the tokenizer); the tokenizer is also trained on numbers, because pi0.5
+What is patched, and only to make the model tiny, is what the pi0 generator patches, with its code (the
+Gemma variants, the SigLIP tower, the vocabulary, the tokenizer; the sizes are its sizes); the tokenizer is also trained on numbers, because pi0.5
 writes the discretised state into the prompt. Intermediates are read by wrapping LeRobot's own methods
 (their results are recorded, never changed).
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,13 +31,22 @@ from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
 from lerobot.policies.pi05 import modeling_pi05, processor_pi05
 from lerobot.policies.pi05.configuration_pi05 import PI05Config
 from lerobot.policies.pi05.modeling_pi05 import PI05Policy
-from lerobot_pi0_reference import EXPERT, PALIGEMMA, VISION, VOCAB, tiny_tokenizer
+from lerobot_pi0_reference import (
+    ACTION_DIM,
+    CHUNK,
+    INSTRUCTION,
+    MAX_ACTION,
+    MAX_STATE,
+    STATE_DIM,
+    VISION,
+    save_checkpoint,
+    tiny_sizes,
+    tiny_tokenizer,
+)
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "data" / "lerobot_pi05"
-STATE_DIM, ACTION_DIM, MAX_STATE, MAX_ACTION, CHUNK = 8, 7, 12, 10, 6
-INSTRUCTION = "pick up the red block"
 # What the state bins are written with: every bin number, and the prompt's frame.
 STATE_CORPUS = (" ".join(str(i) for i in range(-1, 256)), "Task: the cube, State: 1 2 3;\nAction: ")
 # case -> (normalisation of state and actions, use_relative_actions, untie and fine-tune the embeddings)
@@ -46,27 +54,6 @@ CASES = {
     "plain": ("QUANTILES", False, False),  # pi0.5's default
     "meanstd_relative_finetuned": ("MEAN_STD", True, True),
 }
-
-
-def tiny_sizes() -> None:
-    """Shrink LeRobot's hard-coded sizes where its classes are built (nothing it computes changes)."""
-    modeling_pi05.get_gemma_config = lambda variant: PALIGEMMA if variant == "gemma_2b" else EXPERT
-
-    def paligemma(real, config):
-        config.text_config.vocab_size = VOCAB
-        v = config.vision_config
-        v.hidden_size, v.intermediate_size = VISION["hidden"], VISION["intermediate"]
-        v.num_hidden_layers, v.num_attention_heads = VISION["depth"], VISION["num_heads"]
-        v.patch_size, v.projection_dim = VISION["patch"], PALIGEMMA.width
-        return real(config=config)
-
-    def expert(real, config):
-        config.vocab_size = VOCAB  # its lm_head is never used, but saved
-        return real(config=config)
-
-    for name, wrap in (("PaliGemmaForConditionalGenerationWithPiGemma", paligemma),
-                       ("PiGemmaForCausalLM", expert)):  # fmt: skip
-        setattr(modeling_pi05, name, functools.partial(wrap, getattr(modeling_pi05, name)))
 
 
 def record_intermediates(model) -> dict:
@@ -147,18 +134,7 @@ def build_case(name: str, norm: str, relative: bool, untie: bool, tok) -> None:
     stats = {k: {s: torch.tensor(v, dtype=torch.float32) for s, v in d.items()} for k, d in stats.items()}
     pre, post = processor_pi05.make_pi05_pre_post_processors(config, dataset_stats=stats)
 
-    out = OUT / name
-    shutil.rmtree(out, ignore_errors=True)
-    policy.save_pretrained(out)
-    pre.save_pretrained(out)
-    post.save_pretrained(out)
-    tok.save_pretrained(out)
-    data = json.loads((out / "config.json").read_text())
-    data["vla_steer_architecture"] = {
-        "paligemma": vars(PALIGEMMA), "expert": vars(EXPERT), "vision": VISION, "vocab_size": VOCAB,
-        "max_state_dim": MAX_STATE, "max_action_dim": MAX_ACTION,
-    }  # fmt: skip
-    (out / "config.json").write_text(json.dumps(data, indent=4))
+    out = save_checkpoint(OUT / name, policy, pre, post, tok)
 
     # LeRobot's inference on fixed inputs: preprocessor -> predict_action_chunk(noise) -> postprocessor.
     pixels = {k: torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
@@ -193,7 +169,7 @@ def build_case(name: str, norm: str, relative: bool, untie: bool, tok) -> None:
 
 
 def main() -> int:
-    tiny_sizes()
+    tiny_sizes(modeling_pi05)
     tok = tiny_tokenizer(STATE_CORPUS)
     processor_pi05.TokenizerProcessorStep = functools.partial(
         processor_pi05.TokenizerProcessorStep, tokenizer=tok
