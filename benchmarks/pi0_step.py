@@ -133,7 +133,9 @@ def measure(policy: PI0Policy, size: int, reps: int, device: str) -> dict:
 def run(doc: str, name: str = NAME, target: float = TARGET, variant: str = "pi0") -> None:
     args = arg_parser(doc.splitlines()[0]).parse_args()
     # pi0.5 writes the state into its prompt as numbers: the tokenizer learns them
-    corpus = [" ".join(str(i) for i in range(-1, 256)), "Task: State: ;\nAction: "] if variant == "pi05" else None
+    corpus = (
+        [" ".join(str(i) for i in range(-1, 256)), "Task: State: ;\nAction: "] if variant == "pi05" else None
+    )
     tok = tiny.build_tokenizer(vocab_size=512, corpus=corpus)
     results = {"tiny_cpu_fp32": measure(tiny_policy(tok, variant), 32, 5 if args.quick else 30, "cpu")}
     device = "cuda" if torch.cuda.is_available() else None

@@ -277,3 +277,15 @@ def test_one_inference_is_one_forward_of_the_steered_root(policy):
     policy.infer(make_obs(), noise=noise_of(0))
     handle.remove()
     assert calls == [1]
+
+
+def test_the_command_refuses_a_kind_the_checkpoint_contradicts(pi05_dir):
+    """`vla-steer discover <pi0.5 dir> --kind pi0`: refused before any weights load, naming both kinds."""
+    import subprocess
+
+    from support import VLA_STEER
+
+    r = subprocess.run([VLA_STEER, "discover", str(pi05_dir), "--kind", "pi0"], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode != 0
+    assert "holds a checkpoint of kind pi05, but --kind pi0 was given" in r.stderr
