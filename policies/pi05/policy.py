@@ -48,8 +48,11 @@ class PI05Policy(PI0Policy):
         ids = [self.tokenizer.bos_token_id, *self.tokenizer.encode(text, add_special_tokens=False)]
         return ids[: self.cfg.tokenizer_max_length]
 
+    def observation_prompt_ids(self, obs: Observation) -> list[int]:
+        return self.prompt_ids(obs.instruction, self.normalized_state(obs))
+
     def model_inputs(
         self, obs: Observation, noise: torch.Tensor | np.ndarray | None = None
     ) -> dict[str, Any]:
         """The tensors `PI05Model.forward` takes, batch of one: no state tensor (it is in the tokens)."""
-        return self.shared_inputs(obs, self.prompt_ids(obs.instruction, self.normalized_state(obs)), noise)
+        return self.shared_inputs(obs, self.observation_prompt_ids(obs), noise)

@@ -289,3 +289,18 @@ def test_the_command_refuses_a_kind_the_checkpoint_contradicts(pi05_dir):
                        timeout=120)  # fmt: skip
     assert r.returncode != 0
     assert "holds a checkpoint of kind pi05, but --kind pi0 was given" in r.stderr
+
+
+def test_batched_inference_equals_each_observation_alone(policy):
+    """`serve --batch-max`: observations whose prompts (state bins included) have one length share a forward."""
+    a = make_obs(seed=1)
+    b = Observation(a.instruction, make_obs(seed=2).images, np.asarray(a.state) * 0.5)
+    assert policy.batch_key(a) == len(policy.prompt_ids(a.instruction, policy.normalized_state(a)))
+    if policy.batch_key(b) != policy.batch_key(a):
+        b = Observation(a.instruction, b.images, a.state)
+    got = policy.infer_batch([a, b], [torch.Generator().manual_seed(s) for s in (5, 6)])
+    for obs, seed, chunk in zip((a, b), (5, 6), got, strict=True):
+        noise = torch.randn(CHUNK, 10, generator=torch.Generator().manual_seed(seed))
+        np.testing.assert_allclose(
+            chunk.actions, policy.infer(obs, noise=noise).actions, rtol=1e-4, atol=1e-5
+        )
