@@ -145,12 +145,12 @@ def run(doc: str, name: str = NAME, target: float = TARGET, variant: str = "pi0"
         why = "no CUDA device (no GPU on this machine or lent to this run)" if not device else "--quick"
         results["full_cuda_bf16"] = {"skipped": why}
     head = results["full_cuda_bf16"] if "ratio" in results["full_cuda_bf16"] else results["tiny_cpu_fp32"]
-    for name, r in results.items():
+    for model, r in results.items():
         if "ratio" in r:
-            print(f"{name}: off {r['off_ms']['median']:.1f} ms, on {r['on_ms']['median']:.1f} ms, "
+            print(f"{model}: off {r['off_ms']['median']:.1f} ms, on {r['on_ms']['median']:.1f} ms, "
                   f"ratio {r['ratio']:.3f}")  # fmt: skip
         else:
-            print(f"{name}: skipped ({r['skipped']})")
+            print(f"{model}: skipped ({r['skipped']})")
     write_result(
         {
             "name": name,
