@@ -16,7 +16,7 @@ computes. Images: uint8 [H, W, 3] at the model's resolution, scaled to [-1, 1]. 
 the checkpoint's stats and zero-padded to `max_state_dim`; actions: the first `action_dim` of the
 `max_action_dim` outputs, un-normalised; the first `n_action_steps` of the `chunk_size` are returned.
 
-Over 400 lines for now: one model's loading, inputs, sampling and batching, kept whole while pi0.5 is added.
+Over 400 lines on purpose: one model's loading, inputs, sampling and batching, that `PI05Policy` extends.
 """
 
 from __future__ import annotations
