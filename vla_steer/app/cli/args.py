@@ -120,7 +120,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     """What every simulated run takes beside its environments and steering settings (`sim`, `eval`)."""
     p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy node's address")
     p.add_argument("--episodes", type=int, default=1, help="episodes per task and setting")
-    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument(
+        "--max-steps", type=int, help="executed steps per episode (default 200; LIBERO: its suite's limit)"
+    )
     p.add_argument(
         "--execute-steps", type=int, help="actions executed per chunk before re-planning (default: all)"
     )
