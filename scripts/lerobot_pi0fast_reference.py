@@ -5,7 +5,7 @@ Runs in a side environment, never the project's (LeRobot needs Python >= 3.12 an
 
     /root/.pyenv/versions/3.12.1/bin/python -m venv /tmp/lerobot-venv
     /tmp/lerobot-venv/bin/pip install 'lerobot[pi]==0.6.1'        # torch 2.11, transformers 5.5, scipy
-    HF_HUB_OFFLINE=1 /tmp/lerobot-venv/bin/python scripts/lerobot_pi0fast_reference.py   # -> tests/data/lerobot_pi0fast/
+    HF_HUB_OFFLINE=1 PYTHONPATH=. /tmp/lerobot-venv/bin/python scripts/lerobot_pi0fast_reference.py   # -> tests/data/lerobot_pi0fast/
 
 Per case, tests/data/lerobot_pi0fast/<case>/ holds what LeRobot's `save_pretrained` wrote (config.json,
 model.safetensors, the pre/post-processor files with the normalisation stats), the PaliGemma-role

@@ -8,7 +8,7 @@ from pathlib import Path
 from tiny_pi0 import tiny_config, tiny_stats
 
 DEMO = Path(__file__).parents[1] / "policies" / "demo" / "weights"
-LAYOUTS = ("demo", "openvla", "pi0_lerobot", "pi0_lerobot_original", "pi0_openpi")
+LAYOUTS = ("demo", "openvla", "pi0_lerobot", "pi0_lerobot_original", "pi0_openpi", "pi0_fast")
 WORDS = ["fast", "quickly", "slow", "slowly", "up", "high", "down", "low", "careful", "gently"]
 
 # policy image key -> robosuite camera, per layout (the policy's own keys; the resolution comes from its hello).
@@ -19,6 +19,7 @@ CAMERAS = {
     "pi0_lerobot_original": {"image": "agentview", "wrist_image": "robot0_eye_in_hand"},
     "pi0_openpi": {"base_0_rgb": "agentview", "left_wrist_0_rgb": "robot0_eye_in_hand",
                    "right_wrist_0_rgb": "frontview"},
+    "pi0_fast": {"image": "agentview", "wrist_image": "robot0_eye_in_hand"},
 }  # fmt: skip
 
 
@@ -29,6 +30,8 @@ def write_checkpoint(layout: str, root: Path) -> Path:
     path = root / layout
     if layout == "openvla":
         return _openvla_with_concept_neurons(path)
+    if layout == "pi0_fast":
+        return _pi0_fast_with_concept_neurons(path)
     from policies.pi0.policy import PI0Policy
     from vla_steer.core import tiny
 
@@ -47,20 +50,35 @@ def write_sim_config(layout: str, path: Path) -> Path:
     return path
 
 
-def _openvla_with_concept_neurons(path: Path) -> Path:
-    """A tiny OpenVLA whose neuron 10 (11) of every layer writes "slow" ("up") into the vocabulary, as a
-    trained model's concept neurons do; random tiny weights hold none (their top tokens are filler)."""
+def _write_concept_neurons(layers, unembed, tok) -> None:
+    """Neuron 10 (11) of every layer writes "slow" ("up") into the vocabulary, as a trained model's concept
+    neurons do; random tiny weights hold none (their top tokens are filler)."""
     import torch
 
+    with torch.no_grad():
+        for offset, word in enumerate(("slow", "up")):
+            (token,) = tok.encode(" " + word, add_special_tokens=False)
+            for layer in layers:
+                column = layer.mlp.down_proj.weight[:, 10 + offset]
+                column.copy_(unembed[token] / unembed[token].norm() * column.norm() * 4)
+
+
+def _pi0_fast_with_concept_neurons(path: Path) -> Path:
+    """LeRobot's pi0_fast layout (config.json, model.safetensors, stats processor files, tokenizer,
+    fast_tokenizer/), with concept neurons."""
+    from policies.pi0_fast.tiny import tiny_policy
+
+    policy = tiny_policy(extra_words=tuple(WORDS))
+    pg = policy.model.paligemma
+    _write_concept_neurons(pg.model.language_model.layers, pg.lm_head.weight, policy.tokenizer)
+    return policy.save(path)
+
+
+def _openvla_with_concept_neurons(path: Path) -> Path:
+    """A tiny OpenVLA with concept neurons (`_write_concept_neurons`)."""
     from policies.openvla import tiny
 
     model, tok = tiny.build_model(), tiny.build_tokenizer()
     lm = model.language_model
-    unembed = lm.get_output_embeddings().weight
-    with torch.no_grad():
-        for offset, word in enumerate(("slow", "up")):
-            (token,) = tok.encode(" " + word, add_special_tokens=False)
-            for layer in lm.model.layers:
-                column = layer.mlp.down_proj.weight[:, 10 + offset]
-                column.copy_(unembed[token] / unembed[token].norm() * column.norm() * 4)
+    _write_concept_neurons(lm.model.layers, lm.get_output_embeddings().weight, tok)
     return tiny.save_checkpoint(path, model, tok)
