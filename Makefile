@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/sim_overhead.py $(BENCH_ARGS)
 	$(PY) benchmarks/openvla_step.py $(BENCH_ARGS)
 	$(PY) benchmarks/pi0_step.py $(BENCH_ARGS)
+	$(PY) benchmarks/pi0fast_step.py $(BENCH_ARGS)
 	$(PY) benchmarks/servo_loop.py $(BENCH_ARGS)
 	$(PY) benchmarks/node_soak.py $(BENCH_ARGS)
 
