@@ -44,7 +44,9 @@ def full_policy(device: str) -> PI0FastPolicy:
     arch = FastArchitecture()
     cfg = FastConfig(
         arch,
-        images=[Feature(f"observation.images.{k}", "VISUAL", (3, 224, 224)) for k in ("image", "wrist_image")],
+        images=[
+            Feature(f"observation.images.{k}", "VISUAL", (3, 224, 224)) for k in ("image", "wrist_image")
+        ],
         state=Feature("observation.state", "STATE", (8,)),
         action=Feature("action", "ACTION", (7,)),
         chunk_size=10,
