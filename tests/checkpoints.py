@@ -68,9 +68,18 @@ def _pi0_fast_with_concept_neurons(path: Path) -> Path:
     fast_tokenizer/), with concept neurons."""
     from policies.pi0_fast.tiny import tiny_policy
 
+    import torch
+
     policy = tiny_policy(extra_words=tuple(WORDS))
-    pg = policy.model.paligemma
-    _write_concept_neurons(pg.model.language_model.layers, pg.lm_head.weight, policy.tokenizer)
+    pg, tok = policy.model.paligemma, policy.tokenizer
+    unembed = pg.lm_head.weight
+    with torch.no_grad():  # as long as the (boosted) FAST rows, as a trained model's common words are
+        longest = unembed[policy.actions.first_id : policy.actions.last_id + 1].norm(dim=1).max()
+        for word in ("slow", "up"):
+            (token,) = tok.encode(" " + word, add_special_tokens=False)
+            assert not policy.actions.contains(token), f"{word!r} is a FAST id in the tiny vocabulary"
+            unembed[token] *= 2 * longest / unembed[token].norm()
+    _write_concept_neurons(pg.model.language_model.layers, unembed, tok)
     return policy.save(path)
 
 
