@@ -66,9 +66,9 @@ def _write_concept_neurons(layers, unembed, tok) -> None:
 def _pi0_fast_with_concept_neurons(path: Path) -> Path:
     """LeRobot's pi0_fast layout (config.json, model.safetensors, stats processor files, tokenizer,
     fast_tokenizer/), with concept neurons."""
-    from policies.pi0_fast.tiny import tiny_policy
-
     import torch
+
+    from policies.pi0_fast.tiny import tiny_policy
 
     policy = tiny_policy(extra_words=tuple(WORDS))
     pg, tok = policy.model.paligemma, policy.tokenizer
