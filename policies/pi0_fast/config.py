@@ -27,6 +27,7 @@ from policies.pi0.config import (
     Feature,
     GemmaDims,
     VisionDims,
+    _feature,
     relative_mask,
 )
 
@@ -150,12 +151,6 @@ class FastConfig:
         else:
             out[ARCH_KEY] = a.to_dict()
         return out
-
-
-def _feature(name: str, spec: Any, source: str) -> Feature:
-    if not isinstance(spec, dict) or "type" not in spec or "shape" not in spec:
-        raise ValueError(f"{source}: feature {name!r} needs 'type' and 'shape', got {spec!r}")
-    return Feature(name, str(spec["type"]), tuple(int(s) for s in spec["shape"]))
 
 
 def read_config(path: str | Path, *, n_action_steps: int | None = None) -> FastConfig:
