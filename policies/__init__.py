@@ -1,8 +1,8 @@
 """Policies the node can serve (the interface is `vla_steer.core.policy`), loaded from YAML configs.
 
 A policy config (a path, or the name of a shipped one in `vla_steer/configs/policies`) names its `kind` and
-checkpoint `path` (a directory, relative to the YAML file or absolute; `openvla`, `pi0` and `pi0_fast` also
-take a hub id on a machine that has a hub), plus options of that kind:
+checkpoint `path` (a directory, relative to the YAML file or absolute; `openvla`, `pi0`, `pi05` and `pi0_fast`
+also take a hub id on a machine that has a hub), plus options of that kind:
 
     kind: tiny_vla          # the small OpenVLA-style policy (the bundled demo VLA is one)
     path: ../../../policies/demo/weights
@@ -82,8 +82,14 @@ class Pi0FastPolicyConfig(_Config):
     norm_stats: Path | None = None
 
 
+class Pi05PolicyConfig(Pi0PolicyConfig):
+    """Options of `policies.pi05.PI05Policy.load`: pi0's."""
+
+    kind: Literal["pi05"]  # type: ignore[assignment]
+
+
 PolicyConfig = Annotated[
-    TinyVLAPolicyConfig | OpenVLAPolicyConfig | Pi0PolicyConfig | Pi0FastPolicyConfig,
+    TinyVLAPolicyConfig | OpenVLAPolicyConfig | Pi0PolicyConfig | Pi05PolicyConfig | Pi0FastPolicyConfig,
     Field(discriminator="kind"),
 ]
 
@@ -105,7 +111,9 @@ def read_policy_config(path: str | Path) -> PolicyConfig:
         local = (path.parent / cfg.path).resolve()
         # "openvla/openvla-7b" stays a hub id unless such a directory exists next to the config.
         hub = (
-            cfg.kind in ("openvla", "pi0", "pi0_fast") and _looks_like_hub_id(cfg.path) and not local.exists()
+            cfg.kind in ("openvla", "pi0", "pi05", "pi0_fast")
+            and _looks_like_hub_id(cfg.path)
+            and not local.exists()
         )
         cfg.path = cfg.path if hub else local
     for key in ("norm_stats", "action_tokenizer"):  # paths in a config are relative to its file
@@ -129,10 +137,11 @@ def load_policy(config: str | Path | PolicyConfig) -> Policy:
             center_crop=cfg.center_crop, image_key=cfg.image_key, control_hz=cfg.control_hz,
             constrain_to_bins=cfg.constrain_to_bins,
         )  # fmt: skip
-    if cfg.kind == "pi0":
+    if cfg.kind in ("pi0", "pi05"):
         from policies.pi0 import PI0Policy
+        from policies.pi05 import PI05Policy
 
-        return PI0Policy.load(
+        return (PI05Policy if cfg.kind == "pi05" else PI0Policy).load(
             cfg.path, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, n_action_steps=cfg.n_action_steps,
             num_inference_steps=cfg.num_inference_steps, tokenizer=cfg.tokenizer, image_keys=cfg.image_keys,
             norm_stats=cfg.norm_stats, openpi_image_keys=cfg.openpi_image_keys, state_dim=cfg.state_dim,

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_pi0 import tiny_config, tiny_stats
+from tiny_pi0 import STATE_CORPUS, tiny_config, tiny_pi05_config, tiny_pi05_stats, tiny_stats
 
 DEMO = Path(__file__).parents[1] / "policies" / "demo" / "weights"
-LAYOUTS = ("demo", "openvla", "pi0_lerobot", "pi0_lerobot_original", "pi0_openpi", "pi0_fast")
+LAYOUTS = (
+    "demo",
+    "openvla",
+    "pi0_lerobot",
+    "pi0_lerobot_original",
+    "pi0_openpi",
+    "pi05_lerobot",
+    "pi05_openpi",
+    "pi0_fast",
+)
 WORDS = ["fast", "quickly", "slow", "slowly", "up", "high", "down", "low", "careful", "gently"]
 
 # policy image key -> robosuite camera, per layout (the policy's own keys; the resolution comes from its hello).
@@ -19,6 +28,9 @@ CAMERAS = {
     "pi0_lerobot_original": {"image": "agentview", "wrist_image": "robot0_eye_in_hand"},
     "pi0_openpi": {"base_0_rgb": "agentview", "left_wrist_0_rgb": "robot0_eye_in_hand",
                    "right_wrist_0_rgb": "frontview"},
+    "pi05_lerobot": {"image": "agentview", "wrist_image": "robot0_eye_in_hand"},
+    "pi05_openpi": {"base_0_rgb": "agentview", "left_wrist_0_rgb": "robot0_eye_in_hand",
+                    "right_wrist_0_rgb": "frontview"},
     "pi0_fast": {"image": "agentview", "wrist_image": "robot0_eye_in_hand"},
 }  # fmt: skip
 
@@ -33,11 +45,16 @@ def write_checkpoint(layout: str, root: Path) -> Path:
     if layout == "pi0_fast":
         return _pi0_fast_with_concept_neurons(path)
     from policies.pi0.policy import PI0Policy
+    from policies.pi05.policy import PI05Policy
     from vla_steer.core import tiny
 
-    tok = tiny.build_tokenizer(vocab_size=512, extra_words=WORDS)
-    policy = PI0Policy.build(tiny_config(vocab_size=len(tok)), tok, seed=0, stats=tiny_stats())
-    if layout == "pi0_openpi":
+    if layout.startswith("pi05"):  # its prompt holds the state as numbers: the tokenizer learns them
+        tok = tiny.build_tokenizer(vocab_size=512, extra_words=WORDS, corpus=STATE_CORPUS)
+        policy = PI05Policy.build(tiny_pi05_config(vocab_size=len(tok)), tok, seed=0, stats=tiny_pi05_stats())
+    else:
+        tok = tiny.build_tokenizer(vocab_size=512, extra_words=WORDS)
+        policy = PI0Policy.build(tiny_config(vocab_size=len(tok)), tok, seed=0, stats=tiny_stats())
+    if layout.endswith("openpi"):
         return policy.save(path, layout="openpi")
     return policy.save(path, generation="original" if layout.endswith("original") else "current")
 
