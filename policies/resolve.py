@@ -5,7 +5,7 @@
 - a checkpoint directory, whose kind is read from its files: `policy_config.json` (the demo VLA),
   `config.json` with `model_type: openvla|prismatic` (OpenVLA, official layout), with `type: pi0` or `pi05`
   (LeRobot, current and original layouts) or `action_horizon` (openpi's PyTorch layout: pi0, or pi0.5
-  where its weights have `time_mlp_in`), or any other transformers
+  where its weights have `time_mlp_in`), with `type: pi0_fast` (LeRobot's pi0-FAST), or any other transformers
   `model_type` (a plain language model: `discover` takes it, `serve` does not);
 - a hub id (`owner/name`), whose kind is read from its config.json on the hub unless `--kind` says it.
 
@@ -25,10 +25,10 @@ from pydantic import ValidationError
 from policies import PolicyConfig, _looks_like_hub_id, _PolicyFile, read_policy_config
 from vla_steer.core.config import resolve_config
 
-POLICY_KINDS = ("tiny_vla", "openvla", "pi0", "pi05")
+POLICY_KINDS = ("tiny_vla", "openvla", "pi0", "pi05", "pi0_fast")
 LANGUAGE_MODEL = "language_model"
 KINDS = (*POLICY_KINDS, LANGUAGE_MODEL)
-REFERENCE_KINDS = {"pi0fast": "pi0-FAST", "pi0_fast": "pi0-FAST"}
+REFERENCE_KINDS = {"pi0fast": "pi0-FAST (LeRobot < 0.4)"}
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,13 @@ def kind_of_config(data: Any, source: str) -> str:
     if data.get("model_type") in ("openvla", "prismatic"):
         return "openvla"
     kind = data.get("type")
-    if kind in ("pi0", "pi05"):
+    if kind in ("pi0", "pi05", "pi0_fast"):
         return kind
     if kind is None and "action_horizon" in data:  # openpi: `detect_kind` also reads the weights' names
         return "pi05" if data.get("pi05") else "pi0"
     if kind in REFERENCE_KINDS:
         raise ValueError(
-            f"{source}: a {REFERENCE_KINDS[kind]} checkpoint (type {kind!r}); this build serves pi0 and pi0.5"
+            f"{source}: a {REFERENCE_KINDS[kind]} checkpoint (type {kind!r}); this build serves pi0, pi0.5 and type pi0_fast"
         )
     if kind is not None:
         raise ValueError(
@@ -223,6 +223,11 @@ def stack_dims(target: Target) -> dict[str, tuple[int, int]] | None:
             "language": (arch.paligemma.depth, arch.paligemma.mlp_dim),
             "action_expert": (arch.expert.depth, arch.expert.mlp_dim),
         }
+    if target.kind == "pi0_fast":
+        from policies.pi0_fast.config import read_config as read_fast_config
+
+        p = read_fast_config(path / "config.json").architecture.paligemma
+        return {"language": (p.depth, p.mlp_dim)}
     from transformers import AutoConfig
 
     text = AutoConfig.from_pretrained(path).get_text_config()
