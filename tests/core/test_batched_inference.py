@@ -5,6 +5,7 @@ fixed noise) what it gets alone. Through real sockets, per policy kind, and the 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -54,6 +55,23 @@ def run_clients(address: str, scripts: list[list[tuple]], *, reset: bool = False
     return in_threads(run, len(scripts))
 
 
+def held(node: PolicyNode, seconds: float = 0.5) -> threading.Event:
+    """Wraps `node.infer` (what the server calls for a batch of one): once the returned event is set, the next
+    single inference takes `seconds` longer, so the clients asking with it queue up behind it and the next
+    forward is a batch however loaded the machine (without it, whether requests meet is up to the scheduler)."""
+    armed = threading.Event()
+    infer = node.infer
+
+    def infer_held(req):
+        if armed.is_set():
+            armed.clear()
+            time.sleep(seconds)
+        return infer(req)
+
+    node.infer = infer_held
+    return armed
+
+
 def alone(address: str, script: list[tuple], *, reset: bool = False) -> list[np.ndarray]:
     return [r.actions.copy() for r in run_clients(address, [script], reset=reset)[0]]
 
@@ -97,9 +115,11 @@ def test_the_steerer_keeps_its_shared_buffers_for_one_setting_and_adds_rows_for_
 def test_tiny_vla_batched_through_sockets_equals_each_client_alone(tiny_node):
     tiny_node.steerer.update(LIVE, enable=True)
     scripts = tiny_scripts()
+    hold = held(tiny_node)
     with Server(tiny_node, "tcp://127.0.0.1:0", batch_wait=0.05).start() as server:
         expected = [alone(server.address, s) for s in scripts]
         assert all(r.info["batch"] == 1 for r in run_clients(server.address, [scripts[0]])[0])  # lone: never
+        hold.set()
         got = run_clients(server.address, scripts)
     assert max(r.info["batch"] for rs in got for r in rs) > 1  # batching did happen
     for i, (results, want) in enumerate(zip(got, expected, strict=True)):
@@ -122,10 +142,14 @@ def test_the_installed_serve_batches_clients_with_their_own_settings(checkpoint)
             c.set_knobs(LIVE)
         scripts = tiny_scripts()
         expected = [alone(address, s) for s in scripts]
-        got = run_clients(address, scripts)
-        assert max(r.info["batch"] for rs in got for r in rs) > 1
-        for i, (results, want) in enumerate(zip(got, expected, strict=True)):
-            assert all(np.array_equal(r.actions, a) for r, a in zip(results, want, strict=True)), i
+        for _ in range(5):  # a subprocess cannot be held (see `held`): rerun until the requests have met
+            got = run_clients(address, scripts)
+            for i, (results, want) in enumerate(zip(got, expected, strict=True)):
+                assert all(np.array_equal(r.actions, a) for r, a in zip(results, want, strict=True)), i
+            if max(r.info["batch"] for rs in got for r in rs) > 1:
+                break
+        else:
+            pytest.fail("five lockstep rounds of 5 clients never formed a batch")
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
@@ -162,8 +186,10 @@ def test_openvla_batched_equals_alone(tmp_path):
             for text in ("pick up the cube", "open the drawer", "pick up the bowl")
         ]
         scripts = [[(obs[i % 3], s)] * 2 for i, s in enumerate([{"k": 8.0}, {}, {"k": -8.0}, None])]
+        hold = held(node)
         with Server(node, "tcp://127.0.0.1:0", batch_wait=0.05).start() as server:
             expected = [alone(server.address, s) for s in scripts]
+            hold.set()
             got = run_clients(server.address, scripts)
         assert max(r.info["batch"] for rs in got for r in rs) > 1
         for results, want in zip(got, expected, strict=True):
@@ -182,8 +208,10 @@ def test_pi0_batched_keeps_each_clients_episode_and_matches_alone_within_toleran
     obs = [make_obs(seed=s, instruction=text) for s, text in ((1, "pick up the red block"), (2, "stack it"))]
     payloads = [o.to_payload() for o in obs]
     scripts = [[(payloads[i % 2], s)] * 3 for i, s in enumerate([{"k": 3.0}, {}, {"k": -2.0}])]
+    hold = held(node)
     with Server(node, "tcp://127.0.0.1:0", batch_wait=0.05).start() as server:
         expected = [alone(server.address, s, reset=True) for s in scripts]
+        hold.set()
         got = run_clients(server.address, scripts, reset=True)
     assert hello_inference(node) == "batched"
     assert max(r.info["batch"] for rs in got for r in rs) > 1
