@@ -10,8 +10,9 @@ or max_decoding_steps; detokenising: the pieces must start with "Action", ":" wh
 validate_action_token_prefix is set (else an error, as LeRobot's assertion), everything from the first
 "|" is cut, every "Action: " piece sequence removed, ids mapped back to FAST ids
 (`vocab_size - 1 - fast_skip_tokens - id`) and decoded by the FAST tokenizer into an
-n_action_steps x action_dim chunk (zeros where they do not decode); un-normalised; the state added back
-for relative actions.
+n_action_steps x action_dim chunk (zeros where they do not decode), always the checkpoint's own
+n_action_steps: the load option `n_action_steps` only keeps the first steps of that chunk; un-normalised;
+the state added back for relative actions.
 
 Steerable stack (`policy.backbones`): "language", the PaliGemma Gemma, projectable onto the vocabulary,
 its FAST action tokens labelled `[FAST k]` so discovery tells word neurons from action neurons. Here the
@@ -77,9 +78,11 @@ class PI0FastPolicy(Policy):
         state_norm: ckpt.Normalizer,
         action_norm: ckpt.Normalizer,
         image_keys: dict[str, str] | None = None,
+        n_action_steps: int | None = None,
         name: str = "pi0_fast",
     ):
         self.cfg = cfg
+        self.n_action_steps = _kept_steps(n_action_steps, cfg, "the checkpoint")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.fast = fast
@@ -111,7 +114,7 @@ class PI0FastPolicy(Policy):
         self.spec = PolicySpec(
             name=name,
             action_dim=cfg.action_dim,
-            chunk_length=cfg.n_action_steps,
+            chunk_length=self.n_action_steps,
             control_hz=10.0,
             image_keys={self.image_keys[f.name]: (f.shape[1], f.shape[2], 3) for f in real},
             state_dim=cfg.state_dim,
@@ -170,7 +173,8 @@ class PI0FastPolicy(Policy):
         directory = local_checkpoint(path, HUB_PATTERNS, "a pi0-FAST")
         if not (directory / ckpt.WEIGHTS).exists():
             raise FileNotFoundError(f"{directory} is not a pi0-FAST checkpoint: {ckpt.WEIGHTS} is missing")
-        cfg = read_config(directory / "config.json", n_action_steps=n_action_steps)
+        cfg = read_config(directory / "config.json")
+        _kept_steps(n_action_steps, cfg, str(directory / "config.json"))
         # Stats and tokenizers first: a checkpoint that cannot run is refused before the weights are read.
         state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
         tok = _text_tokenizer(tokenizer, directory, cfg)
@@ -182,7 +186,7 @@ class PI0FastPolicy(Policy):
         ckpt.load_weights(model, directory)
         model.to(device=device, dtype=_dtype(dtype if dtype is not None else cfg.dtype))
         return cls(cfg, model, tok, fast, state_norm=state_norm, action_norm=action_norm,
-                   image_keys=image_keys, name=name or directory.name)  # fmt: skip
+                   image_keys=image_keys, n_action_steps=n_action_steps, name=name or directory.name)  # fmt: skip
 
     # -- Policy ------------------------------------------------------------------------------------
 
@@ -259,7 +263,8 @@ class PI0FastPolicy(Policy):
 
     def infer(self, obs: Observation) -> ActionChunk:
         ids, _ = self.decode_tokens(obs)
-        actions = self.action_norm.unnormalize(self.detokenize(ids).astype(np.float32))
+        normed = self.detokenize(ids)[: self.n_action_steps]  # decoded at the checkpoint's horizon, then cut
+        actions = self.action_norm.unnormalize(normed.astype(np.float32))
         if self.cfg.relative_actions:  # LeRobot's AbsoluteActionsProcessorStep: + the raw state, masked
             state = np.asarray(obs.state, np.float32).reshape(-1)[: self.cfg.action_dim]
             actions = actions + state * np.asarray(self.cfg.relative_mask, np.float32)
@@ -271,6 +276,16 @@ class PI0FastPolicy(Policy):
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
+
+def _kept_steps(option: int | None, cfg: FastConfig, source: str) -> int:
+    """The steps served: the option cuts the chunk decoded at the checkpoint's n_action_steps short."""
+    if option is not None and not 1 <= option <= cfg.n_action_steps:
+        raise ValueError(
+            f"n_action_steps {option}: {source} decodes FAST tokens into {cfg.n_action_steps} steps "
+            f"(its n_action_steps); the option keeps 1 to {cfg.n_action_steps} of them"
+        )
+    return option or cfg.n_action_steps
 
 
 def _normalizers(cfg: FastConfig, stats: dict, source: str) -> tuple[ckpt.Normalizer, ckpt.Normalizer]:
