@@ -30,7 +30,7 @@ import torch
 
 from policies.pi0 import checkpoint as ckpt
 from policies.pi0.config import PI0Config, read_config
-from policies.pi0.modeling import PI0Model
+from policies.pi0.modeling import PI0Model, place
 from policies.weights import local_checkpoint
 from vla_steer.core.backbone import Backbone
 from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
@@ -203,7 +203,7 @@ class PI0Policy(Policy):
         model.to_empty(device="cpu")
         _reset_buffers(model)
         ckpt.load_weights(model, directory, cls.VARIANT)
-        model.to(device=device, dtype=dtype)
+        place(model, device, dtype)
         return cls(cfg, model, tok, state_norm=state_norm, action_norm=action_norm, seed=seed,
                    image_keys=image_keys, name=name or directory.name)  # fmt: skip
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from policies.pi0 import checkpoint as ckpt
+from policies.pi0.modeling import place
 from policies.pi0.policy import (
     EMPTY_CAMERA,
     TOKENIZER_FILES,
@@ -184,7 +185,7 @@ class PI0FastPolicy(Policy):
         model.to_empty(device="cpu")
         _reset_buffers(model)
         ckpt.load_weights(model, directory)
-        model.to(device=device, dtype=_dtype(dtype if dtype is not None else cfg.dtype))
+        place(model, device, _dtype(dtype if dtype is not None else cfg.dtype))
         return cls(cfg, model, tok, fast, state_norm=state_norm, action_norm=action_norm,
                    image_keys=image_keys, n_action_steps=n_action_steps, name=name or directory.name)  # fmt: skip
 
