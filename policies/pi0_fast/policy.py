@@ -29,15 +29,9 @@ import numpy as np
 import torch
 
 from policies.pi0 import checkpoint as ckpt
+from policies.pi0.inputs import camera_images, camera_keys
 from policies.pi0.modeling import place
-from policies.pi0.policy import (
-    EMPTY_CAMERA,
-    TOKENIZER_FILES,
-    _dtype,
-    _reset_buffers,
-    default_image_key,
-    resize_with_pad,
-)
+from policies.pi0.policy import TOKENIZER_FILES, _dtype, _reset_buffers
 from policies.pi0_fast.config import FastConfig, read_config
 from policies.pi0_fast.fast import FILES as FAST_FILES
 from policies.pi0_fast.fast import FastTokenizer
@@ -78,7 +72,7 @@ class PI0FastPolicy(Policy):
         *,
         state_norm: ckpt.Normalizer,
         action_norm: ckpt.Normalizer,
-        image_keys: dict[str, str] | None = None,
+        image_keys: dict[str, str | None] | None = None,
         n_action_steps: int | None = None,
         name: str = "pi0_fast",
     ):
@@ -104,14 +98,10 @@ class PI0FastPolicy(Policy):
             )
         self.state_norm, self.action_norm = state_norm, action_norm
         self.stats: dict = {}
-        renames = image_keys or {}
-        unknown = sorted(set(renames) - {f.name for f in cfg.images})
-        if unknown:
-            raise ValueError(
-                f"image_keys renames unknown image features {unknown}; known {[f.name for f in cfg.images]}"
-            )
-        real = [f for f in cfg.images if not f.name.startswith(EMPTY_CAMERA)]
-        self.image_keys = {f.name: renames.get(f.name, default_image_key(f.name)) for f in real}
+        # Empty cameras are left out of the prefix: LeRobot's -1 images, masked out of attention and
+        # skipped by the position ids, compute the same.
+        self.image_keys = camera_keys(cfg.images, image_keys)[0]
+        real = [f for f in cfg.images if f.name in self.image_keys]
         self.spec = PolicySpec(
             name=name,
             action_dim=cfg.action_dim,
@@ -161,7 +151,7 @@ class PI0FastPolicy(Policy):
         n_action_steps: int | None = None,
         tokenizer: str | Path | None = None,
         action_tokenizer: str | Path | None = None,
-        image_keys: dict[str, str] | None = None,
+        image_keys: dict[str, str | None] | None = None,
         norm_stats: str | Path | None = None,
         name: str | None = None,
     ) -> PI0FastPolicy:
@@ -220,17 +210,8 @@ class PI0FastPolicy(Policy):
         return [*ids, self.tokenizer.bos_token_id]
 
     def images(self, obs: Observation) -> list[torch.Tensor]:
-        """The real cameras as [1, 3, S, S] in [-1, 1] (LeRobot: [0, 1], resized with padding, then scaled)."""
-        size, out = self.cfg.architecture.vision.image_size, []
-        for feature, key in self.image_keys.items():
-            img = obs.images.get(key)
-            if img is None:
-                raise ValueError(f"observation.images is missing {key!r} (feature {feature})")
-            x = torch.tensor(img, dtype=torch.float32, device=self.device).permute(2, 0, 1)[None] / 255.0
-            if tuple(x.shape[-2:]) != (size, size):
-                x = resize_with_pad(x, size, size)
-            out.append(x * 2.0 - 1.0)
-        return out
+        """The real cameras as [1, 3, S, S] in [-1, 1]."""
+        return camera_images(obs, self.image_keys, self.cfg.architecture.vision.image_size, self.device)
 
     @torch.no_grad()
     def decode_tokens(self, obs: Observation) -> tuple[list[int], torch.Tensor]:
