@@ -32,6 +32,7 @@ from policies.pi0 import checkpoint as ckpt
 from policies.pi0.config import PI0Config, read_config
 from policies.pi0.inputs import camera_images, camera_keys
 from policies.pi0.modeling import PI0Model, place
+from policies.pi0.processors import read_processors
 from policies.weights import local_checkpoint
 from vla_steer.core.backbone import Backbone
 from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
@@ -181,7 +182,9 @@ class PI0Policy(Policy):
         dtype = _dtype(dtype if dtype is not None else cfg.dtype)
         # Stats and tokenizer first: a checkpoint that cannot run is refused before the weights are read.
         state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
-        tok = _load_tokenizer(tokenizer, directory)
+        procs = read_processors(directory, cfg)  # LeRobot's processor files: honoured or refused
+        image_keys = procs.image_keys | (image_keys or {})
+        tok = _load_tokenizer(tokenizer, directory, procs.tokenizer_name or DEFAULT_TOKENIZER)
         with torch.device("meta"):  # no random init of billions of weights that are overwritten anyway
             model = cls.MODEL(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
                               max_period=cfg.max_period)  # fmt: skip
@@ -373,12 +376,13 @@ def _reset_buffers(model: torch.nn.Module) -> None:
             module.embed_scale = torch.tensor(module.scalar_embed_scale)
 
 
-def _load_tokenizer(tokenizer: str | Path | None, directory: Path):
+def _load_tokenizer(tokenizer: str | Path | None, directory: Path, default: str = DEFAULT_TOKENIZER):
+    """The option, else the checkpoint directory's own tokenizer files, else `default` (a hub id)."""
     from transformers import AutoTokenizer
 
     if tokenizer is None:
         has_own = any((directory / f).exists() for f in TOKENIZER_FILES)
-        tokenizer = directory if has_own else DEFAULT_TOKENIZER
+        tokenizer = directory if has_own else default
     return AutoTokenizer.from_pretrained(tokenizer)
 
 

@@ -31,7 +31,8 @@ import torch
 from policies.pi0 import checkpoint as ckpt
 from policies.pi0.inputs import camera_images, camera_keys
 from policies.pi0.modeling import place
-from policies.pi0.policy import TOKENIZER_FILES, _dtype, _reset_buffers
+from policies.pi0.policy import TOKENIZER_FILES, _dtype, _load_tokenizer, _reset_buffers
+from policies.pi0.processors import read_processors
 from policies.pi0_fast.config import FastConfig, read_config
 from policies.pi0_fast.fast import FILES as FAST_FILES
 from policies.pi0_fast.fast import FastTokenizer
@@ -168,7 +169,9 @@ class PI0FastPolicy(Policy):
         _kept_steps(n_action_steps, cfg, str(directory / "config.json"))
         # Stats and tokenizers first: a checkpoint that cannot run is refused before the weights are read.
         state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
-        tok = _text_tokenizer(tokenizer, directory, cfg)
+        procs = read_processors(directory, cfg)  # LeRobot's processor files: honoured or refused
+        image_keys = procs.image_keys | (image_keys or {})
+        tok = _load_tokenizer(tokenizer, directory, procs.tokenizer_name or cfg.text_tokenizer_name)
         fast = FastTokenizer.load(_fast_directory(action_tokenizer, directory, cfg))
         with torch.device("meta"):
             model = PI0FastModel(cfg.architecture)
@@ -278,15 +281,6 @@ def _normalizers(cfg: FastConfig, stats: dict, source: str) -> tuple[ckpt.Normal
         return n
 
     return make(cfg.state, "STATE"), make(cfg.action, "ACTION")
-
-
-def _text_tokenizer(tokenizer: str | Path | None, directory: Path, cfg: FastConfig):
-    from transformers import AutoTokenizer
-
-    if tokenizer is None:
-        has_own = any((directory / f).exists() for f in TOKENIZER_FILES)
-        tokenizer = directory if has_own else cfg.text_tokenizer_name
-    return AutoTokenizer.from_pretrained(tokenizer)
 
 
 def _fast_directory(option: str | Path | None, directory: Path, cfg: FastConfig) -> Path:
