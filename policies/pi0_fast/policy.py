@@ -14,6 +14,13 @@ n_action_steps x action_dim chunk (zeros where they do not decode), always the c
 n_action_steps: the load option `n_action_steps` only keeps the first steps of that chunk; un-normalised;
 the state added back for relative actions.
 
+Where openpi's JAX pi0-FAST differs, this follows LeRobot (whose checkpoints it loads): openpi lowercases
+the prompt and does not replace "\\n", appends no trailing BOS, decodes the tokens to text and re-encodes
+them before the FAST decode, returns zeros where "Action: " is missing (LeRobot asserts: here
+InvalidActionTokens when validate_action_token_prefix is set), decodes into its action_horizon (LeRobot:
+n_action_steps), and on LIBERO feeds an unmasked zero right-wrist image (LeRobot: the declared cameras
+only). An openpi-trained pi0-FAST served here therefore sees slightly other inputs than under openpi.
+
 Steerable stack (`policy.backbones`): "language", the PaliGemma Gemma, projectable onto the vocabulary,
 its FAST action tokens labelled `[FAST k]` so discovery tells word neurons from action neurons. Here the
 language model writes the action tokens itself: steering reaches the actions directly.
