@@ -11,12 +11,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from policies.pi0.config import Feature
 from vla_steer.wire import Observation
 
 EMPTY_CAMERA = "observation.images.empty_camera_"  # LeRobot's `empty_cameras` features
+STATE_BINS = np.linspace(-1.0, 1.0, 256 + 1)[:-1]  # left edges of the 256 state bins
+
+
+def discretize_state(normed: np.ndarray) -> np.ndarray:
+    """Normalised state -> bin numbers in -1..255 (openpi's PaligemmaTokenizer and LeRobot: -1 below, 255
+    above; float64 edges)."""
+    return np.digitize(normed, bins=STATE_BINS) - 1
+
+
+def state_prompt(instruction: str, normed_state: np.ndarray) -> str:
+    """`Task: <instruction>, State: <bins>;\n`: the prompt of pi0.5 (which adds `Action: `) and pi0-FAST."""
+    clean = instruction.strip().replace("_", " ").replace("\n", " ")
+    bins = " ".join(str(b) for b in discretize_state(normed_state))
+    return f"Task: {clean}, State: {bins};\n"
 
 
 def default_image_key(feature: str) -> str:

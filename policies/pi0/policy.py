@@ -120,7 +120,7 @@ class PI0Policy(Policy):
         model = cls.MODEL(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
                          max_period=cfg.max_period)  # fmt: skip
         if stats:
-            kwargs["state_norm"], kwargs["action_norm"] = _normalizers_from(cfg, stats)
+            kwargs["state_norm"], kwargs["action_norm"] = normalizers_from(cfg, stats)
         policy = cls(cfg, model, tokenizer, **kwargs)
         policy.stats = stats or {}
         return policy
@@ -388,7 +388,7 @@ def _load_tokenizer(tokenizer: str | Path | None, directory: Path, default: str 
     return AutoTokenizer.from_pretrained(tokenizer)
 
 
-def _normalizers_from(cfg: PI0Config, stats: dict) -> tuple[ckpt.Normalizer | None, ckpt.Normalizer]:
+def normalizers_from(cfg: PI0Config, stats: dict) -> tuple[ckpt.Normalizer | None, ckpt.Normalizer]:
     def make(feature, kind):
         n = ckpt.Normalizer(cfg.normalization.get(kind, "IDENTITY"),
                             {k: np.asarray(v, np.float32) for k, v in stats.get(feature.name, {}).items()})  # fmt: skip

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from policies.pi0 import checkpoint as ckpt
-from policies.pi0.inputs import camera_images, camera_keys
+from policies.pi0.inputs import camera_images, camera_keys, state_prompt
 from policies.pi0.modeling import place
-from policies.pi0.policy import TOKENIZER_FILES, _dtype, _load_tokenizer, _reset_buffers
+from policies.pi0.policy import TOKENIZER_FILES, _dtype, _load_tokenizer, _reset_buffers, normalizers_from
 from policies.pi0.processors import read_processors
 from policies.pi0_fast.config import FastConfig, read_config
 from policies.pi0_fast.fast import FILES as FAST_FILES
@@ -58,16 +58,6 @@ ACTION_PREFIX = "Action: "
 
 class InvalidActionTokens(ValueError):
     """The decoded tokens break a rule the checkpoint asks to enforce (validate_action_token_prefix)."""
-
-
-def discretize_state(state: np.ndarray) -> np.ndarray:
-    """Normalised state -> 256 bins of [-1, 1] (openpi's PaligemmaTokenizer and LeRobot: -1 below, 255 above)."""
-    return np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
-
-
-def prompt_text(instruction: str, bins: np.ndarray) -> str:
-    clean = instruction.strip().replace("_", " ").replace("\n", " ")
-    return f"Task: {clean}, State: {' '.join(map(str, bins))};\n"
 
 
 class PI0FastPolicy(Policy):
@@ -134,7 +124,7 @@ class PI0FastPolicy(Policy):
         """A randomly initialised pi0-FAST (tests, benchmarks); `stats`: feature -> {stat: array}."""
         torch.manual_seed(seed)
         model = PI0FastModel(cfg.architecture)
-        state_norm, action_norm = _normalizers(cfg, stats, "stats")
+        state_norm, action_norm = normalizers_from(cfg, stats)
         policy = cls(cfg, model, tokenizer, fast, state_norm=state_norm, action_norm=action_norm, **kwargs)
         policy.stats = stats
         return policy
@@ -215,7 +205,7 @@ class PI0FastPolicy(Policy):
             raise ValueError(
                 f"observation.state has {state.size} values; this policy takes {self.cfg.state_dim}"
             )
-        text = prompt_text(obs.instruction, discretize_state(self.state_norm.normalize(state)))
+        text = state_prompt(obs.instruction, self.state_norm.normalize(state))
         ids = self.tokenizer(text)["input_ids"][: self.cfg.tokenizer_max_length]
         return [*ids, self.tokenizer.bos_token_id]
 
@@ -278,16 +268,6 @@ def _kept_steps(option: int | None, cfg: FastConfig, source: str) -> int:
             f"(its n_action_steps); the option keeps 1 to {cfg.n_action_steps} of them"
         )
     return option or cfg.n_action_steps
-
-
-def _normalizers(cfg: FastConfig, stats: dict, source: str) -> tuple[ckpt.Normalizer, ckpt.Normalizer]:
-    def make(feature, kind):
-        n = ckpt.Normalizer(cfg.normalization.get(kind, "IDENTITY"),
-                            {k: np.asarray(v, np.float32) for k, v in stats.get(feature.name, {}).items()})  # fmt: skip
-        n.check(feature.name, feature.shape[0], source)
-        return n
-
-    return make(cfg.state, "STATE"), make(cfg.action, "ACTION")
 
 
 def _fast_directory(option: str | Path | None, directory: Path, cfg: FastConfig) -> Path:
