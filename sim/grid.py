@@ -175,17 +175,16 @@ def _task_ids(text: str, n: int, spec: str) -> list[int]:
 
 
 def done_episodes(store_path: Path) -> dict[tuple[str, str, int], Any]:
-    """(task_label, setting_label, seed) -> EpisodeInfo of the first complete, undamaged episode of each."""
+    """(task_label, setting_label, seed) -> EpisodeInfo of the first usable (complete, undamaged) episode of
+    each, as the analysis (`Stores`) counts them."""
     from vla_steer.core.rollouts import open_store
 
     if not store_path.exists():
         return {}
     done: dict[tuple[str, str, int], Any] = {}
     for info in open_store(store_path).episodes():
-        m = info.meta
-        if not info.complete or info.damaged or not isinstance(m.get("seed"), int):
-            continue
-        done.setdefault((m.get("task_label"), m.get("setting_label"), m["seed"]), info)
+        if info.usable and info.grid_key is not None:
+            done.setdefault(info.grid_key, info)
     return done
 
 

@@ -21,6 +21,7 @@ import pytest
 from sim.grid import Grid, parse_env, parse_shard, remaining, results
 from sim.grid import done_episodes as done_in
 from tests.support import VLA_STEER, free_address, serve_process, wait_for
+from vla_steer.core.analysis.stores import Stores
 from vla_steer.core.rollouts import EpisodeRecorder, Recorder, open_store
 from vla_steer.wire import Observation
 from vla_steer.wire.messages import Step
@@ -128,6 +129,29 @@ def test_analyze_reads_several_stores_as_one_counting_each_episode_once(tmp_path
     )  # matched seeds across stores
     r = subprocess.run([VLA_STEER, "analyze", str(a), str(b)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "give --out" in r.stderr
+
+
+def test_a_damaged_episode_is_redone_and_the_analysis_counts_the_redone_one(tmp_path):
+    """eval.json and `vla-steer analyze` agree: the damaged record of an episode counts in neither, its rerun in both."""
+    store = tmp_path / "store"
+    damaged = _record(store, "robosuite_lift", {}, 0, speed=5.0)
+    log = store / "episodes" / damaged / "log.bin"
+    data = bytearray(log.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a step record's byte: the episode keeps its metadata and "end"
+    log.write_bytes(bytes(data))
+    (info,) = open_store(store).episodes()
+    assert info.complete and info.damaged and info.grid_key == ("robosuite_lift", "off", 0)
+    grid = Grid.build(["robosuite_lift"], [{}], 1)
+    assert remaining(grid.cells(), done_in(store)) == grid.cells()  # to be run again
+    redone = _record(store, "robosuite_lift", {}, 0, speed=0.1)
+    assert [i.id for i in done_in(store).values()] == [redone]
+    assert [i.id for i in Stores([open_store(store)]).episodes()] == [redone]
+    r = subprocess.run([VLA_STEER, "analyze", str(store), "--out", str(tmp_path / "report")],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "1 damaged episodes of a grid are left out" in r.stdout + r.stderr
+    (base,) = json.loads((tmp_path / "report" / "summary.json").read_text())["settings"]
+    assert base["episodes"] == 1 and base["moving_speed"]["mean"] == pytest.approx(0.1)
 
 
 # -- runs through `vla-steer eval` ---------------------------------------------------------------------
