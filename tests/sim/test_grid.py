@@ -22,6 +22,7 @@ from sim.grid import Grid, parse_env, parse_shard, remaining, results
 from sim.grid import done_episodes as done_in
 from tests.support import VLA_STEER, free_address, serve_process, wait_for
 from vla_steer.core.analysis.stores import Stores
+from vla_steer.core.config import shipped
 from vla_steer.core.rollouts import EpisodeRecorder, Recorder, open_store
 from vla_steer.wire import Observation
 from vla_steer.wire.messages import Step
@@ -257,6 +258,90 @@ def test_two_shards_make_the_grid_and_a_rerun_resumes_without_duplicates(node, t
     check_store(one, want)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_rerun_with_other_parameters_is_refused_naming_what_differs(node, checkpoint, tmp_path):
+    """Resuming counts stored episodes as done: only if they ran as this run would run them."""
+    out = tmp_path / "grid"
+    lift = ["--env", "robosuite_lift", "--settings", "off", "fast=4"]
+    r = run(eval_cmd(node, out, *lift))
+    assert r.returncode == 0, r.stderr[-4000:]
+    before = [i.id for i in open_store(out).episodes()]
+
+    def refused(cmd: list[str], *why: str) -> None:
+        r = run(cmd)
+        assert r.returncode == 2 and r.stderr.startswith("error: --out "), (r.returncode, r.stderr[-3000:])
+        assert all(w in r.stderr for w in why), r.stderr
+        assert [i.id for i in open_store(out).episodes()] == before  # nothing ran, nothing mixed in
+
+    longer = eval_cmd(node, out, *lift, "--episodes", "2")
+    longer[longer.index("--max-steps") + 1] = "4"
+    refused(longer, "ran with max_steps 3, this run has 4 (--max-steps)")
+    refused(
+        eval_cmd(node, out, *lift, "--execute-steps", "1"),
+        "execute_steps None, this run has 1 (--execute-steps)",
+    )
+    other = tmp_path / "other" / "robosuite_lift.yaml"  # the same name, another table
+    other.parent.mkdir()
+    other.write_text(
+        (shipped("sims") / "robosuite_lift.yaml").read_text().replace("control_freq: 20", "control_freq: 10")
+    )
+    refused(eval_cmd(node, out, "--env", str(other), "--settings", "off"), "config_sha256", "--env config")
+    bare = free_address()  # the same policy without the knobs: another node
+    proc = serve_process(checkpoint, bare, directions=False)
+    try:
+        refused(eval_cmd(bare, out, "--env", "robosuite_lift", "--settings", "off"), "policy_fingerprint")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    sim_out = tmp_path / "sim"
+    r = run(
+        [
+            VLA_STEER,
+            "sim",
+            "--server",
+            node,
+            "--env",
+            "robosuite_lift",
+            "--max-steps",
+            "3",
+            "--out",
+            str(sim_out),
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(eval_cmd(node, sim_out, "--env", "robosuite_lift", "--settings", "off"))
+    assert r.returncode == 2 and "was not recorded by `vla-steer eval`" in r.stderr, r.stderr[-3000:]
+    r = run(eval_cmd(node, out, *lift, "--episodes", "2"))  # as before: resumes
+    assert r.returncode == 0 and "resuming: 2 of 4 episodes" in r.stderr, r.stderr[-3000:]
+    check_store(out, {("robosuite_lift", s, seed) for s in ("off", "fast=4") for seed in (0, 1)})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ctrl_c_while_a_worker_starts_ends_the_grid_and_the_worker(node, tmp_path):
+    out = tmp_path / "grid"
+    cmd = eval_cmd(node, out, "--env", "robosuite_lift", "--settings", "off", "fast=4", "--episodes", "10")
+    cmd[cmd.index("--max-steps") + 1] = "300"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        (worker,) = wait_for(lambda: _children(proc.pid), timeout=120, interval=0.05, what="a worker process")
+        proc.send_signal(signal.SIGINT)  # the worker is still importing its simulator
+        proc.wait(120)
+        assert not Path(f"/proc/{worker}").exists() or _zombie(worker)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.exists() or not any(i.complete for i in open_store(out).episodes())
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -298,19 +383,62 @@ def test_a_grid_killed_mid_run_is_finished_by_a_rerun(node, tmp_path):
     assert [row["episodes"] for row in json.loads((out / "eval.json").read_text())] == [3, 3]
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def _listening(pids: list[int]) -> set[str]:
+    """The addresses these processes listen on (TCP), from /proc: ip:port as the kernel shows them (hex)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # LISTEN
+                out.add(f[1])
+    return out
+
+
+LOOPBACK = ("0100007F:", "0000000000000000FFFF00000100007F:", "00000000000000000000000001000000:")
+
+
 @needs_libero
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_libero_grid_on_a_local_ray_cluster(checkpoint, tmp_path):
-    """`--ray`: a local cluster sized to this machine; the policy node and the LIBERO worker are actors."""
+    """`--ray`: a local cluster on this 2-core machine; the policy node and two LIBERO workers are actors,
+    everything Ray starts listens on loopback only, and the node's output goes to a log under --out."""
     pytest.importorskip("ray")
     out = tmp_path / "grid"
     cmd = [VLA_STEER, "eval", "--ray", "--policy", str(checkpoint / "policy.yaml"), "--directions",
            str(checkpoint / "directions"), "--env", "libero_spatial:0,1", "--settings", "off", "fast=4",
-           "--episodes", "2", "--max-steps", "3", "--out", str(out)]  # fmt: skip
-    r = run(cmd, timeout=840)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "grid: 8/8 episodes" in r.stderr
+           "--episodes", "2", "--max-steps", "3", "--workers", "2", "--out", str(out)]  # fmt: skip
+    log = out / "logs" / "policy-node-1.log"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        wait_for(lambda: log.exists() and "serving tiny-vla" in log.read_text(), timeout=600, interval=0.5,
+                 what="the policy node to serve")  # fmt: skip
+        listening = _listening([proc.pid, *_descendants(proc.pid)])
+        assert listening and all(a.startswith(LOOPBACK) for a in listening), listening
+        stdout, stderr = proc.communicate(timeout=780)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "grid: 8/8 episodes" in stderr
     got = check_store(
         out, {(f"libero_spatial:{t}", s, seed) for t in (0, 1) for s in ("off", "fast=4") for seed in (0, 1)}
     )
