@@ -128,7 +128,9 @@ def cmd_eval(args) -> int:
         grids.check_resume(cells, done, {t.label: grids.policy_fields(info) for t in tasks}, out)
 
     code = 0
-    if todo:
+    if not todo and args.ray is not None:
+        print("nothing left to run: no Ray cluster started (so its policy is not checked)", file=sys.stderr)
+    else:  # locally the node is checked even with nothing left to run: are the stored episodes its own?
         from sim.scheduler import Progress
 
         try:
