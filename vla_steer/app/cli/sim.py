@@ -38,7 +38,7 @@ def add_parsers(sub) -> None:
         description="Every setting runs the same seeds, so baseline and steered episodes start alike. Tasks may "
         "be robosuite configs and whole LIBERO suites (run by workers in the LIBERO venv, "
         "$VLA_STEER_LIBERO_PYTHON, default .venv-libero). Rerunning into the same --out skips the episodes "
-        "already complete there. Example: vla-steer eval --env robosuite_lift --env libero_spatial:0,3 "
+        "already complete there (and is refused if they ran with another policy, step limit or config). Example: vla-steer eval --env robosuite_lift --env libero_spatial:0,3 "
         f"--settings off fast=4 fast=8 --episodes 10 --workers 2 --out runs/grid. {EXIT_CODES}",
     )
     p.add_argument("--env", action="append", required=True, help=GRID_ENV_HELP)
