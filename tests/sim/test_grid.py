@@ -20,7 +20,7 @@ import pytest
 
 from sim.grid import Grid, parse_env, parse_shard, remaining, results
 from sim.grid import done_episodes as done_in
-from tests.support import VLA_STEER, free_address, serve_process, wait_for
+from tests.support import VLA_STEER, exited, free_address, serve_process, wait_for
 from vla_steer.core.analysis.stores import Stores
 from vla_steer.core.config import shipped
 from vla_steer.core.rollouts import EpisodeRecorder, Recorder, open_store
@@ -175,6 +175,15 @@ def run(cmd: list[str], timeout: float = 540) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
+def lift_process(node: str, out: Path, episodes: int, max_steps: int) -> subprocess.Popen:
+    """A Lift grid (off, fast=4) running in the background."""
+    cmd = eval_cmd(
+        node, out, "--env", "robosuite_lift", "--settings", "off", "fast=4", "--episodes", str(episodes)
+    )
+    cmd[cmd.index("--max-steps") + 1] = str(max_steps)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
 def check_store(out: Path, want: set[tuple[str, str, int]]) -> dict:
     """Each wanted episode complete exactly once, steered as its setting says; the infos by key."""
     store = open_store(out)
@@ -321,25 +330,16 @@ def test_a_rerun_with_other_parameters_is_refused_naming_what_differs(node, chec
 @pytest.mark.timeout(600)
 def test_ctrl_c_while_a_worker_starts_ends_the_grid_and_the_worker(node, tmp_path):
     out = tmp_path / "grid"
-    cmd = eval_cmd(node, out, "--env", "robosuite_lift", "--settings", "off", "fast=4", "--episodes", "10")
-    cmd[cmd.index("--max-steps") + 1] = "300"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = lift_process(node, out, episodes=10, max_steps=300)
     try:
         (worker,) = wait_for(lambda: _children(proc.pid), timeout=120, interval=0.05, what="a worker process")
         proc.send_signal(signal.SIGINT)  # the worker is still importing its simulator
         proc.wait(120)
-        assert not Path(f"/proc/{worker}").exists() or _zombie(worker)
+        assert exited(worker)
     finally:
         proc.kill()
         proc.wait()
     assert not out.exists() or not any(i.complete for i in open_store(out).episodes())
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def _children(pid: int) -> list[int]:
@@ -358,9 +358,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.timeout(600)
 def test_a_grid_killed_mid_run_is_finished_by_a_rerun(node, tmp_path):
     out = tmp_path / "grid"
-    cmd = eval_cmd(node, out, "--env", "robosuite_lift", "--settings", "off", "fast=4", "--episodes", "3")
-    cmd[cmd.index("--max-steps") + 1] = "40"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = lift_process(node, out, episodes=3, max_steps=40)
     try:
         wait_for(lambda: out.exists() and any(i.complete for i in open_store(out).episodes()), timeout=300,
                  interval=0.2, what="a first complete episode")  # fmt: skip

@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 from sim.ray_grid import Machine, PolicyNode, fit
-from tests.support import wait_for
+from tests.support import exited, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,16 +82,7 @@ def test_the_policy_node_exits_when_its_actor_process_dies(checkpoint, tmp_path)
         assert serve, (tmp_path / "node.log").read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        wait_for(
-            lambda: not Path(f"/proc/{serve}").exists() or _zombie(serve), timeout=30, what="serve to exit"
-        )
+        wait_for(lambda: exited(serve), timeout=30, what="serve to exit")
     finally:
         proc.kill()
         proc.wait()
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
