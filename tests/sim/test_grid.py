@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 
 from sim.grid import Grid, parse_env, parse_shard, remaining, results
 from sim.grid import done_episodes as done_in
-from tests.support import VLA_STEER, exited, free_address, serve_process, wait_for
+from tests.support import VLA_STEER, free_address, serve_process, wait_for
 from vla_steer.core.analysis.stores import Stores
 from vla_steer.core.config import shipped
 from vla_steer.core.rollouts import EpisodeRecorder, Recorder, open_store
@@ -175,15 +176,6 @@ def run(cmd: list[str], timeout: float = 540) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
-def lift_process(node: str, out: Path, episodes: int, max_steps: int) -> subprocess.Popen:
-    """A Lift grid (off, fast=4) running in the background."""
-    cmd = eval_cmd(
-        node, out, "--env", "robosuite_lift", "--settings", "off", "fast=4", "--episodes", str(episodes)
-    )
-    cmd[cmd.index("--max-steps") + 1] = str(max_steps)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-
-
 def check_store(out: Path, want: set[tuple[str, str, int]]) -> dict:
     """Each wanted episode complete exactly once, steered as its setting says; the infos by key."""
     store = open_store(out)
@@ -326,20 +318,61 @@ def test_a_rerun_with_other_parameters_is_refused_naming_what_differs(node, chec
     check_store(out, {("robosuite_lift", s, seed) for s in ("off", "fast=4") for seed in (0, 1)})
 
 
+INTERRUPTED = """
+import json, os, signal, sys, threading, time
+from sim.grid import Grid
+from sim.scheduler import Progress, local_slots, run_cells
+from tests.sim.test_grid import _children
+
+run = {"server": sys.argv[1], "out": sys.argv[2], "max_steps": 300, "execute_steps": None, "settle": 0,
+       "activations": None, "request_timeout": 5.0, "connect_timeout": 10.0, "server_key": None, "keypair": None}
+
+
+def interrupt():  # Ctrl-C as soon as the worker process exists: it is still importing its simulator
+    while not _children(os.getpid()):
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+threading.Thread(target=interrupt, daemon=True).start()
+try:
+    run_cells(Grid.build(["robosuite_lift"], [{}], 10).cells(), local_slots(1, run), Progress(10, 0))
+except KeyboardInterrupt:
+    pass
+slots = [t.name for t in threading.enumerate() if t.name.startswith("grid-slot")]
+print(json.dumps({"slots": slots, "workers": _children(os.getpid())}), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_a_worker_starts_kills_it_and_ends_the_slots(node, tmp_path):
+    """A caller that catches the KeyboardInterrupt (a notebook, a script) is left with no worker and no
+    slot thread running on; the CLI exits anyway (and its workers with it)."""
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED, node, str(tmp_path / "grid")], capture_output=True,
+                       text=True, timeout=240, env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == {"slots": [], "workers": []}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ctrl_c_while_a_worker_starts_ends_the_grid_and_the_worker(node, tmp_path):
+def test_a_failing_cell_stops_the_other_workers_at_their_next_episode(node, tmp_path):
+    """Before: the other worker ran its whole cell (10 long episodes) before the grid stopped."""
+    broken = tmp_path / "broken.yaml"  # a valid config robosuite cannot build: fails in its worker
+    broken.write_text(
+        (shipped("sims") / "robosuite_lift.yaml").read_text().replace("robot: Panda", "robot: Nobody")
+    )
     out = tmp_path / "grid"
-    proc = lift_process(node, out, episodes=10, max_steps=300)
-    try:
-        (worker,) = wait_for(lambda: _children(proc.pid), timeout=120, interval=0.05, what="a worker process")
-        proc.send_signal(signal.SIGINT)  # the worker is still importing its simulator
-        proc.wait(120)
-        assert exited(worker)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert not out.exists() or not any(i.complete for i in open_store(out).episodes())
+    cmd = eval_cmd(
+        node, out, "--env", str(broken), "--env", "robosuite_lift", "--episodes", "10", "--workers", "2"
+    )
+    cmd[cmd.index("--max-steps") + 1] = "200"
+    r = run(cmd)
+    assert r.returncode in (2, 4) and "error: " in r.stderr, r.stderr[-3000:]
+    lift = [i for i in open_store(out).episodes() if i.complete] if out.exists() else []
+    assert len(lift) < 10, len(lift)
 
 
 def _children(pid: int) -> list[int]:
@@ -358,7 +391,9 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.timeout(600)
 def test_a_grid_killed_mid_run_is_finished_by_a_rerun(node, tmp_path):
     out = tmp_path / "grid"
-    proc = lift_process(node, out, episodes=3, max_steps=40)
+    cmd = eval_cmd(node, out, "--env", "robosuite_lift", "--settings", "off", "fast=4", "--episodes", "3")
+    cmd[cmd.index("--max-steps") + 1] = "40"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         wait_for(lambda: out.exists() and any(i.complete for i in open_store(out).episodes()), timeout=300,
                  interval=0.2, what="a first complete episode")  # fmt: skip
