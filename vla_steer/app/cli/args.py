@@ -75,7 +75,7 @@ def parse_option(text: str) -> tuple[str, object]:
 
 POLICY_HELP = (
     "a policy config (a YAML file, or a shipped one's name: demo_vla, openvla_7b, pi0_libero, ...), a checkpoint "
-    "directory (the demo VLA's, OpenVLA's official layout, pi0's LeRobot or openpi layout) or a hub id"
+    "directory (the demo VLA's, OpenVLA's official layout, pi0's or pi0.5's LeRobot or openpi layout) or a hub id"
 )
 
 
@@ -96,7 +96,7 @@ def add_policy_argument(p: argparse.ArgumentParser, positional: bool = False) ->
     )
     p.add_argument(
         "--kind",
-        choices=("tiny_vla", "openvla", "pi0", "language_model"),
+        choices=("tiny_vla", "openvla", "pi0", "pi05", "language_model"),
         help="what the checkpoint is, where its files cannot say (a hub id offline); default: read from them",
     )
 
