@@ -108,3 +108,11 @@ def side_python(name: str, env_var: str) -> str:
     python, notes = find(name, explicit=os.environ.get(env_var))
     assert python is not None, f"no interpreter has {name}, and building one failed: {notes}"
     return python
+
+
+def exited(pid: int) -> bool:
+    """The process is gone (or a zombie its parent has yet to reap): it runs no more."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
