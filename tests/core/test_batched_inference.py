@@ -185,6 +185,8 @@ def test_openvla_batched_equals_alone(tmp_path):
             }
             for text in ("pick up the cube", "open the drawer", "pick up the bowl")
         ]
+        # Prompt lengths 15, 14, 14, 15 tokens (one forward per length): whichever client `held` holds, two of
+        # the others share a forward.
         scripts = [[(obs[i % 3], s)] * 2 for i, s in enumerate([{"k": 8.0}, {}, {"k": -8.0}, None])]
         hold = held(node)
         with Server(node, "tcp://127.0.0.1:0", batch_wait=0.05).start() as server:
@@ -207,7 +209,9 @@ def test_pi0_batched_keeps_each_clients_episode_and_matches_alone_within_toleran
     node.steerer.add("k", [(0, i) for i in range(16)], mode="add", strength=0.0, enabled=False)
     obs = [make_obs(seed=s, instruction=text) for s, text in ((1, "pick up the red block"), (2, "stack it"))]
     payloads = [o.to_payload() for o in obs]
-    scripts = [[(payloads[i % 2], s)] * 3 for i, s in enumerate([{"k": 3.0}, {}, {"k": -2.0}])]
+    # Two prompt lengths (each its own forward) x two clients each: whichever client `held` holds, two of
+    # the others share a forward.
+    scripts = [[(payloads[i % 2], s)] * 3 for i, s in enumerate([{"k": 3.0}, {}, {"k": -2.0}, {"k": 1.0}])]
     hold = held(node)
     with Server(node, "tcp://127.0.0.1:0", batch_wait=0.05).start() as server:
         expected = [alone(server.address, s, reset=True) for s in scripts]
