@@ -149,6 +149,7 @@ def run_episodes(
         try:
             watch.call("reset", lambda n=name, s=ep_seed: client.reset(episode=n, seed=s), name, 0, summaries)
             obs = env.reset(ep_seed)
+            per_episode = getattr(env, "episode_meta", dict)()  # e.g. LIBERO's init state index
             success = env.success()
             done = success and not settle
             while step < max_steps and not done:
@@ -187,7 +188,7 @@ def run_episodes(
                         activations=acts,
                     )
                     if recorder is not None:
-                        recorder.step(executed, episode=name)
+                        recorder.step(executed, episode=name, **per_episode)
                     if on_step is not None:
                         on_step(RunStep(name, step, k, success, executed, info))
                     obs = new

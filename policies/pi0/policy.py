@@ -100,6 +100,14 @@ class PI0Policy(Policy):
             image_keys={self.image_keys[f.name]: (f.shape[1], f.shape[2], 3) for f in real},
             state_dim=cfg.state_dim,
             action_space="checkpoint",  # whatever the fine-tune's dataset recorded (LIBERO: ee deltas)
+            conventions={
+                "family": "pi0",
+                "gripper": None,  # as the fine-tune's dataset recorded it (LIBERO's: +1 close)
+                "action_frame": "absolute",  # a state-relative checkpoint's actions get the state back here
+                "relative_mask": list(cfg.relative_mask) if cfg.relative_actions else None,
+                "center_crop": None,
+                "resize": "pad_bilinear",  # another size is resized with padding (LeRobot, openpi)
+            },
         )
         pg = model.paligemma_with_expert.paligemma
         self._backbones = {
@@ -155,13 +163,15 @@ class PI0Policy(Policy):
         openpi_image_keys: list[str] | None = None,
         state_dim: int | None = None,
         action_dim: int | None = None,
+        relative_action_dims: int | None = None,
         name: str | None = None,
     ) -> PI0Policy:
         """Load a LeRobot or openpi pi0 checkpoint directory (config.json + model.safetensors).
 
         `dtype`: float32 (default) or bfloat16; `seed`: deterministic noise (re-seeded at every reset);
         `image_keys`: checkpoint image feature -> observation key; `norm_stats`: a stats JSON overriding
-        the checkpoint's; `openpi_image_keys`, `state_dim`, `action_dim`: what an openpi config lacks.
+        the checkpoint's; `openpi_image_keys`, `state_dim`, `action_dim`, `relative_action_dims` (openpi's
+        state-relative first N action dims, `pi0_libero`: 6): what an openpi config lacks.
         """
         directory = local_checkpoint(path, HUB_PATTERNS, "a pi0")
         if not (directory / ckpt.WEIGHTS).exists():
@@ -178,6 +188,7 @@ class PI0Policy(Policy):
             image_keys=openpi_image_keys,
             state_dim=state_dim,
             action_dim=action_dim,
+            relative_action_dims=relative_action_dims,
         )
         dtype = _dtype(dtype if dtype is not None else cfg.dtype)
         # Stats and tokenizer first: a checkpoint that cannot run is refused before the weights are read.

@@ -94,6 +94,7 @@ class PolicyNode:
                 "action_space": spec.action_space,
                 "positions": self.steerer.positions,
             },
+            conventions=spec.conventions,
         )
 
     def infer(self, req: Request) -> Reply:
