@@ -58,6 +58,13 @@ def default_image_key(feature: str) -> str:
     return feature
 
 
+def absolute_actions(actions: np.ndarray, state: Any, mask: tuple[bool, ...]) -> np.ndarray:
+    """State-relative actions made absolute: the raw state added where `mask` is true (LeRobot's
+    AbsoluteActionsProcessorStep; openpi's `AbsoluteActions`, pi0_libero's mask: 6 true, then false)."""
+    s = np.asarray(state, np.float32).reshape(-1)[: len(mask)]
+    return actions + s * np.asarray(mask, np.float32)
+
+
 class PI0Policy(Policy):
     def __init__(
         self,
@@ -288,9 +295,8 @@ class PI0Policy(Policy):
     def infer(self, obs: Observation, *, noise: torch.Tensor | np.ndarray | None = None) -> ActionChunk:
         normed = self.model(**self.model_inputs(obs, noise))[0, :, : self.cfg.action_dim].cpu().numpy()
         actions = self.action_norm.unnormalize(normed)
-        if self.cfg.relative_actions:  # LeRobot's AbsoluteActionsProcessorStep: + the raw state, masked
-            state = np.asarray(obs.state, np.float32).reshape(-1)[: self.cfg.action_dim]
-            actions = actions + state * np.asarray(self.cfg.relative_mask, np.float32)
+        if self.cfg.relative_actions:
+            actions = absolute_actions(actions, obs.state, self.cfg.relative_mask)
         return ActionChunk(
             actions=np.ascontiguousarray(actions[: self.cfg.n_action_steps]),
             info={"chunk_size": self.cfg.chunk_size, "num_inference_steps": self.cfg.num_inference_steps},
