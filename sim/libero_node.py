@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--activations", default="", help="comma-separated concepts or layer:N to record with every step"
     )
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the policy node")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for one reply from the node (default 5; a 7B model on a CPU needs more)",
+    )
     p.add_argument("--out", type=Path, required=True, help="rollout store directory (appended to)")
     p.add_argument(
         "--seed",
@@ -70,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.timeout <= 0:
+            raise ValueError(f"--timeout {args.timeout}: must be positive seconds")
         cfg = load_libero_config(args.env, profile=args.profile, suite=args.suite, task_id=args.task_id)
         # Flags are recorded as the config's, so the episode's conventions say what ran.
         for key, value in (("max_steps", args.max_steps), ("execute_steps", args.execute_steps)):
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             max_steps=cfg.step_limit(), seed=cfg.first_seed if args.seed is None else args.seed,
             execute_steps=cfg.execute_steps,
             activations=session.names(args.activations), server_key=args.server_key, keypair=args.keypair,
-            connect_timeout=args.connect_timeout,
+            connect_timeout=args.connect_timeout, request_timeout=args.timeout,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -71,6 +71,7 @@ def run(
         run_meta = {
             "policy": info.policy,
             "policy_info": dict(info.info),
+            "policy_conventions": dict(info.conventions),  # what the policy announced its actions mean
             "max_steps": max_steps,
             "versions": versions(),
         }
