@@ -51,7 +51,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle, to_osc_action
-from sim.libero_profile import check_policy, process_image
+from sim.conventions import check_policy
+from sim.libero_profile import process_image
 from vla_steer.core.config import read_yaml_file, resolve_config, shipped, validate_model
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")

@@ -1,5 +1,6 @@
-"""Evaluation profiles: what a checkpoint family's published LIBERO numbers were measured with, and the checks
-that refuse a policy whose announced conventions contradict the profile it is run under.
+"""Evaluation profiles: what a checkpoint family's published LIBERO numbers were measured with, and the env-side
+image chain each reference applies. (A policy whose announced conventions contradict the profile it is run
+under is refused by `sim.conventions.check_policy`.)
 
 A profile (`vla_steer/configs/profiles/*.yaml`) is a partial LIBERO sim config (`sim.libero_env.LiberoConfig`):
 every key but the suite and task, each set as the reference evaluation sets it, and `reference` citing the
@@ -29,29 +30,11 @@ The image chain (env side, torch-free; each step as its reference computes it):
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 RESIZES = ("none", "tf_lanczos3", "pil_bilinear_pad", "torch_bilinear_pad")
-
-# How to fix each announced convention a profile expects, for the refusal's message.
-HINTS = {
-    "family": "run this policy under the profile of its family (configs/profiles: {profiles})",
-    "gripper": "the profile's gripper mapping assumes {want}; use the profile of the policy's family",
-    "center_crop": "serve the policy with `center_crop: true` in its policy config "
-    "(or --option center_crop=true); the LIBERO fine-tunes were trained with random crops",
-    "relative_mask": "the checkpoint was trained with actions relative to the state on these dims; serve it with "
-    "`relative_action_dims: {n}` in its policy config (openpi checkpoints do not record it)",
-    "action_frame": "the simulator executes actions as returned; serve the policy so it returns {want} actions",
-}
-
-
-class ProfileMismatch(ValueError):
-    """The policy's announced conventions contradict the sim config (or its profile)."""
-
 
 # -- images -------------------------------------------------------------------------------------------
 
@@ -137,52 +120,8 @@ def process_image(
     return np.ascontiguousarray(img, dtype=np.uint8)
 
 
-# -- the policy's announced conventions ----------------------------------------------------------------
-
-GRIPPER_FOR = {"open_unit": "open_unit", "close_positive": "close_positive", "open_positive": "open_positive"}
-
-
-def check_policy(
-    conventions: Mapping[str, Any],
-    *,
-    gripper: str,
-    expect: Mapping[str, Any],
-    profile: str | None,
-    profiles: list[str],
-    chunk_length: int,
-    execute_steps: int | None,
-) -> None:
-    """Refuse (ProfileMismatch) a policy whose hello-reply `conventions` contradict the sim config: the
-    gripper mapping against the policy's announced gripper (always), each `expect`ed convention (a
-    profile's), and a chunk shorter than the steps executed from it."""
-    where = f"profile {profile!r}" if profile else "the sim config"
-    problems = []
-    announced = conventions.get("gripper")
-    if announced is not None and GRIPPER_FOR.get(announced) != gripper:
-        problems.append(
-            f"the policy's gripper is {announced!r} but {where} maps `gripper: {gripper}` "
-            f"(set `gripper: {announced}` in the sim config, or use the profile of the policy's family)"
-        )
-    for key, want in expect.items():
-        got = conventions.get(key, "<not announced>")
-        if got == want or (isinstance(want, list) and isinstance(got, list) and list(got) == want):
-            continue
-        n = sum(bool(m) for m in want) if key == "relative_mask" and isinstance(want, list) else 0
-        hint = HINTS.get(key, "").format(want=want, n=n, profiles=", ".join(profiles))
-        problems.append(f"{where} expects the policy's {key} = {want!r}, it announces {got!r}: {hint}")
-    if execute_steps is not None and chunk_length < execute_steps:
-        problems.append(
-            f"{where} executes {execute_steps} actions per chunk, but the policy returns chunks of "
-            f"{chunk_length} (serve it with n_action_steps >= {execute_steps})"
-        )
-    if problems:
-        raise ProfileMismatch("refused: " + "; ".join(problems))
-
-
 __all__ = [
     "RESIZES",
-    "ProfileMismatch",
-    "check_policy",
     "jpeg_round_trip",
     "process_image",
     "resize_lanczos3",

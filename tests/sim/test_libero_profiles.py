@@ -25,8 +25,9 @@ import pytest
 from policies.openvla.processing import center_crop
 from policies.pi0.policy import absolute_actions
 from sim.base import to_osc_action
+from sim.conventions import ConventionMismatch, check_policy
 from sim.libero_env import SETTLE_ACTION, TASK_KEYS, LiberoConfig, load_libero_config, profile_names
-from sim.libero_profile import ProfileMismatch, check_policy, process_image
+from sim.libero_profile import process_image
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "libero_profiles"
@@ -183,18 +184,18 @@ def check(conventions: dict, name: str, chunk: int = 50) -> None:
 def test_a_contradicting_policy_is_refused_naming_the_setting():
     check(OPENVLA, "openvla_libero", chunk=1)
     check(PI0_OPENPI, "openpi_pi0_libero")
-    with pytest.raises(ProfileMismatch) as e:
+    with pytest.raises(ConventionMismatch) as e:
         check(OPENVLA, "openpi_pi0_libero", chunk=1)
     msg = str(e.value)
     assert "the policy's gripper is 'open_unit'" in msg and "family = 'pi0', it announces 'openvla'" in msg
     assert "executes 5 actions per chunk, but the policy returns chunks of 1" in msg
-    with pytest.raises(ProfileMismatch, match="family = 'openvla', it announces 'pi0'"):
+    with pytest.raises(ConventionMismatch, match="family = 'openvla', it announces 'pi0'"):
         check(PI0_OPENPI, "openvla_libero")
-    with pytest.raises(ProfileMismatch, match="center_crop: true"):
+    with pytest.raises(ConventionMismatch, match="center_crop: true"):
         check(OPENVLA | {"center_crop": None}, "openvla_libero", chunk=1)
-    with pytest.raises(ProfileMismatch, match="relative_action_dims: 6"):
+    with pytest.raises(ConventionMismatch, match="relative_action_dims: 6"):
         check(PI0_OPENPI | {"relative_mask": None}, "openpi_pi0_libero")
-    with pytest.raises(ProfileMismatch, match="n_action_steps >= 5"):
+    with pytest.raises(ConventionMismatch, match="n_action_steps >= 5"):
         check(PI0_OPENPI, "openpi_pi0_libero", chunk=4)
 
 
