@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/pi0_step.py $(BENCH_ARGS)
 	$(PY) benchmarks/servo_loop.py $(BENCH_ARGS)
 	$(PY) benchmarks/node_soak.py $(BENCH_ARGS)
+	$(PY) benchmarks/batched_infer.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports

@@ -2,11 +2,13 @@
 
 transformers 5.x renamed `past_key_values=` to `cache=` (the old name is deprecated and goes in 5.40);
 both OpenVLA-style policies decode their action tokens one cached forward at a time through this.
+`stack_prompts` makes a batch of prompts of one length (the policies' `batch_key`).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -23,3 +25,11 @@ def next_token(lm: torch.nn.Module, token: torch.Tensor, previous: Any) -> Any:
     if _takes_cache(type(lm)):
         return lm(input_ids=token, cache=previous.cache, use_cache=True)
     return lm(input_ids=token, past_key_values=previous.past_key_values, use_cache=True)
+
+
+def stack_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """[B, T] prompt ids for prompts of one length (the node batches by length: rows unpadded, so each
+    computes what it computes alone)."""
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError(f"a batch takes prompts of one length, got lengths {[len(p) for p in prompts]}")
+    return torch.tensor([list(p) for p in prompts], device=device)

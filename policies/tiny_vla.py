@@ -22,8 +22,10 @@ decodes its action tokens conditioned on them: an embodied-chain-of-thought VLA 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from policies.decoding import next_token
+from policies.decoding import next_token, stack_prompts
 from vla_steer.core import tiny
 from vla_steer.core.backbone import Backbone
 from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
@@ -94,6 +96,8 @@ class ImageEncoder(nn.Module):
 
 
 class TinyVLA(nn.Module, Policy):
+    batching = True
+
     def __init__(self, cfg: TinyVLAConfig, language_model: LlamaForCausalLM, tokenizer):
         super().__init__()
         self.cfg = cfg
@@ -234,18 +238,28 @@ class TinyVLA(nn.Module, Policy):
         mask[self.tokenizer.all_special_ids] = float("-inf")
         return mask
 
-    @torch.no_grad()
+    def prompt_ids(self, instruction: str) -> list[int]:
+        prompt = PROMPT.format(instruction=instruction.strip().lower())
+        return self.tokenizer(prompt, add_special_tokens=False).input_ids
+
     def action_token_ids(self, obs: Observation) -> torch.Tensor:
-        """Greedy decoding of the plan words (if any) then `action_dim` tokens: prefill once, then one token
-        per step with the KV cache. Returns every decoded id, plan first."""
+        """Every decoded id for one observation, plan first (see `batch_token_ids`)."""
+        return self.batch_token_ids([obs], [self.prompt_ids(obs.instruction)])[0]
+
+    @torch.no_grad()
+    def batch_token_ids(
+        self, observations: Sequence[Observation], prompts: Sequence[list[int]]
+    ) -> torch.Tensor:
+        """Greedy decoding of the plan words (if any) then `action_dim` tokens, for prompts of one length
+        (no padding: each row computes what it computes alone): prefill once, then one token per step with
+        the KV cache. Returns [B, plan_words + action_dim] ids."""
         lm = self.language_model
-        state = None if obs.state is None else torch.as_tensor(np.array(obs.state, dtype=np.float32))[None]
-        prefix = self.prefix_embeddings(self.preprocess(obs.images[self.cfg.image_key]), state)
-        prompt = self.tokenizer(
-            PROMPT.format(instruction=obs.instruction.strip().lower()),
-            add_special_tokens=False,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        state = None
+        if self.state_proj is not None and all(o.state is not None for o in observations):
+            state = torch.as_tensor(np.stack([np.asarray(o.state, dtype=np.float32) for o in observations]))
+        images = np.stack([o.images[self.cfg.image_key] for o in observations])
+        prefix = self.prefix_embeddings(self.preprocess(images), state)
+        prompt = stack_prompts(prompts, self.device)
         inputs = torch.cat([prefix, lm.get_input_embeddings()(prompt)], dim=1)
         bin_mask = torch.full((lm.config.vocab_size,), float("-inf"), device=self.device)
         bin_mask[self.bins.first_id : self.bins.vocab_size] = 0.0
@@ -263,7 +277,7 @@ class TinyVLA(nn.Module, Policy):
             tokens.append(token)
             if step + 1 < n:
                 out = next_token(lm, token, out)
-        return torch.cat(tokens, dim=1)[0]
+        return torch.cat(tokens, dim=1)
 
     def decode_actions(self, token_ids: np.ndarray) -> np.ndarray:
         """Token ids -> bin centres in [-1, 1] -> un-normalised actions where stats say so."""
@@ -276,7 +290,19 @@ class TinyVLA(nn.Module, Policy):
         return actions.astype(np.float32)
 
     def infer(self, obs: Observation) -> ActionChunk:
-        decoded = self.action_token_ids(obs).cpu().numpy()
+        return self.infer_batch([obs], [None])[0]
+
+    def batch_key(self, obs: Observation) -> int:
+        return len(self.prompt_ids(obs.instruction))
+
+    def infer_batch(
+        self, observations: Sequence[Observation], episodes: Sequence[Any] = ()
+    ) -> list[ActionChunk]:
+        """One forward for observations of one prompt length. Stateless: `episodes` is not used."""
+        prompts = [self.prompt_ids(o.instruction) for o in observations]
+        return [self._chunk(row) for row in self.batch_token_ids(observations, prompts).cpu().numpy()]
+
+    def _chunk(self, decoded: np.ndarray) -> ActionChunk:
         plan, ids = decoded[: self.cfg.plan_words], decoded[self.cfg.plan_words :]
         actions = self.decode_actions(ids)
         info = {"action_tokens": ids.tolist()}

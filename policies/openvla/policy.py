@@ -21,12 +21,14 @@ only at the last prefill position and at every decoded token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from policies.decoding import next_token
+from policies.decoding import next_token, stack_prompts
 from policies.openvla import processing
 from policies.openvla.config import PrismaticConfig
 from policies.openvla.modeling import DTYPES, PrismaticModel
@@ -55,6 +57,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
 
 
 class OpenVLAPolicy(Policy):
+    batching = True
+
     def __init__(
         self,
         model: PrismaticModel,
@@ -174,10 +178,15 @@ class OpenVLAPolicy(Policy):
         ids = self.input_ids(obs.instruction)
         return self.generate(ids, self.pixel_values(obs.images[self.image_key]))
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """Greedy action tokens for `[1, T]` prompt ids (BOS first, "▁" last): one prefill, then one
         cached forward per token."""
+        return self.generate_batch(input_ids, pixel_values)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`generate` for `[B, T]` prompts of one length (unpadded, so each row computes what it computes
+        alone) and `[B, ...]` pixels: `[B, action_dim]` tokens."""
         lm = self.model.language_model
         inputs = self.model.embed(input_ids, pixel_values)
         mask = None
@@ -192,14 +201,27 @@ class OpenVLAPolicy(Policy):
             tokens.append(token)
             if step + 1 < self.spec.action_dim:
                 out = next_token(lm, token, out)
-        return torch.cat(tokens, dim=1)[0]
+        return torch.cat(tokens, dim=1)
 
     def decode_actions(self, token_ids: np.ndarray) -> np.ndarray:
         return processing.decode_actions(token_ids, self.bins, self.stats)
 
     def infer(self, obs: Observation) -> ActionChunk:
-        ids = self.action_token_ids(obs).cpu().numpy()
-        actions = self.decode_actions(ids).astype(np.float32)[None]
-        return ActionChunk(
-            actions=actions, info={"action_tokens": ids.tolist(), "unnorm_key": self.stats.key}
-        )
+        return self.infer_batch([obs], [None])[0]
+
+    def batch_key(self, obs: Observation) -> int:
+        return len(processing.prompt_ids(self.tokenizer, obs.instruction))
+
+    def infer_batch(
+        self, observations: Sequence[Observation], episodes: Sequence[Any] = ()
+    ) -> list[ActionChunk]:
+        """One forward for observations of one prompt length. Stateless: `episodes` is not used."""
+        prompts = [processing.prompt_ids(self.tokenizer, o.instruction) for o in observations]
+        pixels = torch.cat([self.pixel_values(o.images[self.image_key]) for o in observations])
+        out = []
+        for row in self.generate_batch(stack_prompts(prompts, self.device), pixels).cpu().numpy():
+            actions = self.decode_actions(row).astype(np.float32)[None]
+            out.append(
+                ActionChunk(actions, info={"action_tokens": row.tolist(), "unnorm_key": self.stats.key})
+            )
+        return out

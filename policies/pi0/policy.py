@@ -20,6 +20,7 @@ the checkpoint's stats and zero-padded to `max_state_dim`; actions: the first `a
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ def absolute_actions(actions: np.ndarray, state: Any, mask: tuple[bool, ...]) ->
 
 
 class PI0Policy(Policy):
+    batching = True
+
     def __init__(
         self,
         cfg: PI0Config,
@@ -294,6 +297,36 @@ class PI0Policy(Policy):
     @torch.no_grad()
     def infer(self, obs: Observation, *, noise: torch.Tensor | np.ndarray | None = None) -> ActionChunk:
         normed = self.model(**self.model_inputs(obs, noise))[0, :, : self.cfg.action_dim].cpu().numpy()
+        return self._chunk(obs, normed)
+
+    def new_episode(self) -> torch.Generator:
+        """One client's noise generator, seeded like `reset()` seeds the shared one."""
+        g = torch.Generator()
+        if self.seed is not None:
+            g.manual_seed(self.seed)
+        else:
+            g.seed()
+        return g
+
+    def batch_key(self, obs: Observation) -> int:
+        return len(self.prompt_ids(obs.instruction))
+
+    @torch.no_grad()
+    def infer_batch(
+        self, observations: Sequence[Observation], episodes: Sequence[torch.Generator | None]
+    ) -> list[ActionChunk]:
+        """One forward for observations of one prompt length (unpadded, as each alone); each draws its
+        noise from its client's generator (None: the shared one), in order."""
+        shape = (self.cfg.chunk_size, self.cfg.architecture.max_action_dim)
+        noises = [
+            self.sample_noise() if g is None else torch.randn(shape, generator=g, dtype=torch.float32)
+            for g in episodes
+        ]
+        inputs = _cat_inputs([self.model_inputs(o, n) for o, n in zip(observations, noises, strict=True)])
+        normed = self.model(**inputs)[:, :, : self.cfg.action_dim].cpu().numpy()
+        return [self._chunk(o, row) for o, row in zip(observations, normed, strict=True)]
+
+    def _chunk(self, obs: Observation, normed: np.ndarray) -> ActionChunk:
         actions = self.action_norm.unnormalize(normed)
         if self.cfg.relative_actions:
             actions = absolute_actions(actions, obs.state, self.cfg.relative_mask)
@@ -307,6 +340,20 @@ class PI0Policy(Policy):
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
+
+def _cat_inputs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several samples' `model_inputs` as one batch: tensors (and lists of them) concatenated on dim 0
+    (`torch.cat` refuses prompts of different lengths)."""
+    out = {}
+    for k, v in rows[0].items():
+        if isinstance(v, list):
+            out[k] = [torch.cat(parts) for parts in zip(*(r[k] for r in rows), strict=True)]
+        elif isinstance(v, torch.Tensor):
+            out[k] = torch.cat([r[k] for r in rows])
+        else:
+            out[k] = v
+    return out
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:

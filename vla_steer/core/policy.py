@@ -9,6 +9,7 @@ without knowing which VLA it is.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +45,19 @@ class ActionChunk:
 
 
 class Policy(abc.ABC):
-    """A VLA policy the node can serve and steer."""
+    """A VLA policy the node can serve and steer.
+
+    Batching: a policy with `batching = True` implements `infer_batch`, one forward for several
+    observations with equal `batch_key`s (sample i of every forward is observation i, so the Steerer's
+    per-sample rows line up); the node groups concurrent requests by key (e.g. prompt length: rows batch
+    unpadded, so each computes what it computes alone). Others are served one request at a time.
+    Episodes: `new_episode()` is one client's per-episode state (pi0: its seeded noise generator), made at
+    that client's reset and passed back with its observations, so clients sharing a node (and a batch)
+    keep their own episodes.
+    """
 
     spec: PolicySpec
+    batching: bool = False
 
     @property
     @abc.abstractmethod
@@ -63,4 +74,17 @@ class Policy(abc.ABC):
         """One inference: an action chunk for the observation. Must not keep references to `obs` arrays."""
 
     def reset(self) -> None:  # noqa: B027 - stateless policies have nothing to reset
-        """A new episode starts."""
+        """A new episode starts (for clients that keep no episode of their own, see `new_episode`)."""
+
+    def new_episode(self) -> Any:
+        """A new episode's per-client state; None when the policy keeps none."""
+        return None
+
+    def batch_key(self, obs: Observation) -> Any:
+        """Observations with equal keys can share a forward (`batching` policies)."""
+        return None
+
+    def infer_batch(self, observations: Sequence[Observation], episodes: Sequence[Any]) -> list[ActionChunk]:
+        """One action chunk per observation (all of one `batch_key`), from one batched forward (`batching`
+        policies only). `episodes[i]` is observation i's client's `new_episode()` state, or None (shared)."""
+        raise NotImplementedError(f"{type(self).__name__} does not batch")

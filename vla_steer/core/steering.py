@@ -27,8 +27,8 @@ import contextlib
 import math
 import numbers
 import threading
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -83,20 +83,27 @@ class _LayerBuffers:
 
     `keep` and `fill` fold the four settings into one fused op, `m' = fill + m * keep`:
     clamped neurons get (keep 0, fill value), the others (keep gain, fill offset).
+
+    A batch whose samples run under different settings sets `rows`, (keep, fill) of shape [B, 1, d_mlp],
+    one row per sample, for its forwards only; every other forward (one setting, batched or not) reads the
+    shared [d_mlp] pair, at today's cost.
     """
 
     def __init__(self, d_mlp: int, device: torch.device, dtype: torch.dtype):
         self.keep = torch.ones(d_mlp, dtype=dtype, device=device)
         self.fill = torch.zeros(d_mlp, dtype=dtype, device=device)
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def hook_all(self, module: nn.Module, args: tuple) -> tuple:
-        return (torch.addcmul(self.fill, args[0], self.keep), *args[1:])
+        keep, fill = (self.keep, self.fill) if self.rows is None else self.rows
+        return (torch.addcmul(fill, args[0], keep), *args[1:])
 
     def hook_last(self, module: nn.Module, args: tuple) -> tuple:
         # Token positions are on dim -2; a one-token decode step is its own last position.
+        keep, fill = (self.keep, self.fill) if self.rows is None else (self.rows[0][:, 0], self.rows[1][:, 0])
         m = args[0]
         out = m.clone()
-        out[..., -1, :] = torch.addcmul(self.fill, m[..., -1, :], self.keep)
+        out[..., -1, :] = torch.addcmul(fill, m[..., -1, :], keep)
         return (out, *args[1:])
 
 
@@ -261,16 +268,7 @@ class Steerer:
     def state(self) -> dict[str, dict]:
         """A snapshot of every concept's settings (what telemetry and the knobs UI show)."""
         with self._lock:
-            return {
-                c.name: {
-                    "mode": c.mode,
-                    "strength": c.strength,
-                    "enabled": c.enabled,
-                    "n_neurons": len(c.neurons),
-                    "layers": sorted({n.layer for n in c.neurons}),
-                }
-                for c in self._concepts.values()
-            }
+            return _describe(self._concepts.values())
 
     @property
     def positions(self) -> str:
@@ -312,17 +310,53 @@ class Steerer:
             return {name: dict(s) for name, s in self._applied.items()}
 
     @contextlib.contextmanager
-    def consistent(self) -> Iterator[Steerer]:
+    def consistent(self, setting: Setting | Sequence[Setting] | None = None) -> Iterator[Steerer]:
         """Run a block under one setting: a whole inference (prefill and every decoded token) sees the
-        settings in force at entry; changes made meanwhile are applied when the next forward starts."""
+        settings in force at entry; changes made meanwhile are applied when the next forward starts.
+
+        With `setting` (from `resolve` or `live`), the block runs under that setting instead of the live
+        one, which stays as it is and is back in the hooks at the next forward outside the block. A list of
+        settings is one per sample of a batched forward (batch dimension first): when they all agree the
+        block costs what one setting costs; otherwise each hooked layer gets per-sample rows for the block.
+        """
+        if isinstance(setting, Sequence) and len({s.key for s in setting}) == 1:
+            setting = setting[0]  # the fast path: one shared setting
         with self._forward:
-            if not self._frozen:
+            if setting is not None and self._frozen:
+                raise RuntimeError("a consistent(setting) block cannot nest in another consistent() block")
+            if isinstance(setting, Setting):
+                self._write(self._compose(setting.concepts.values()))
+                self._dirty = True  # the hooks hold the request's setting: the next forward re-syncs
+            elif setting is not None:
+                self._write_rows(setting)
+            elif not self._frozen:
                 self._sync()
             self._frozen += 1
             try:
                 yield self
             finally:
                 self._frozen -= 1
+                for buf in self._buffers.values():
+                    buf.rows = None
+
+    def live(self) -> Setting:
+        """The live settings as a `Setting` (a copy: later knob changes do not alter it)."""
+        with self._lock:
+            return Setting({n: replace(c) for n, c in self._concepts.items()})
+
+    def resolve(self, strengths: Mapping[str, float]) -> Setting:
+        """A complete setting of this Steerer's concepts: the named ones enabled at those strengths, every
+        other one off. Checked like `update` (unknown name: KeyError; strength or overlap out of bounds:
+        ValueError, naming the concept); the live settings are not touched. For `consistent(setting)`."""
+        with self._lock:
+            concepts = {n: replace(c, enabled=False) for n, c in self._concepts.items()}
+        for name, strength in strengths.items():
+            if name not in concepts:
+                self._get(name)  # raises the usual "unknown concept" KeyError
+            c = concepts[name]
+            c.strength, c.enabled = self._check_strength(name, strength, c.mode), True
+        self.check_bounds(concepts.values())
+        return Setting(concepts)
 
     # -- hooks -------------------------------------------------------------------------------------
 
@@ -430,16 +464,18 @@ class Steerer:
             )
         return strength
 
-    def check_bounds(self) -> None:
-        """Raise ValueError if the enabled concepts together push a neuron beyond its mode's bound."""
+    def check_bounds(self, concepts: Iterable[ConceptState] | None = None) -> None:
+        """Raise ValueError if the enabled concepts (the live ones, or `concepts`) together push a neuron
+        beyond its mode's bound."""
         act, gain_bound = strength_bound("clamp", self.dtype), strength_bound("scale", self.dtype)
-        for layer, (clamp, value, gain, offset) in self._compose().items():
+        concepts = list(self._concepts.values() if concepts is None else concepts)
+        for layer, (clamp, value, gain, offset) in self._compose(concepts).items():
             over = (torch.where(clamp, value, offset).abs() > act) | (gain.abs() > gain_bound)
             if over.any():
                 index = int(over.nonzero()[0, 0])
                 names = [
                     c.name
-                    for c in self._concepts.values()
+                    for c in concepts
                     if c.enabled and any(n.layer == layer and n.index == index for n in c.neurons)
                 ]
                 raise ValueError(
@@ -447,13 +483,13 @@ class Steerer:
                     f"(|value| <= {act:g} for clamp/add, |gain| <= {gain_bound:g} for scale)"
                 )
 
-    def _compose(self) -> dict[int, tuple[torch.Tensor, ...]]:
-        """(clamp mask, clamp value, gain, offset) per layer of an enabled concept, in float64.
-
-        Registration order decides overlaps: a later clamp wins; offsets add; gains multiply."""
+    def _compose(self, concepts: Iterable[ConceptState] | None = None) -> dict[int, tuple[torch.Tensor, ...]]:
+        """(clamp mask, clamp value, gain, offset) per layer of an enabled concept (the live ones, or
+        `concepts`), in float64. Registration order decides overlaps: a later clamp wins; offsets add;
+        gains multiply."""
         d_mlp = self.backbone.d_mlp
         out: dict[int, tuple[torch.Tensor, ...]] = {}
-        for c in self._concepts.values():
+        for c in self._concepts.values() if concepts is None else concepts:
             if not c.enabled:
                 continue
             for n in c.neurons:
@@ -497,17 +533,69 @@ class Steerer:
         with self._lock:
             if not self._dirty:
                 return
-            composed = self._compose()
-            for layer, buf in self._buffers.items():
-                if layer in composed:
-                    clamp, value, gain, offset = composed[layer]
-                    buf.keep.copy_(torch.where(clamp, 0.0, gain))
-                    buf.fill.copy_(torch.where(clamp, value, offset))
-                else:
-                    buf.keep.fill_(1.0)
-                    buf.fill.zero_()
+            self._write(self._compose())
             self._applied = self.state()
             self._dirty = False
+
+    def _write_rows(self, settings: Sequence[Setting]) -> None:
+        """Per-sample rows [B, 1, d_mlp] in every hooked layer, one per setting. Needs `_forward`."""
+        composed = {}  # each distinct setting composed once
+        for s in settings:
+            if s.key not in composed:
+                composed[s.key] = self._compose(s.concepts.values())
+        for layer, buf in self._buffers.items():
+            keep, fill = [], []
+            for s in settings:
+                if layer in composed[s.key]:
+                    clamp, value, gain, offset = composed[s.key][layer]
+                    keep.append(torch.where(clamp, 0.0, gain))
+                    fill.append(torch.where(clamp, value, offset))
+                else:
+                    keep.append(torch.ones(buf.keep.shape, dtype=torch.float64))
+                    fill.append(torch.zeros(buf.keep.shape, dtype=torch.float64))
+            like = {"dtype": buf.keep.dtype, "device": buf.keep.device}
+            buf.rows = (torch.stack(keep)[:, None].to(**like), torch.stack(fill)[:, None].to(**like))
+
+    def _write(self, composed: dict[int, tuple[torch.Tensor, ...]]) -> None:
+        """Copy composed settings into every hooked layer's buffers. Needs `_forward`."""
+        for layer, buf in self._buffers.items():
+            if layer in composed:
+                clamp, value, gain, offset = composed[layer]
+                buf.keep.copy_(torch.where(clamp, 0.0, gain))
+                buf.fill.copy_(torch.where(clamp, value, offset))
+            else:
+                buf.keep.fill_(1.0)
+                buf.fill.zero_()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A complete, checked setting of one Steerer's concepts (`Steerer.resolve`), applied to one inference
+    by `Steerer.consistent(setting)` without touching the live knobs."""
+
+    concepts: Mapping[str, ConceptState]
+
+    @property
+    def key(self) -> tuple:
+        """Equal for settings that steer alike (what lets a batch share one setting)."""
+        return tuple((c.name, c.mode, c.strength) for c in self.concepts.values() if c.enabled)
+
+    def state(self) -> dict[str, dict]:
+        """In `Steerer.state()`'s format: what an inference under this setting reports."""
+        return _describe(self.concepts.values())
+
+
+def _describe(concepts: Iterable[ConceptState]) -> dict[str, dict]:
+    return {
+        c.name: {
+            "mode": c.mode,
+            "strength": c.strength,
+            "enabled": c.enabled,
+            "n_neurons": len(c.neurons),
+            "layers": sorted({n.layer for n in c.neurons}),
+        }
+        for c in concepts
+    }
 
 
 def _parse_neuron(concept: str, n) -> Neuron:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import numbers
 import os
 import threading
 import time
@@ -197,12 +198,18 @@ class Client:
         self,
         observation: Observation | Mapping[str, Any],
         *,
+        steer: Mapping[str, float] | None = None,
         activations: Iterable[str] | None = None,
         info: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         retries: int = 0,
     ) -> InferResult:
         """One action chunk for `observation`. Arrays in the result are read-only views of the reply.
+
+        `steer`: None, the node's live knobs apply; a map, this inference alone runs with exactly those
+        knobs at those strengths and every other knob off (`{}`: unsteered), whatever the live knobs are,
+        which it leaves untouched. Checked like a knobs request (a bad one is a `RemoteError` naming the
+        knob). `result.info["steering"]` is the setting the inference ran under.
 
         `observation` is an `Observation` (what sim and robot nodes send; a policy node checks it with
         `Observation.from_payload`) or a plain map, for servers whose handlers take something else.
@@ -216,6 +223,11 @@ class Client:
         if isinstance(observation, Observation):
             observation = observation.to_payload()
         payload: dict[str, Any] = {"observation": observation}
+        if steer is not None:  # numpy scalars as floats; anything else goes as is, for the node to refuse
+            payload["steer"] = {
+                k: float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+                for k, v in steer.items()
+            }
         if activations is not None:
             payload["activations"] = list(activations)
         if info:

@@ -112,6 +112,8 @@ _REQUESTS: dict[str, _Spec] = {
     "infer": {
         "observation": (True, _t_dict, "a map of arrays and scalars"),
         "activations": (False, _t_names, f"a list of <= {MAX_NAMES} names"),
+        # This inference only: exactly these knobs at these strengths, every other one off ({}: unsteered).
+        "steer": (False, _t_number_map, "a map of knob -> finite number"),
         **_INFO,
     },
     "reset": {"episode": (False, _t_str, "a string"), "seed": (False, _t_int, "an int"), **_INFO},
@@ -178,6 +180,8 @@ def check_request(msg: Message) -> None:
         raise ProtocolError(
             Code.BAD_KIND, f"{msg.kind!r} is not a request kind; expected one of {REQUEST_KINDS}", "kind"
         )
+    for name in ("steer", "strengths"):  # name the bad entry, not only the map
+        _check_number_map(msg.payload.get(name), f"{msg.kind} request", name)
     _check_spec(msg.payload, _REQUESTS[msg.kind], f"{msg.kind} request")
     if msg.kind == "knobs":
         op = msg.payload["op"]
@@ -187,6 +191,17 @@ def check_request(msg: Message) -> None:
             raise ProtocolError(
                 Code.MISSING_FIELD, f"knobs {op!r} needs a non-empty 'concepts' list", "concepts"
             )
+
+
+def _check_number_map(v: Any, what: str, name: str) -> None:
+    if isinstance(v, dict):
+        for key, x in v.items():
+            if not _t_number(x):
+                raise ProtocolError(
+                    Code.BAD_PAYLOAD,
+                    f"{what} field {name!r}: {key!r} must be a finite number, got {x!r}",
+                    name,
+                )
 
 
 def check_reply(msg: Message, expected_kind: str) -> None:

@@ -139,10 +139,20 @@ class Server:
         telemetry_heartbeats: bool = False,
         forget_clients_after: float | None = None,
         max_clients: int = 4096,
+        batch_max: int = 1,
+        batch_wait: float = 0.0,
     ):
         self._handlers = _resolve_handlers(handler)
         if not self._handlers:
             raise ValueError(f"handler {handler!r} has none of the methods {HANDLED_KINDS}")
+        if not (isinstance(batch_max, int) and 1 <= batch_max <= max_pending):
+            raise ValueError(f"batch_max must be an int in 1..max_pending ({max_pending}), got {batch_max!r}")
+        if not 0.0 <= batch_wait <= 1.0:
+            raise ValueError(f"batch_wait must be 0..1 seconds, got {batch_wait!r}")
+        self.batch_max = batch_max
+        self.batch_wait = batch_wait
+        batched = None if isinstance(handler, Mapping) else getattr(handler, "infer_batch", None)
+        self._infer_batch = batched if callable(batched) and batch_max > 1 else None
         self.max_message_bytes = max_message_bytes
         self.require_finite_observations = require_finite_observations
         self.worker_kinds = frozenset(worker_kinds)
@@ -502,13 +512,64 @@ class Server:
     # -- handlers (socket thread for control kinds, worker thread for worker kinds)
 
     def _work(self) -> None:
+        carry: _Job | None | bool = False  # a job taken while filling a batch that must run after it
+        last = 1  # the size of the last batch: how many clients are asking at once lately
         while True:
-            job = self._jobs.get()
+            job = self._jobs.get() if carry is False else carry
+            carry = False
             if job is None:
                 return
-            queue_s = time.perf_counter() - job.t_recv - job.decode_s
+            if self._infer_batch is None or job.request.kind != "infer":
+                self._finish_jobs([job], lambda j: self._run(j.request, self._queued(j), j.decode_s))
+                continue
+            batch, carry = self._fill_batch(job, last)
+            last = len(batch)
+            if len(batch) == 1:
+                self._finish_jobs(batch, lambda j: self._run(j.request, self._queued(j), j.decode_s))
+            else:
+                self._finish_jobs(batch, self._run_batch(batch))
+
+    def _fill_batch(self, first: _Job, last: int) -> tuple[list[_Job], _Job | None | bool]:
+        """`first` and the infer jobs behind it, up to `batch_max`. A lone client never waits: the window
+        (`batch_wait`) is spent only while fewer requests are in hand than the last batch had, i.e. while
+        other clients that were asking together are expected. A job of another kind (a reset) ends the batch
+        and is returned to run next, so each client's requests keep their order."""
+        batch = [first]
+        deadline = time.perf_counter() + self.batch_wait
+        while len(batch) < self.batch_max:
+            wait = deadline - time.perf_counter() if len(batch) < last else 0.0
             try:
-                frames, tele = self._run(job.request, queue_s, job.decode_s)
+                job = self._jobs.get(timeout=wait) if wait > 0 else self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None or job.request.kind != "infer":
+                return batch, job
+            batch.append(job)
+        return batch, False
+
+    def _run_batch(self, batch: list[_Job]) -> Callable[[_Job], tuple[list, list]]:
+        """One call of the batch handler for every job; returns each job's (reply, telemetry) frames."""
+        t0 = time.perf_counter()
+        queued = {id(j): self._queued(j) for j in batch}
+        try:
+            results = list(self._infer_batch([j.request for j in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(f"infer_batch returned {len(results)} results for {len(batch)} requests")
+        except Exception as e:  # noqa: BLE001 - every request in the batch gets this error
+            log.exception("infer_batch handler failed")
+            results = [e] * len(batch)
+        handler_s = time.perf_counter() - t0
+        by_job = {id(j): r for j, r in zip(batch, results, strict=True)}
+        return lambda j: self._encode_result(j.request, by_job[id(j)], handler_s, queued[id(j)], j.decode_s)
+
+    @staticmethod
+    def _queued(job: _Job) -> float:
+        return time.perf_counter() - job.t_recv - job.decode_s
+
+    def _finish_jobs(self, jobs: list[_Job], run: Callable[[_Job], tuple[list, list]]) -> None:
+        for job in jobs:
+            try:
+                frames, tele = run(job)
             except Exception:  # _run already turns handler failures into error replies
                 log.exception("unexpected error in the inference worker")
                 frames = encode(
@@ -523,25 +584,32 @@ class Server:
                 self._outbox.put(("reply", job.envelope, frames))
             if tele:
                 self._outbox.put(("telemetry", tele))
-            self._wake()
+        self._wake()
 
     def _run(self, req: Request, queue_s: float, decode_s: float) -> tuple[list, list]:
         """Call the handler and encode its reply (or the error it caused). Returns (reply, telemetry) frames."""
         t0 = time.perf_counter()
-        telemetry: Mapping[str, Any] = {}
-        code: str | None = None
         try:
             result = self._handlers[req.kind](req)
-        except ProtocolError as e:  # the handler's own, deliberate error (e.g. an unknown concept)
-            code, message, fld = e.code, e.message, e.field
-        except Exception as e:
-            log.exception("%s handler failed", req.kind)
+        except Exception as e:  # noqa: BLE001 - encoded as this request's error reply
+            result = e
+        return self._encode_result(req, result, time.perf_counter() - t0, queue_s, decode_s)
+
+    def _encode_result(
+        self, req: Request, result: Any, handler_s: float, queue_s: float, decode_s: float
+    ) -> tuple[list, list]:
+        """A handler's result (or the exception it raised) as (reply, telemetry) frames."""
+        telemetry: Mapping[str, Any] = {}
+        code: str | None = None
+        if isinstance(result, ProtocolError):  # the handler's own, deliberate error (e.g. an unknown concept)
+            code, message, fld = result.code, result.message, result.field
+        elif isinstance(result, Exception):
+            log.error("%s handler failed", req.kind, exc_info=result)
             code, message, fld = (
                 Code.HANDLER_ERROR,
-                f"{req.kind} handler raised {type(e).__name__}: {e}",
+                f"{req.kind} handler raised {type(result).__name__}: {result}",
                 None,
             )
-        handler_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if code is None:
             if isinstance(result, Reply):

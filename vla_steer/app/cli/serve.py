@@ -29,6 +29,19 @@ def add_parsers(sub) -> None:
         "--mode", choices=("clamp", "add", "scale"), default="clamp", help="steering mode of every knob"
     )
     p.add_argument("--positions", choices=("all", "last"), default="all", help="token positions to steer")
+    p.add_argument(
+        "--batch-max",
+        type=int,
+        default=8,
+        help="most concurrent infer requests batched into one forward (1: one at a time; default 8)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a batch waits for the clients that asked together last time (a lone client never "
+        "waits; default 2)",
+    )
     add_security(p, server=True)
     add_openpi_options(p)
     p.set_defaults(func=cmd_serve)
@@ -45,6 +58,12 @@ def cmd_serve(args) -> int:
     import threading
 
     openpi = openpi_settings(args)  # bad flags fail before anything heavy is imported or loaded
+    if not 1 <= args.batch_max <= 32:
+        raise ValueError(
+            f"--batch-max must be 1..32 (the node queues at most 32 requests), got {args.batch_max}"
+        )
+    if not 0 <= args.batch_wait_ms <= 1000:
+        raise ValueError(f"--batch-wait-ms must be 0..1000, got {args.batch_wait_ms}")
 
     from policies import load_policy
     from policies.resolve import resolve_policy, stack_dims
@@ -65,6 +84,8 @@ def cmd_serve(args) -> int:
         keypair=args.keypair,
         allowed_clients=args.allow_clients,
         allow_insecure=args.allow_insecure,
+        batch_max=args.batch_max,
+        batch_wait=args.batch_wait_ms / 1e3,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

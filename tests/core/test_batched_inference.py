@@ -1,0 +1,201 @@
+"""Batched inference: concurrent infer requests share one forward, each under its own steering setting and
+episode, and every client gets exactly (greedy tokens) or within float tolerance (pi0's flow matching with
+fixed noise) what it gets alone. Through real sockets, per policy kind, and the installed `vla-steer serve`."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from support import free_address, serve_process
+from tiny_pi0 import make_obs, tiny_config, tiny_stats
+
+from policies import load_policy
+from policies.openvla import tiny as tiny_openvla
+from policies.openvla.policy import OpenVLAPolicy
+from policies.pi0.policy import PI0Policy
+from vla_steer.core import tiny
+from vla_steer.core.discovery import load_directions
+from vla_steer.core.node import PolicyNode
+from vla_steer.core.steering import Steerer
+from vla_steer.wire import Client, Server
+
+RNG = np.random.default_rng(11)
+TINY_OBS = [
+    {"instruction": text, "images": {"agentview": RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)}}
+    for text in ("pick up the red block", "push the bowl left", "open the top drawer of the cabinet")
+]
+# One setting per client: request settings, the live knobs (None) and unsteered ({}).
+TINY_SETTINGS = [{"fast": 60.0, "up": 60.0}, {"slow": 40.0}, None, {}, {"down": -30.0, "fast": 10.0}]
+LIVE = {"up": 25.0}
+
+
+def run_clients(address: str, scripts: list[list[tuple]], *, reset: bool = False) -> list[list]:
+    """Each script in its own client and thread, step by step in lockstep (a barrier before each step), so
+    the requests of one step reach the node together. Returns each client's InferResults."""
+    results: list[list] = [[] for _ in scripts]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(scripts))
+
+    def run(i: int) -> None:
+        try:
+            with Client(address, timeout=60) as c:
+                if reset:
+                    c.reset(episode=f"client-{i}")
+                for obs, steer in scripts[i]:
+                    barrier.wait(timeout=60)
+                    results[i].append(c.infer(obs, steer=steer))
+        except BaseException as e:  # reported by the test thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(scripts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return results
+
+
+def alone(address: str, script: list[tuple], *, reset: bool = False) -> list[np.ndarray]:
+    return [r.actions.copy() for r in run_clients(address, [script], reset=reset)[0]]
+
+
+def tiny_scripts(rounds: int = 3) -> list[list[tuple]]:
+    return [
+        [(TINY_OBS[(i + k) % len(TINY_OBS)], s) for k in range(rounds)] for i, s in enumerate(TINY_SETTINGS)
+    ]
+
+
+@pytest.fixture
+def tiny_node(checkpoint):
+    return PolicyNode(
+        load_policy(checkpoint / "policy.yaml"), load_directions(checkpoint / "directions").values()
+    )
+
+
+def test_the_steerer_keeps_its_shared_buffers_for_one_setting_and_adds_rows_for_several(llama):
+    st = Steerer(llama)
+    st.add("a", [(1, 3), (2, 5)], strength=4.0, enabled=False)
+    st.add("b", [(1, 7)], mode="scale", strength=2.0, enabled=False)
+    one, other = st.resolve({"a": 4.0}), st.resolve({"b": 2.0})
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with st.consistent([one, one]):
+        assert all(buf.rows is None for buf in st._buffers.values())  # the fast path: today's buffers
+        shared = llama.root(ids).logits
+    with st.consistent([one, other]):
+        assert all(buf.rows is not None for buf in st._buffers.values())
+        mixed = llama.root(ids).logits
+    assert all(buf.rows is None for buf in st._buffers.values())  # rows only for the block
+    with st.consistent(other):
+        row1 = llama.root(ids[1:]).logits
+    torch.testing.assert_close(mixed[0], shared[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], row1[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[1])
+
+
+@pytest.mark.timeout(300)
+def test_tiny_vla_batched_through_sockets_equals_each_client_alone(tiny_node):
+    tiny_node.steerer.update(LIVE, enable=True)
+    scripts = tiny_scripts()
+    with Server(tiny_node, "tcp://127.0.0.1:0", batch_max=8, batch_wait=0.05).start() as server:
+        expected = [alone(server.address, s) for s in scripts]
+        assert all(r.info["batch"] == 1 for r in run_clients(server.address, [scripts[0]])[0])  # lone: never
+        got = run_clients(server.address, scripts)
+    assert max(r.info["batch"] for rs in got for r in rs) > 1  # batching did happen
+    for i, (results, want) in enumerate(zip(got, expected, strict=True)):
+        for k, (r, a) in enumerate(zip(results, want, strict=True)):
+            assert np.array_equal(r.actions, a), (i, k)
+            steer = TINY_SETTINGS[i]
+            on = {n for n, s in r.info["steering"].items() if s["enabled"]}
+            assert on == set(LIVE if steer is None else steer)
+    assert tiny_node.steerer.state()["up"]["strength"] == 25.0  # the live knobs untouched
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_installed_serve_batches_clients_with_their_own_settings(checkpoint):
+    address = free_address()
+    proc = serve_process(checkpoint, address, extra=("--batch-max", "8", "--batch-wait-ms", "20"))
+    try:
+        with Client(address, timeout=30) as c:
+            assert c.hello().info["inference"] == "batched"
+            c.set_knobs(LIVE)
+        scripts = tiny_scripts()
+        expected = [alone(address, s) for s in scripts]
+        got = run_clients(address, scripts)
+        assert max(r.info["batch"] for rs in got for r in rs) > 1
+        for i, (results, want) in enumerate(zip(got, expected, strict=True)):
+            assert all(np.array_equal(r.actions, a) for r, a in zip(results, want, strict=True)), i
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_serve_refuses_bad_batch_flags_before_loading(checkpoint):
+    import subprocess
+
+    from support import VLA_STEER
+
+    for flags, message in ((("--batch-max", "0"), "--batch-max must be 1..32"),
+                           (("--batch-wait-ms", "nan"), "--batch-wait-ms must be 0..1000")):  # fmt: skip
+        run = subprocess.run(
+            [VLA_STEER, "serve", "--policy", str(checkpoint / "policy.yaml"), "--bind", free_address(), *flags],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode != 0 and message in run.stderr, run.stderr
+
+
+@pytest.mark.timeout(300)
+def test_openvla_batched_equals_alone(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = tiny_openvla.save_checkpoint(tmp_path, tiny_openvla.build_model())
+        node = PolicyNode(OpenVLAPolicy.load(path, unnorm_key="tiny_suite"))
+        node.steerer.add("k", [(1, i) for i in range(8)], strength=0.0, enabled=False)
+        rng = np.random.default_rng(1)
+        obs = [
+            {
+                "instruction": text,
+                "images": {"agentview": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)},
+            }
+            for text in ("pick up the cube", "open the drawer", "pick up the bowl")
+        ]
+        scripts = [[(obs[i % 3], s)] * 2 for i, s in enumerate([{"k": 8.0}, {}, {"k": -8.0}, None])]
+        with Server(node, "tcp://127.0.0.1:0", batch_max=8, batch_wait=0.05).start() as server:
+            expected = [alone(server.address, s) for s in scripts]
+            got = run_clients(server.address, scripts)
+        assert max(r.info["batch"] for rs in got for r in rs) > 1
+        for results, want in zip(got, expected, strict=True):
+            assert all(np.array_equal(r.actions, a) for r, a in zip(results, want, strict=True))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.timeout(300)
+def test_pi0_batched_keeps_each_clients_episode_and_matches_alone_within_tolerance():
+    tok = tiny.build_tokenizer(vocab_size=512, extra_words=["quickly", "slowly"])
+    policy = PI0Policy.build(tiny_config(vocab_size=len(tok)), tok, seed=0, stats=tiny_stats())
+    policy.seed = 0  # every client's episode draws the same seeded noise sequence
+    node = PolicyNode(policy)
+    node.steerer.add("k", [(0, i) for i in range(16)], mode="add", strength=0.0, enabled=False)
+    obs = [make_obs(seed=s, instruction=text) for s, text in ((1, "pick up the red block"), (2, "stack it"))]
+    payloads = [o.to_payload() for o in obs]
+    scripts = [[(payloads[i % 2], s)] * 3 for i, s in enumerate([{"k": 3.0}, {}, {"k": -2.0}])]
+    with Server(node, "tcp://127.0.0.1:0", batch_max=8, batch_wait=0.05).start() as server:
+        expected = [alone(server.address, s, reset=True) for s in scripts]
+        got = run_clients(server.address, scripts, reset=True)
+    assert hello_inference(node) == "batched"
+    assert max(r.info["batch"] for rs in got for r in rs) > 1
+    assert not np.allclose(expected[0][0], expected[0][1])  # the noise moves on within an episode
+    for results, want in zip(got, expected, strict=True):
+        for r, a in zip(results, want, strict=True):
+            np.testing.assert_allclose(r.actions, a, rtol=1e-4, atol=1e-5)
+
+
+def hello_inference(node: PolicyNode) -> str:
+    return node.hello(None).info["inference"]
