@@ -12,6 +12,8 @@ Steering on: a clamp concept of 20 neurons in each of 8 layers of the language s
 of 8 expert layers (two Steerers), all enabled. Modes are timed interleaved (off, on, on, off, ...).
 
 Headline: median(on) / median(off) of the largest model measured, target <= 1.05.
+
+`run(variant=...)` times the same for pi0.5 (benchmarks/pi05_step.py): one architecture, another policy.
 """
 
 from __future__ import annotations
@@ -28,15 +30,18 @@ from common import arg_parser, interleaved, load_average, machine, median, summa
 
 from policies.pi0.config import Feature, GemmaDims, PI0Architecture, PI0Config, VisionDims  # noqa: E402
 from policies.pi0.policy import PI0Policy  # noqa: E402
+from policies.pi05.policy import PI05Policy  # noqa: E402
 from vla_steer.core import tiny  # noqa: E402
 from vla_steer.core.steering import Steerer  # noqa: E402
 from vla_steer.wire import Observation  # noqa: E402
 
 NAME = "pi0_step"
 TARGET = 1.05
+POLICIES = {"pi0": PI0Policy, "pi05": PI05Policy}
+IDENTITY = {"VISUAL": "IDENTITY", "STATE": "IDENTITY", "ACTION": "IDENTITY"}
 
 
-def tiny_policy(tok) -> PI0Policy:
+def tiny_policy(tok, variant: str = "pi0") -> PI0Policy:
     arch = PI0Architecture(
         paligemma=GemmaDims(64, 2, 128, 4, 1, 16),
         expert=GemmaDims(32, 2, 64, 4, 1, 16),
@@ -53,12 +58,13 @@ def tiny_policy(tok) -> PI0Policy:
         chunk_size=6,
         n_action_steps=6,
         num_inference_steps=3,
-        normalization={"VISUAL": "IDENTITY", "STATE": "IDENTITY", "ACTION": "IDENTITY"},
+        normalization=IDENTITY,
+        variant=variant,
     )
-    return PI0Policy.build(cfg, tok, seed=0)
+    return POLICIES[variant].build(cfg, tok, seed=0)
 
 
-def full_policy(tok, device: str) -> PI0Policy:
+def full_policy(tok, device: str, variant: str = "pi0") -> PI0Policy:
     cfg = PI0Config(
         PI0Architecture(),
         images=[
@@ -66,10 +72,11 @@ def full_policy(tok, device: str) -> PI0Policy:
         ],
         state=Feature("observation.state", "STATE", (8,)),
         action=Feature("action", "ACTION", (7,)),
-        normalization={"VISUAL": "IDENTITY", "STATE": "IDENTITY", "ACTION": "IDENTITY"},
+        normalization=IDENTITY,
+        variant=variant,
     )
     with torch.device(device):
-        policy = PI0Policy.build(cfg, tok, seed=0)
+        policy = POLICIES[variant].build(cfg, tok, seed=0)
     policy.model.to(dtype=torch.bfloat16)
     return policy
 
@@ -123,28 +130,34 @@ def measure(policy: PI0Policy, size: int, reps: int, device: str) -> dict:
     }
 
 
-def main() -> None:
-    args = arg_parser(__doc__.splitlines()[0]).parse_args()
-    tok = tiny.build_tokenizer(vocab_size=512)
-    results = {"tiny_cpu_fp32": measure(tiny_policy(tok), 32, 5 if args.quick else 30, "cpu")}
+def run(doc: str, name: str = NAME, target: float = TARGET, variant: str = "pi0") -> None:
+    args = arg_parser(doc.splitlines()[0]).parse_args()
+    # pi0.5 writes the state into its prompt as numbers: the tokenizer learns them
+    corpus = (
+        [" ".join(str(i) for i in range(-1, 256)), "Task: State: ;\nAction: "] if variant == "pi05" else None
+    )
+    tok = tiny.build_tokenizer(vocab_size=512, corpus=corpus)
+    results = {"tiny_cpu_fp32": measure(tiny_policy(tok, variant), 32, 5 if args.quick else 30, "cpu")}
     device = "cuda" if torch.cuda.is_available() else None
     if device and not args.quick:
-        results["full_cuda_bf16"] = measure(full_policy(tok, device), 224, 20, device)
+        results["full_cuda_bf16"] = measure(full_policy(tok, device, variant), 224, 20, device)
     else:
-        results["full_cuda_bf16"] = {"skipped": "no CUDA device" if not device else "--quick"}
+        why = "no CUDA device (no GPU on this machine or lent to this run)" if not device else "--quick"
+        results["full_cuda_bf16"] = {"skipped": why}
     head = results["full_cuda_bf16"] if "ratio" in results["full_cuda_bf16"] else results["tiny_cpu_fp32"]
-    for name, r in results.items():
+    for model, r in results.items():
         if "ratio" in r:
-            print(f"{name}: off {r['off_ms']['median']:.1f} ms, on {r['on_ms']['median']:.1f} ms, "
+            print(f"{model}: off {r['off_ms']['median']:.1f} ms, on {r['on_ms']['median']:.1f} ms, "
                   f"ratio {r['ratio']:.3f}")  # fmt: skip
         else:
-            print(f"{name}: skipped ({r['skipped']})")
+            print(f"{model}: skipped ({r['skipped']})")
     write_result(
         {
-            "name": NAME,
+            "name": name,
             "value": head["ratio"],
             "unit": "steered/unsteered time per infer",
-            "target": TARGET,
+            "headline_model": "full_cuda_bf16" if head is results["full_cuda_bf16"] else "tiny_cpu_fp32",
+            "target": target,
             "better": "lower",
             "machine": machine(device or "cpu"),
             "load_average": load_average(),
@@ -157,4 +170,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(__doc__)

@@ -1,8 +1,8 @@
 """Policies the node can serve (the interface is `vla_steer.core.policy`), loaded from YAML configs.
 
 A policy config (a path, or the name of a shipped one in `vla_steer/configs/policies`) names its `kind` and
-checkpoint `path` (a directory, relative to the YAML file or absolute; `openvla` and `pi0` also take a hub
-id on a machine that has a hub), plus options of that kind:
+checkpoint `path` (a directory, relative to the YAML file or absolute; `openvla`, `pi0`, `pi05` and `pi0_fast`
+also take a hub id on a machine that has a hub), plus options of that kind:
 
     kind: tiny_vla          # the small OpenVLA-style policy (the bundled demo VLA is one)
     path: ../../../policies/demo/weights
@@ -71,8 +71,27 @@ class Pi0PolicyConfig(_Config):
     relative_action_dims: int | None = Field(None, gt=0)  # openpi pi0_libero: 6 (its DeltaActions mask)
 
 
+class Pi0FastPolicyConfig(_Config):
+    """Options of `policies.pi0_fast.PI0FastPolicy.load` (see there)."""
+
+    kind: Literal["pi0_fast"]
+    dtype: Literal["float32", "bfloat16"] | None = None
+    n_action_steps: int | None = Field(None, gt=0)
+    tokenizer: str | None = None
+    action_tokenizer: Path | None = None
+    image_keys: dict[str, str] | None = None
+    norm_stats: Path | None = None
+
+
+class Pi05PolicyConfig(Pi0PolicyConfig):
+    """Options of `policies.pi05.PI05Policy.load`: pi0's."""
+
+    kind: Literal["pi05"]  # type: ignore[assignment]
+
+
 PolicyConfig = Annotated[
-    TinyVLAPolicyConfig | OpenVLAPolicyConfig | Pi0PolicyConfig, Field(discriminator="kind")
+    TinyVLAPolicyConfig | OpenVLAPolicyConfig | Pi0PolicyConfig | Pi05PolicyConfig | Pi0FastPolicyConfig,
+    Field(discriminator="kind"),
 ]
 
 
@@ -92,10 +111,16 @@ def read_policy_config(path: str | Path) -> PolicyConfig:
     if not cfg.path.is_absolute():
         local = (path.parent / cfg.path).resolve()
         # "openvla/openvla-7b" stays a hub id unless such a directory exists next to the config.
-        hub = cfg.kind in ("openvla", "pi0") and _looks_like_hub_id(cfg.path) and not local.exists()
+        hub = (
+            cfg.kind in ("openvla", "pi0", "pi05", "pi0_fast")
+            and _looks_like_hub_id(cfg.path)
+            and not local.exists()
+        )
         cfg.path = cfg.path if hub else local
-    if isinstance(cfg, Pi0PolicyConfig) and cfg.norm_stats is not None and not cfg.norm_stats.is_absolute():
-        cfg.norm_stats = (path.parent / cfg.norm_stats).resolve()
+    for key in ("norm_stats", "action_tokenizer"):  # paths in a config are relative to its file
+        value = getattr(cfg, key, None)
+        if value is not None and not value.is_absolute():
+            setattr(cfg, key, (path.parent / value).resolve())
     return cfg
 
 
@@ -113,13 +138,22 @@ def load_policy(config: str | Path | PolicyConfig) -> Policy:
             center_crop=cfg.center_crop, image_key=cfg.image_key, control_hz=cfg.control_hz,
             constrain_to_bins=cfg.constrain_to_bins,
         )  # fmt: skip
-    if cfg.kind == "pi0":
+    if cfg.kind in ("pi0", "pi05"):
         from policies.pi0 import PI0Policy
+        from policies.pi05 import PI05Policy
 
-        return PI0Policy.load(
+        return (PI05Policy if cfg.kind == "pi05" else PI0Policy).load(
             cfg.path, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, n_action_steps=cfg.n_action_steps,
             num_inference_steps=cfg.num_inference_steps, tokenizer=cfg.tokenizer, image_keys=cfg.image_keys,
             norm_stats=cfg.norm_stats, openpi_image_keys=cfg.openpi_image_keys, state_dim=cfg.state_dim,
             action_dim=cfg.action_dim, relative_action_dims=cfg.relative_action_dims,
+        )  # fmt: skip
+    if cfg.kind == "pi0_fast":
+        from policies.pi0_fast import PI0FastPolicy
+
+        return PI0FastPolicy.load(
+            cfg.path, device=cfg.device, dtype=cfg.dtype, n_action_steps=cfg.n_action_steps,
+            tokenizer=cfg.tokenizer, action_tokenizer=cfg.action_tokenizer, image_keys=cfg.image_keys,
+            norm_stats=cfg.norm_stats,
         )  # fmt: skip
     raise ValueError(f"unknown policy kind {cfg.kind!r}")  # unreachable: pydantic checked it

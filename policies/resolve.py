@@ -3,8 +3,9 @@
 `resolve_target(arg)` accepts
 - a policy config: a YAML file, or the name of a shipped one (`demo_vla`, `openvla_7b`, ...);
 - a checkpoint directory, whose kind is read from its files: `policy_config.json` (the demo VLA),
-  `config.json` with `model_type: openvla|prismatic` (OpenVLA, official layout), with `type: pi0` (LeRobot,
-  current and original layouts) or `action_horizon` (openpi's PyTorch layout), or any other transformers
+  `config.json` with `model_type: openvla|prismatic` (OpenVLA, official layout), with `type: pi0` or `pi05`
+  (LeRobot, current and original layouts) or `action_horizon` (openpi's PyTorch layout: pi0, or pi0.5
+  where its weights have `time_mlp_in`), with `type: pi0_fast` (LeRobot's pi0-FAST), or any other transformers
   `model_type` (a plain language model: `discover` takes it, `serve` does not);
 - a hub id (`owner/name`), whose kind is read from its config.json on the hub unless `--kind` says it.
 
@@ -24,10 +25,10 @@ from pydantic import ValidationError
 from policies import PolicyConfig, _looks_like_hub_id, _PolicyFile, read_policy_config
 from vla_steer.core.config import resolve_config
 
-POLICY_KINDS = ("tiny_vla", "openvla", "pi0")
+POLICY_KINDS = ("tiny_vla", "openvla", "pi0", "pi05", "pi0_fast")
 LANGUAGE_MODEL = "language_model"
 KINDS = (*POLICY_KINDS, LANGUAGE_MODEL)
-REFERENCE_KINDS = {"pi05": "pi0.5", "pi0fast": "pi0-FAST", "pi0_fast": "pi0-FAST"}
+REFERENCE_KINDS = {"pi0fast": "pi0-FAST (LeRobot < 0.4)"}
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,13 @@ def kind_of_config(data: Any, source: str) -> str:
     if data.get("model_type") in ("openvla", "prismatic"):
         return "openvla"
     kind = data.get("type")
-    if kind == "pi0" or (kind is None and "action_horizon" in data):
-        return "pi0"
+    if kind in ("pi0", "pi05", "pi0_fast"):
+        return kind
+    if kind is None and "action_horizon" in data:  # openpi: `detect_kind` also reads the weights' names
+        return "pi05" if data.get("pi05") else "pi0"
     if kind in REFERENCE_KINDS:
         raise ValueError(
-            f"{source}: a {REFERENCE_KINDS[kind]} checkpoint (type {kind!r}); this build serves pi0"
+            f"{source}: a {REFERENCE_KINDS[kind]} checkpoint (type {kind!r}); this build serves pi0, pi0.5 and type pi0_fast"
         )
     if kind is not None:
         raise ValueError(
@@ -78,7 +81,13 @@ def detect_kind(directory: Path) -> str:
             f"{directory}: neither policy_config.json (the demo VLA's layout) nor config.json (OpenVLA, pi0, "
             "transformers): not a checkpoint directory"
         )
-    return kind_of_config(_read_json(config), str(config))
+    data = _read_json(config)
+    kind = kind_of_config(data, str(config))
+    if kind == "pi0" and "type" not in data:
+        from policies.pi0.config import openpi_variant
+
+        return openpi_variant(data, directory)
+    return kind
 
 
 def _read_json(path: Path) -> Any:
@@ -156,7 +165,7 @@ def resolve_policy(
     if isinstance(target, LanguageModel):
         raise ValueError(
             f"{flag} {arg} is a plain language model, not a policy: `vla-steer discover` takes it; serving "
-            "needs a demo VLA, OpenVLA or pi0 checkpoint, or a policy config"
+            "needs a demo VLA, OpenVLA, pi0 or pi0.5 checkpoint, or a policy config"
         )
     return target
 
@@ -206,7 +215,7 @@ def stack_dims(target: Target) -> dict[str, tuple[int, int]] | None:
 
         llama = PrismaticConfig.from_file(path / "config.json").llama_config()
         return {"language": (llama.num_hidden_layers, llama.intermediate_size)}
-    if target.kind == "pi0":
+    if target.kind in ("pi0", "pi05"):
         from policies.pi0.config import read_config
 
         arch = read_config(path / "config.json").architecture
@@ -214,6 +223,11 @@ def stack_dims(target: Target) -> dict[str, tuple[int, int]] | None:
             "language": (arch.paligemma.depth, arch.paligemma.mlp_dim),
             "action_expert": (arch.expert.depth, arch.expert.mlp_dim),
         }
+    if target.kind == "pi0_fast":
+        from policies.pi0_fast.config import read_config as read_fast_config
+
+        p = read_fast_config(path / "config.json").architecture.paligemma
+        return {"language": (p.depth, p.mlp_dim)}
     from transformers import AutoConfig
 
     text = AutoConfig.from_pretrained(path).get_text_config()

@@ -54,9 +54,10 @@ CASES = {
 }
 
 
-def tiny_sizes() -> None:
-    """Shrink LeRobot's hard-coded sizes where its classes are built (nothing it computes changes)."""
-    modeling_pi0.get_gemma_config = lambda variant: PALIGEMMA if variant == "gemma_2b" else EXPERT
+def tiny_sizes(modeling=modeling_pi0) -> None:
+    """Shrink LeRobot's hard-coded sizes where its classes are built (nothing it computes changes);
+    `modeling`: LeRobot's pi0 module, or pi05's (it builds its model from the same names)."""
+    modeling.get_gemma_config = lambda variant: PALIGEMMA if variant == "gemma_2b" else EXPERT
 
     def paligemma(real, config):
         config.text_config.vocab_size = VOCAB
@@ -72,18 +73,19 @@ def tiny_sizes() -> None:
 
     for name, wrap in (("PaliGemmaForConditionalGenerationWithPiGemma", paligemma),
                        ("PiGemmaForCausalLM", expert)):  # fmt: skip
-        setattr(modeling_pi0, name, functools.partial(wrap, getattr(modeling_pi0, name)))
+        setattr(modeling, name, functools.partial(wrap, getattr(modeling, name)))
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(corpus: tuple[str, ...] = ()):
     """The project's tiny BPE tokenizer made to behave as PaliGemma's where pi0's prompt relies on it:
     BOS added, and "\\n" one token of its own (LeRobot tokenizes "task\\n" at once, this project BOS, the
-    task and "\\n" apart; PaliGemma gives the same ids either way, a plain Metaspace BPE does not)."""
+    task and "\\n" apart; PaliGemma gives the same ids either way, a plain Metaspace BPE does not).
+    `corpus`: more training text (pi0.5's prompt holds the state as numbers)."""
     from tokenizers import processors
 
     from vla_steer.core import tiny
 
-    tok = tiny.build_tokenizer(vocab_size=VOCAB - 8, extra_words=["quickly", "slowly"])
+    tok = tiny.build_tokenizer(vocab_size=VOCAB - 8, extra_words=["quickly", "slowly"], corpus=corpus)
     tok.add_tokens(["\n"])
     tok._tokenizer.post_processor = processors.TemplateProcessing(  # noqa: SLF001
         single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
@@ -129,18 +131,7 @@ def build_case(name: str, sizes: tuple[int, int], relative: bool, untie: bool, t
     assert config.normalization_mapping["STATE"] == NormalizationMode.MEAN_STD
     pre, post = processor_pi0.make_pi0_pre_post_processors(config, dataset_stats=stats)
 
-    out = OUT / name
-    shutil.rmtree(out, ignore_errors=True)
-    policy.save_pretrained(out)
-    pre.save_pretrained(out)
-    post.save_pretrained(out)
-    tok.save_pretrained(out)
-    data = json.loads((out / "config.json").read_text())
-    data["vla_steer_architecture"] = {
-        "paligemma": vars(PALIGEMMA), "expert": vars(EXPERT), "vision": VISION, "vocab_size": VOCAB,
-        "max_state_dim": MAX_STATE, "max_action_dim": MAX_ACTION,
-    }  # fmt: skip
-    (out / "config.json").write_text(json.dumps(data, indent=4))
+    out = save_checkpoint(OUT / name, policy, pre, post, tok)
 
     # LeRobot's inference on fixed inputs: preprocessor -> predict_action_chunk(noise) -> postprocessor.
     pixels = {k: torch.randint(0, 256, (s, s, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
@@ -159,6 +150,20 @@ def build_case(name: str, sizes: tuple[int, int], relative: bool, untie: bool, t
     (out / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{name}: {size / 1e3:.0f} kB, actions[0] = {actions[0].numpy().round(4)}", file=sys.stderr)
+
+
+def save_checkpoint(out: Path, policy, pre, post, tok) -> Path:
+    """What LeRobot's `save_pretrained` writes, plus the tiny sizes its config cannot express."""
+    shutil.rmtree(out, ignore_errors=True)
+    for part in (policy, pre, post, tok):
+        part.save_pretrained(out)
+    data = json.loads((out / "config.json").read_text())
+    data["vla_steer_architecture"] = {
+        "paligemma": vars(PALIGEMMA), "expert": vars(EXPERT), "vision": VISION, "vocab_size": VOCAB,
+        "max_state_dim": MAX_STATE, "max_action_dim": MAX_ACTION,
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(data, indent=4))
+    return out
 
 
 def main() -> int:

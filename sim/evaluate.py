@@ -1,13 +1,14 @@
 """A steering evaluation over one environment: steering settings x seeded episodes, recorded and summarised.
 
-Every setting starts from all knobs off, so settings never leak into each other; the same seeds are used
-for every setting, so baseline and steered episodes start from the same initial states. `sim.session`
+Every inference carries its setting (per-request steering: exactly those knobs on, every other off), so
+settings never leak into each other and the node's live knobs are left alone: several evaluations with
+different settings share one node (`sim.worker`). The same seeds are used for every setting, so baseline
+and steered episodes start from the same initial states. `sim.session`
 runs it for each task of a run; this is the one place the sim records episodes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,34 +63,26 @@ def evaluate(
 ) -> list[SettingResult]:
     """Run every setting on `env` (labelled `task`); `meta` goes into every episode's record."""
     results: list[SettingResult] = []
-    try:
-        for setting in settings:
-            label = setting_label(setting)
-            progress(f"{task} [{label}]: {episodes} episodes")
-            client.knobs_off()
-            episode_meta = {
-                **(meta or {}),
-                "task_label": task,
-                "setting": dict(setting),
-                "setting_label": label,
-            }
-            rec = EpisodeRecorder(recorder, episode_meta)
-            try:
-                summaries = run_episodes(
-                    client, env, episodes, max_steps, execute_steps=execute_steps, recorder=rec,
-                    steer=dict(setting) or None, activations=activations,
-                    seed=seed, episode_prefix=f"{task}-{label}", settle=settle,
-                )  # fmt: skip
-            except EpisodeError as e:
-                results.append(_aggregate(task, label, e.summaries, rec.episode_ids))
-                raise EvaluationError(str(e), results) from e
-            results.append(_aggregate(task, label, summaries, rec.episode_ids))
-    except BaseException:
-        # Leave no knob on, without hiding why the run stopped (a dead node cannot answer this either).
-        with contextlib.suppress(Exception):
-            client.knobs_off()
-        raise
-    client.knobs_off()
+    for setting in settings:
+        label = setting_label(setting)
+        progress(f"{task} [{label}]: {episodes} episodes")
+        episode_meta = {
+            **(meta or {}),
+            "task_label": task,
+            "setting": dict(setting),
+            "setting_label": label,
+        }
+        rec = EpisodeRecorder(recorder, episode_meta)
+        try:
+            summaries = run_episodes(
+                client, env, episodes, max_steps, execute_steps=execute_steps, recorder=rec,
+                steer=dict(setting), activations=activations,
+                seed=seed, episode_prefix=f"{task}-{label}", settle=settle,
+            )  # fmt: skip
+        except EpisodeError as e:
+            results.append(_aggregate(task, label, e.summaries, rec.episode_ids))
+            raise EvaluationError(str(e), results) from e
+        results.append(_aggregate(task, label, summaries, rec.episode_ids))
     return results
 
 

@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="actions executed per chunk before re-planning (default: the config's or profile's, else all)",
     )
     p.add_argument(
-        "--steer", nargs="*", default=[], metavar="NAME=STRENGTH", help="knobs to set before the episodes"
+        "--steer",
+        nargs="*",
+        default=[],
+        metavar="NAME=STRENGTH",
+        help="the setting every inference runs under (other knobs off)",
     )
     p.add_argument(
         "--activations", default="", help="comma-separated concepts or layer:N to record with every step"

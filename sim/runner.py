@@ -65,6 +65,8 @@ class EpisodeSummary:
     return_: float  # sum of rewards
     wall_s: float
     error: str | None = None
+    policy_s: float = 0.0  # of wall_s, waiting for the policy node (reset and infer requests)
+    sim_s: float = 0.0  # of wall_s, in the environment (reset and steps)
 
 
 class EpisodeError(RuntimeError):
@@ -94,6 +96,8 @@ class _Episode:
     heights: list[float] = field(default_factory=list)
     ret: float = 0.0
     inferences: int = 0
+    policy_s: float = 0.0
+    sim_s: float = 0.0
 
 
 def run_episodes(
@@ -116,7 +120,9 @@ def run_episodes(
     """Run `n_episodes` episodes of at most `max_steps` executed steps; returns one summary per episode.
 
     Episode i is named f"{episode_prefix}-{seed + i:04d}" and seeded `seed + i` (env and node). `steer`
-    ({"fast": 4.0}) is set with `client.set_knobs` once, before the first episode. `activations` (concept
+    ({"fast": 4.0}; {} unsteered) goes with every inference: each runs under exactly that setting, whatever
+    the node's live knobs are (untouched, so clients with other settings share the node); None leaves
+    the inferences to the live knobs (`vla-steer knobs`). `activations` (concept
     names or "layer:N") are requested with every inference and recorded with each step.
 
     Every executed step goes to `recorder` (one episode of its store per episode run, with the episode's
@@ -136,8 +142,7 @@ def run_episodes(
     watch = _Watch(client, dead_after)
     if not client.wait_alive(connect_timeout):
         raise PolicyNodeDied(f"no policy node answered at {client.address} within {connect_timeout}s", "", 0)
-    if steer:
-        watch.call("set_knobs", lambda: client.set_knobs(dict(steer)), "", 0, [])
+    setting = dict(steer) if steer is not None else None
     wanted = list(activations) if activations is not None else None
     summaries: list[EpisodeSummary] = []
     for i in range(n_episodes):
@@ -147,19 +152,25 @@ def run_episodes(
         step = still = 0
         success = done = False
         try:
+            t = time.perf_counter()
             watch.call("reset", lambda n=name, s=ep_seed: client.reset(episode=n, seed=s), name, 0, summaries)
+            t_reset = time.perf_counter()
             obs = env.reset(ep_seed)
+            state.policy_s += t_reset - t
+            state.sim_s += time.perf_counter() - t_reset
             per_episode = getattr(env, "episode_meta", dict)()  # e.g. LIBERO's init state index
             success = env.success()
             done = success and not settle
             while step < max_steps and not done:
+                t = time.perf_counter()
                 reply = watch.call(
                     "infer",
-                    lambda o=obs: client.infer(o.observation, activations=wanted),
+                    lambda o=obs: client.infer(o.observation, steer=setting, activations=wanted),
                     name,
                     step,
                     summaries,
                 )
+                state.policy_s += time.perf_counter() - t
                 state.inferences += 1
                 chunk = _check_chunk(reply.actions, env.action_dim, name, step, summaries)
                 info = dict(reply.info)
@@ -168,7 +179,9 @@ def run_episodes(
                 n_exec = len(chunk) if execute_steps is None else min(execute_steps, len(chunk))
                 for k in range(n_exec):
                     action = chunk[k]
+                    t = time.perf_counter()
                     result = env.step(action)
+                    state.sim_s += time.perf_counter() - t
                     new = result.observation
                     success = env.success()
                     state.ret += result.reward
@@ -207,9 +220,10 @@ def run_episodes(
             if recorder is not None:
                 recorder.abort(f"{type(e).__name__}: {e}")
             raise
-        summaries.append(_summary(name, ep_seed, success, step, state, t0, None))
+        summary = _summary(name, ep_seed, success, step, state, t0, None)
+        summaries.append(summary)
         if recorder is not None:
-            recorder.end(success, seed=ep_seed, inferences=state.inferences)
+            recorder.end(success, seed=ep_seed, summary=_recorded(summary))
     return summaries
 
 
@@ -231,7 +245,26 @@ def _summary(
         return_=s.ret,
         wall_s=time.perf_counter() - t0,
         error=error,
+        policy_s=s.policy_s,
+        sim_s=s.sim_s,
     )
+
+
+def _recorded(s: EpisodeSummary) -> dict[str, Any]:
+    """What an episode's final metadata says of it (`sim.grid.results` reads it back; NaN stored as None)."""
+    keys = (
+        "length",
+        "inferences",
+        "mean_ee_speed",
+        "mean_ee_displacement",
+        "mean_ee_height",
+        "return_",
+        "wall_s",
+        "policy_s",
+        "sim_s",
+    )
+    values = {k: getattr(s, k) for k in keys}
+    return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in values.items()}
 
 
 def _check_chunk(

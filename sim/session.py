@@ -61,33 +61,45 @@ def run(
     if episodes < 1 or max_steps < 1:
         raise ValueError("--episodes and --max-steps must be at least 1")
     with Client(server, server_key=server_key, keypair=keypair, timeout=request_timeout) as client:
-        if not client.wait_alive(connect_timeout):
-            raise NoPolicyNode(f"no policy node answered at {server}")
-        info = client.hello()
-        unknown = sorted({k for setting in settings for k in setting} - set(info.concepts))
-        if unknown:
-            raise ValueError(f"the node has no knobs {unknown} (it offers {list(info.concepts)})")
+        info = check_node(client, settings, connect_timeout)
         recorder = Recorder(out)
-        run_meta = {
-            "policy": info.policy,
-            "policy_info": dict(info.info),
-            "policy_conventions": dict(info.conventions),  # what the policy announced its actions mean
-            "max_steps": max_steps,
-            "versions": versions(),
-        }
+        meta = run_meta(info, max_steps)
         results: list[SettingResult] = []
         for label, cfg in tasks.items():
             with make_env(cfg, info) as env:
                 try:
                     results += evaluate(
                         client, env, settings, task=label, episodes=episodes, max_steps=max_steps,
-                        recorder=recorder, meta=run_meta | env.record_meta(), seed=seed,
+                        recorder=recorder, meta=meta | env.record_meta(), seed=seed,
                         execute_steps=execute_steps, activations=activations, settle=settle, progress=progress,
                     )  # fmt: skip
                 except EvaluationError as e:
                     e.results = results + e.results
                     raise
     return results
+
+
+def check_node(client: Client, settings: Sequence[Mapping[str, float]], connect_timeout: float) -> ServerInfo:
+    """The node's hello, once it answers (else NoPolicyNode); ValueError if a setting names a knob it lacks."""
+    if not client.wait_alive(connect_timeout):
+        raise NoPolicyNode(f"no policy node answered at {client.address}")
+    info = client.hello()
+    unknown = sorted({k for setting in settings for k in setting} - set(info.concepts))
+    if unknown:
+        raise ValueError(f"the node has no knobs {unknown} (it offers {list(info.concepts)})")
+    return info
+
+
+def run_meta(info: ServerInfo, max_steps: int) -> dict[str, object]:
+    """What every episode of a run records about the run: the policy (and its announced conventions), the
+    step limit, the sim stack."""
+    return {
+        "policy": info.policy,
+        "policy_info": dict(info.info),
+        "policy_conventions": dict(info.conventions),  # what the policy announced its actions mean
+        "max_steps": max_steps,
+        "versions": versions(),
+    }
 
 
 def run_command(

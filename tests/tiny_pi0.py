@@ -1,4 +1,5 @@
-"""A tiny pi0 configuration and inputs shared by the pi0 policy tests and the contrast-discovery tests."""
+"""A tiny pi0 (and pi0.5) configuration and inputs shared by the pi0 and pi0.5 policy tests and the
+contrast-discovery tests."""
 
 from __future__ import annotations
 
@@ -52,3 +53,24 @@ def make_obs(seed: int = 0, instruction: str = "pick up the red block") -> Obser
 
 def noise_of(seed: int) -> torch.Tensor:
     return torch.randn(CHUNK, MAX_ACTION, generator=torch.Generator().manual_seed(seed))
+
+
+# -- pi0.5: the same sizes; its prompt holds the state as bin numbers, its default normalisation is quantiles
+
+# so the tiny tokenizer learns the bin numbers and the prompt's frame (as scripts/lerobot_pi05_reference.py's)
+STATE_CORPUS = [" ".join(str(i) for i in range(-1, 256)), "Task: the cube, State: 1 2 3;\nAction: "]
+QUANTILES = {"VISUAL": "IDENTITY", "STATE": "QUANTILES", "ACTION": "QUANTILES"}
+
+
+def tiny_pi05_config(**kw) -> PI0Config:
+    return tiny_config(variant="pi05", normalization=dict(QUANTILES), tokenizer_max_length=200, **kw)
+
+
+def tiny_pi05_stats(seed: int = 0) -> dict:
+    """tiny_stats plus the q01/q99 quantiles pi0.5 normalises with."""
+    stats, rng = tiny_stats(seed), np.random.default_rng(seed + 100)
+    for feature in stats.values():
+        n = feature["mean"].size
+        feature["q01"] = rng.normal(size=n) - 1.5
+        feature["q99"] = feature["q01"] + rng.uniform(1.0, 4.0, n)
+    return stats

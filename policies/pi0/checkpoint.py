@@ -1,4 +1,4 @@
-"""Reading and writing pi0 checkpoints with their original parameter names and normalisation stats.
+"""Reading and writing pi0 and pi0.5 checkpoints with their original parameter names and normalisation stats.
 
 Layouts (all `config.json` + `model.safetensors` in one local directory):
 
@@ -15,6 +15,10 @@ Layouts (all `config.json` + `model.safetensors` in one local directory):
 
 Never used at inference and dropped on load: `gemma_expert.lm_head.weight` and
 `gemma_expert.model.embed_tokens.weight` (the expert has no token vocabulary).
+
+pi0.5 checkpoints differ only in their parameters (same names where the models share them): no
+`state_proj`, `time_mlp_in/out` for `action_time_mlp_in/out`, and the expert's norms are adaptive
+(`...layernorm.dense.weight/bias`, `model.norm.dense.*`, no `weight`).
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ OLD_STATS_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_ou
 # -- parameter names ---------------------------------------------------------------------------------
 
 
-def to_module_keys(state: dict[str, torch.Tensor], source: str = WEIGHTS) -> dict[str, torch.Tensor]:
+def to_module_keys(
+    state: dict[str, torch.Tensor], source: str = WEIGHTS, variant: str = "pi0"
+) -> dict[str, torch.Tensor]:
     """A checkpoint state dict (any supported layout) -> our module's parameter names.
 
     Strips LeRobot's `model.` prefix, renames the transformers-4.48 PaliGemma paths, drops the unused
@@ -83,8 +89,13 @@ def to_module_keys(state: dict[str, torch.Tensor], source: str = WEIGHTS) -> dic
         if name in out:
             raise CheckpointError(f"{source}: two keys map to {name!r} (one is {key!r})")
         out[name] = value
-    if "time_mlp_in.weight" in out and "action_time_mlp_in.weight" not in out:
-        raise CheckpointError(f"{source}: holds time_mlp_in (a pi0.5 checkpoint); this loader reads pi0")
+    found = {"pi05": "time_mlp_in.weight", "pi0": "action_time_mlp_in.weight"}
+    for other, key in found.items():
+        if other != variant and key in out and found[variant] not in out:
+            raise CheckpointError(
+                f"{source}: holds {key.removesuffix('.weight')} (a {other} checkpoint); this loader reads "
+                f"{variant}: load it as kind {other}"
+            )
     if LM_HEAD in out and EMBED not in out:
         out[EMBED] = out[LM_HEAD]
     elif EMBED in out and LM_HEAD not in out:
@@ -107,12 +118,12 @@ def to_old_lerobot_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def load_weights(model: torch.nn.Module, directory: Path) -> None:
+def load_weights(model: torch.nn.Module, directory: Path, variant: str = "pi0") -> None:
     """Load model.safetensors into the model, strictly: every parameter present, nothing unknown."""
     path = directory / WEIGHTS
     if not path.exists():
         raise CheckpointError(f"{directory}: {WEIGHTS} is missing")
-    state = to_module_keys(load_file(str(path)), str(path))
+    state = to_module_keys(load_file(str(path)), str(path), variant)
     check_state_dict(state, model.state_dict(), str(path))
     model.load_state_dict(state, strict=True)
 
@@ -143,7 +154,8 @@ class Normalizer:
     mode: str = "IDENTITY"
     stats: dict[str, np.ndarray] = field(default_factory=dict)
     eps: float = 1e-8
-    # openpi adds eps to std on both ways; LeRobot only when normalising
+    # openpi adds eps to std (quantiles: to the q01..q99 span) both ways; LeRobot to std only when
+    # normalising, and to a span only where it is zero
     symmetric_eps: bool = False
 
     NEEDS = {
@@ -173,7 +185,7 @@ class Normalizer:
         ]
         lo, hi = self.stats[lo], self.stats[hi]
         span = hi - lo
-        return lo, np.where(span == 0, self.eps, span)
+        return lo, span + self.eps if self.symmetric_eps else np.where(span == 0, self.eps, span)
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         if self.mode == "IDENTITY":

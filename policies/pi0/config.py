@@ -1,8 +1,8 @@
-"""pi0 configuration: the architecture (dimensions) and the policy settings read from a checkpoint.
+"""pi0 and pi0.5 configuration: the architecture (dimensions) and the policy settings read from a checkpoint.
 
-Two checkpoint `config.json` flavours are understood:
+Two checkpoint `config.json` flavours are understood, each for both variants (`PI0Config.variant`):
 
-- LeRobot (`"type": "pi0"`): `chunk_size`, `n_action_steps`, `max_state_dim`, `max_action_dim`,
+- LeRobot (`"type": "pi0"` or `"pi05"`): `chunk_size`, `n_action_steps`, `max_state_dim`, `max_action_dim`,
   `num_inference_steps` (older: `num_steps`), `input_features` / `output_features`,
   `normalization_mapping`, `tokenizer_max_length`, `image_resolution` (older:
   `resize_imgs_with_padding`), `min_period` / `max_period`, `paligemma_variant` /
@@ -10,13 +10,18 @@ Two checkpoint `config.json` flavours are understood:
 - openpi's converted PyTorch checkpoints (`examples/convert_jax_model_to_pytorch.py`): `action_dim`,
   `action_horizon`, `paligemma_variant`, `action_expert_variant`, `precision`. Image keys, the real
   state/action dims and the norm-stats asset are not in that file; they come from the load options.
+  Nor is the variant: a pi0.5 is told by its weights (`time_mlp_in`, read from the safetensors header)
+  or an explicit `"pi05": true`.
+
+pi0.5's defaults differ where its reference configs do: quantile normalisation of state and actions,
+a 200-token prompt (the state is written into it).
 
 Every key a config.json carries is honoured or refused (`check_keys`): the inference keys above, plus
 `use_relative_actions` / `relative_exclude_joints` / `action_feature_names` (the state is added back to the
 un-normalised actions, as LeRobot's AbsoluteActionsProcessorStep does), `empty_cameras` (blank images,
 masked out), `dtype` / openpi's `precision` (the default dtype), `n_obs_steps` (1 only), `proj_width` (the
 expert's width). Keys that change only training or runtime plumbing are listed in `NO_EFFECT`; an
-ALOHA adaptation, real-time chunking, pi0.5 or any key not known here is refused. A non-standard architecture (the tiny test model) is stored under the
+ALOHA adaptation, real-time chunking or any key not known here is refused. A non-standard architecture (the tiny test model) is stored under the
 extra key `vla_steer_architecture`; without it the sizes follow the named Gemma variants and SigLIP
 So400m/14, as both reference implementations build them.
 """
@@ -52,6 +57,13 @@ HONOURED_OPENPI = frozenset({
     "max_token_len", "pi05", ARCH_KEY,
 })  # fmt: skip
 NORM_MODES = ("IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILES", "QUANTILE10")
+VARIANTS_OF_TYPE = {"pi0": "pi0", "pi05": "pi05"}  # LeRobot `type` -> variant
+# Defaults where a config does not say, per variant (openpi `Pi0Config`, LeRobot `PI0Config`/`PI05Config`).
+DEFAULT_NORMALIZATION = {
+    "pi0": {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+    "pi05": {"VISUAL": "IDENTITY", "STATE": "QUANTILES", "ACTION": "QUANTILES"},
+}
+DEFAULT_PROMPT_LENGTH = {"pi0": 48, "pi05": 200}
 
 
 @dataclass(frozen=True)
@@ -158,8 +170,13 @@ class PI0Config:
     relative_mask: tuple[bool, ...] = ()
     empty_cameras: int = 0  # blank (-1) images with a false mask, after the real ones
     dtype: str | None = None  # the checkpoint's own dtype (a load option overrides it)
+    variant: str = "pi0"  # pi0 | pi05
 
     def __post_init__(self):
+        if self.variant not in DEFAULT_PROMPT_LENGTH:
+            raise ValueError(f"variant must be one of {sorted(DEFAULT_PROMPT_LENGTH)}, got {self.variant!r}")
+        if self.variant == "pi05" and self.state is None:
+            raise ValueError("pi0.5 writes the state into its prompt: it needs a STATE input feature")
         if not 1 <= self.n_action_steps <= self.chunk_size:
             raise ValueError(
                 f"n_action_steps must be in 1..chunk_size={self.chunk_size}, got {self.n_action_steps}"
@@ -204,7 +221,7 @@ class PI0Config:
         if self.state is not None:
             feats[self.state.name] = {"type": "STATE", "shape": list(self.state.shape)}
         out = {
-            "type": "pi0",
+            "type": self.variant,
             "n_obs_steps": 1,
             "input_features": feats,
             "output_features": {self.action.name: {"type": "ACTION", "shape": list(self.action.shape)}},
@@ -262,16 +279,17 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a JSON object")
     kind = data.get("type")
-    if kind not in (None, "pi0"):
+    if kind is not None and kind not in VARIANTS_OF_TYPE:
         raise ValueError(
-            f"{source}: type is {kind!r}; this loader reads pi0 checkpoints (pi05/pi0fast differ)"
+            f"{source}: type is {kind!r}; this loader reads pi0 and pi05 checkpoints (pi0fast differs)"
         )
     openpi = kind is None and "action_horizon" in data
     check_keys(data, source, openpi)
     if kind is None and not openpi:
         raise ValueError(
-            f"{source}: neither a LeRobot pi0 config ('type': 'pi0') nor an openpi one (action_horizon)"
+            f"{source}: neither a LeRobot pi0/pi05 config ('type') nor an openpi one (action_horizon)"
         )
+    variant = VARIANTS_OF_TYPE[kind] if kind else openpi_variant(data, path.parent)
 
     if ARCH_KEY in data:
         arch = PI0Architecture.from_dict(data[ARCH_KEY], source)
@@ -320,12 +338,13 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
             chunk_size=int(data["action_horizon"]),
             n_action_steps=int(overrides.get("n_action_steps") or data["action_horizon"]),
             num_inference_steps=int(overrides.get("num_inference_steps") or 10),
-            normalization={"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+            normalization=dict(DEFAULT_NORMALIZATION[variant]),  # openpi: quantiles for pi0.5
             layout="openpi",
-            tokenizer_max_length=int(data.get("max_token_len", 48)),
+            tokenizer_max_length=int(data.get("max_token_len", DEFAULT_PROMPT_LENGTH[variant])),
             dtype=data.get("precision", data.get("dtype")),
             relative_actions=rel > 0,
             relative_mask=(True,) * rel + (False,) * (action_dim - rel) if rel else (),
+            variant=variant,
         )
         return cfg
 
@@ -357,16 +376,35 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
         chunk_size=int(data.get("chunk_size", 50)),
         n_action_steps=int(overrides.get("n_action_steps") or data.get("n_action_steps", 50)),
         num_inference_steps=int(overrides.get("num_inference_steps") or steps),
-        tokenizer_max_length=int(data.get("tokenizer_max_length", 48)),
+        tokenizer_max_length=int(data.get("tokenizer_max_length", DEFAULT_PROMPT_LENGTH[variant])),
         min_period=float(data.get("min_period", 4e-3)),
         max_period=float(data.get("max_period", 4.0)),
         normalization={str(k): str(v) for k, v in (data.get("normalization_mapping") or {}).items()}
-        or {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"},
+        or dict(DEFAULT_NORMALIZATION[variant]),
         relative_actions=relative,
         relative_mask=relative_mask(data, actions[0].shape[0]) if relative else (),
         empty_cameras=empty,
         dtype=data.get("dtype"),
+        variant=variant,
     )
+
+
+def openpi_variant(data: dict, directory: Path) -> str:
+    """pi0 or pi05, for an openpi config (which its converter writes without the variant): an explicit
+    `pi05` key, else the weights' names (pi0.5 has `time_mlp_in`, pi0 `action_time_mlp_in`), read from the
+    safetensors header only."""
+    if "pi05" in data:
+        return "pi05" if data["pi05"] else "pi0"
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        return "pi0"
+    try:
+        with weights.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 100_000_000 else {}
+    except (OSError, ValueError):
+        return "pi0"  # the weight loader reports an unreadable file properly
+    return "pi05" if any(k.removeprefix("model.") == "time_mlp_in.weight" for k in header) else "pi0"
 
 
 def relative_mask(data: dict, action_dim: int) -> tuple[bool, ...]:
@@ -393,8 +431,6 @@ def check_keys(data: dict, source: str, openpi: bool) -> None:
     for key in ("adapt_to_pi_aloha", "use_delta_joint_actions_aloha"):
         if data.get(key):
             raise ValueError(f"{source}: {key}=true (ALOHA joint conventions) is not supported")
-    if data.get("pi05"):
-        raise ValueError(f"{source}: pi05=true (a pi0.5 checkpoint); this loader reads pi0")
     rtc = data.get("rtc_config")
     if isinstance(rtc, dict) and rtc.get("enabled"):
         raise ValueError(f"{source}: rtc_config.enabled (real-time chunking) is not supported")

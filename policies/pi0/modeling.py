@@ -161,6 +161,18 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
+def norm(
+    module: nn.Module, x: torch.Tensor, cond: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An RMSNorm applied to x -> (normed, residual gate): a plain one has no gate; pi0.5's adaptive one
+    (`cond` given) returns the gate its modulation computed."""
+    return (module(x), None) if cond is None else module(x, cond)
+
+
+def _residual(h: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    return h + out if gate is None else h + out * gate
+
+
 @dataclass
 class PrefixCache:
     """Per-layer keys and values of the prefix (after RoPE), its validity mask and valid length."""
@@ -182,11 +194,15 @@ class PI0Model(nn.Module):
         self.min_period, self.max_period = min_period, max_period
         w = arch.expert.width
         self.paligemma_with_expert = PaliGemmaWithExpert(arch)
-        self.state_proj = nn.Linear(arch.max_state_dim, w)
         self.action_in_proj = nn.Linear(arch.max_action_dim, w)
         self.action_out_proj = nn.Linear(w, arch.max_action_dim)
-        self.action_time_mlp_in = nn.Linear(2 * w, w)
-        self.action_time_mlp_out = nn.Linear(w, w)
+        self.build_conditioning(w)
+
+    def build_conditioning(self, width: int) -> None:
+        """pi0: the state token's projection and the MLP that fuses each action token with the time."""
+        self.state_proj = nn.Linear(self.arch.max_state_dim, width)
+        self.action_time_mlp_in = nn.Linear(2 * width, width)
+        self.action_time_mlp_out = nn.Linear(width, width)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -224,8 +240,9 @@ class PI0Model(nn.Module):
 
     def embed_suffix(
         self, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """State [B,S], noisy actions [B,H,A] and time [B] -> the expert's input tokens, pad mask, ar marks."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """State [B,S], noisy actions [B,H,A] and time [B] -> the expert's input tokens, pad mask, ar marks
+        and the expert's norm conditioning (pi0: none; the time enters through the action tokens)."""
         bsize = state.shape[0]
         state_emb = self.state_proj(state.to(self.dtype))[:, None]
         action_emb = self.action_in_proj(x_t.to(self.dtype))
@@ -236,18 +253,19 @@ class PI0Model(nn.Module):
         pad = torch.ones(bsize, embs.shape[1], dtype=torch.bool, device=embs.device)
         ar = torch.zeros_like(pad)
         ar[:, :2] = True  # the state starts a block; the first action starts the action block
-        return embs, pad, ar
+        return embs, pad, ar, None
 
     # -- transformer passes --------------------------------------------------------------------------
 
-    def _qkv(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cond=None):
+        """Queries, keys (both after RoPE), values, and the attention residual's gate (None: ungated)."""
         attn = layer.self_attn
-        x = layer.input_layernorm(h)
+        x, gate = norm(layer.input_layernorm, h, cond)
         shape = (*x.shape[:-1], -1, attn.head_dim)
         q = attn.q_proj(x).view(shape).transpose(1, 2)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
-        return _rope(q, cos, sin), _rope(k, cos, sin), v
+        return _rope(q, cos, sin), _rope(k, cos, sin), v, gate
 
     @staticmethod
     def _attend(layer, q, k, v, mask) -> torch.Tensor:
@@ -257,9 +275,12 @@ class PI0Model(nn.Module):
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
     @staticmethod
-    def _finish(layer: nn.Module, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        h = h + layer.self_attn.o_proj(attn_out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))  # a module call: down_proj hooks fire
+    def _finish(
+        layer: nn.Module, h: torch.Tensor, attn_out: torch.Tensor, gate=None, cond=None
+    ) -> torch.Tensor:
+        h = _residual(h, layer.self_attn.o_proj(attn_out), gate)
+        x, gate = norm(layer.post_attention_layernorm, h, cond)
+        return _residual(h, layer.mlp(x), gate)  # a module call: down_proj hooks fire
 
     def fill_prefix_cache(self, embs: torch.Tensor, pad: torch.Tensor, ar: torch.Tensor) -> PrefixCache:
         lm = self.paligemma_with_expert.language_model
@@ -268,16 +289,18 @@ class PI0Model(nn.Module):
         mask = additive_mask(make_att_2d_masks(pad, ar), embs.dtype)
         keys, values, h = [], [], embs
         for layer in lm.layers:
-            q, k, v = self._qkv(layer, h, cos, sin)
+            q, k, v, _ = self._qkv(layer, h, cos, sin)
             keys.append(k)
             values.append(v)
             h = self._finish(layer, h, self._attend(layer, q, k, v, mask))
         return PrefixCache(keys, values, pad, pad.sum(dim=1, keepdim=True))
 
-    def denoise_step(self, cache: PrefixCache, state: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+    def denoise_step(
+        self, cache: PrefixCache, state: torch.Tensor | None, x_t: torch.Tensor, t: torch.Tensor
+    ):
         """The velocity field v(x_t, t) [B, H, A] (float32), attending to the cached prefix."""
         expert = self.paligemma_with_expert.expert
-        embs, pad, ar = self.embed_suffix(state, x_t, t)
+        embs, pad, ar, cond = self.embed_suffix(state, x_t, t)
         bsize, n = pad.shape
         prefix_cols = cache.pad_mask[:, None, :].expand(bsize, n, cache.pad_mask.shape[1])
         allowed = torch.cat([prefix_cols, make_att_2d_masks(pad, ar)], dim=2)
@@ -286,11 +309,11 @@ class PI0Model(nn.Module):
         cos, sin = self.paligemma_with_expert.language_model.rotary_emb(embs, positions)
         h = embs
         for i, layer in enumerate(expert.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
+            q, k, v, gate = self._qkv(layer, h, cos, sin, cond)
             k = torch.cat([cache.keys[i], k], dim=2)
             v = torch.cat([cache.values[i], v], dim=2)
-            h = self._finish(layer, h, self._attend(layer, q, k, v, mask))
-        h = expert.norm(h)[:, -self.chunk_size :]
+            h = self._finish(layer, h, self._attend(layer, q, k, v, mask), gate, cond)
+        h = norm(expert.norm, h, cond)[0][:, -self.chunk_size :]
         return self.action_out_proj(h).float()
 
     def forward(

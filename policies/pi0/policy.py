@@ -67,6 +67,8 @@ def absolute_actions(actions: np.ndarray, state: Any, mask: tuple[bool, ...]) ->
 
 
 class PI0Policy(Policy):
+    MODEL: type[PI0Model] = PI0Model
+    VARIANT = "pi0"  # the checkpoints this class loads (`PI0Config.variant`)
     batching = True
 
     def __init__(
@@ -79,13 +81,18 @@ class PI0Policy(Policy):
         action_norm: ckpt.Normalizer | None = None,
         seed: int | None = None,
         image_keys: dict[str, str] | None = None,
-        name: str = "pi0",
+        name: str | None = None,
     ):
+        if cfg.variant != self.VARIANT:
+            raise ValueError(f"a {cfg.variant} configuration given to the {self.VARIANT} policy")
+        name = name or self.VARIANT
         self.cfg = cfg
         self.model = model.eval().requires_grad_(False)  # inference only
         self.tokenizer = tokenizer
         if getattr(tokenizer, "bos_token_id", None) is None:
-            raise ValueError("pi0's tokenizer must define a BOS token (the prompt starts with it)")
+            raise ValueError(
+                f"{self.VARIANT}'s tokenizer must define a BOS token (the prompt starts with it)"
+            )
         self.state_norm = state_norm
         self.action_norm = action_norm or ckpt.Normalizer()
         self.seed = seed
@@ -135,9 +142,9 @@ class PI0Policy(Policy):
     def build(
         cls, cfg: PI0Config, tokenizer: Any, *, seed: int = 0, stats: dict | None = None, **kwargs
     ) -> PI0Policy:
-        """A randomly initialised pi0 (tests, benchmarks); `stats` as `read_stats` returns them."""
+        """A randomly initialised model (tests, benchmarks); `stats` as `read_stats` returns them."""
         torch.manual_seed(seed)
-        model = PI0Model(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
+        model = cls.MODEL(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
                          max_period=cfg.max_period)  # fmt: skip
         if stats:
             kwargs["state_norm"], kwargs["action_norm"] = _normalizers_from(cfg, stats)
@@ -176,16 +183,18 @@ class PI0Policy(Policy):
         relative_action_dims: int | None = None,
         name: str | None = None,
     ) -> PI0Policy:
-        """Load a LeRobot or openpi pi0 checkpoint directory (config.json + model.safetensors).
+        """Load a LeRobot or openpi checkpoint directory (config.json + model.safetensors) of this variant.
 
         `dtype`: float32 (default) or bfloat16; `seed`: deterministic noise (re-seeded at every reset);
         `image_keys`: checkpoint image feature -> observation key; `norm_stats`: a stats JSON overriding
         the checkpoint's; `openpi_image_keys`, `state_dim`, `action_dim`, `relative_action_dims` (openpi's
         state-relative first N action dims, `pi0_libero`: 6): what an openpi config lacks.
         """
-        directory = local_checkpoint(path, HUB_PATTERNS, "a pi0")
+        directory = local_checkpoint(path, HUB_PATTERNS, f"a {cls.VARIANT}")
         if not (directory / ckpt.WEIGHTS).exists():
-            raise FileNotFoundError(f"{directory} is not a pi0 checkpoint: {ckpt.WEIGHTS} is missing")
+            raise FileNotFoundError(
+                f"{directory} is not a {cls.VARIANT} checkpoint: {ckpt.WEIGHTS} is missing"
+            )
         if state_dim is None or action_dim is None:  # openpi: the dims its norm stats were computed on
             config = json.loads((directory / "config.json").read_text())
             if "action_horizon" in config and "type" not in config:
@@ -200,16 +209,18 @@ class PI0Policy(Policy):
             action_dim=action_dim,
             relative_action_dims=relative_action_dims,
         )
+        if cfg.variant != cls.VARIANT:
+            raise ValueError(f"{directory} holds a {cfg.variant} checkpoint; load it as kind {cfg.variant}")
         dtype = _dtype(dtype if dtype is not None else cfg.dtype)
         # Stats and tokenizer first: a checkpoint that cannot run is refused before the weights are read.
         state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
         tok = _load_tokenizer(tokenizer, directory)
         with torch.device("meta"):  # no random init of billions of weights that are overwritten anyway
-            model = PI0Model(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
-                             max_period=cfg.max_period)  # fmt: skip
+            model = cls.MODEL(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
+                              max_period=cfg.max_period)  # fmt: skip
         model.to_empty(device="cpu")
         _reset_buffers(model)
-        ckpt.load_weights(model, directory)
+        ckpt.load_weights(model, directory, cls.VARIANT)
         model.to(device=device, dtype=dtype)
         return cls(cfg, model, tok, state_norm=state_norm, action_norm=action_norm, seed=seed,
                    image_keys=image_keys, name=name or directory.name)  # fmt: skip
@@ -251,6 +262,26 @@ class PI0Policy(Policy):
         self, obs: Observation, noise: torch.Tensor | np.ndarray | None = None
     ) -> dict[str, Any]:
         """The tensors `PI0Model.forward` takes, batch of one."""
+        state = np.zeros(self.cfg.architecture.max_state_dim, np.float32)
+        normed = self.normalized_state(obs)
+        if normed is not None:
+            state[: normed.size] = normed
+        inputs = self.shared_inputs(obs, self.observation_prompt_ids(obs), noise)
+        return inputs | {"state": torch.tensor(state, device=self.device)[None]}
+
+    def normalized_state(self, obs: Observation) -> np.ndarray | None:
+        """The observation's state normalised with the checkpoint's stats (None: the model takes none)."""
+        if self.cfg.state is None:
+            return None
+        if obs.state is None:
+            raise ValueError(f"observation.state is required (shape [{self.cfg.state_dim}])")
+        s = np.asarray(obs.state, np.float32).reshape(-1)
+        return self.state_norm.normalize(s) if self.state_norm else s
+
+    def shared_inputs(
+        self, obs: Observation, prompt_ids: list[int], noise: torch.Tensor | np.ndarray | None
+    ) -> dict[str, Any]:
+        """Images, prompt tokens, noise and step count: the inputs pi0 and pi0.5 take alike."""
         dev, a = self.device, self.cfg.architecture
         size = a.vision.image_size
         images, masks = [], []
@@ -267,13 +298,7 @@ class PI0Policy(Policy):
         for _ in range(self.n_empty):  # blank cameras: -1 everywhere, masked out
             images.append(torch.full((1, 3, size, size), -1.0, device=dev))
             masks.append(torch.zeros(1, dtype=torch.bool, device=dev))
-        ids = torch.tensor([self.prompt_ids(obs.instruction)], device=dev)
-        state = np.zeros(a.max_state_dim, np.float32)
-        if self.cfg.state is not None:
-            if obs.state is None:
-                raise ValueError(f"observation.state is required (shape [{self.cfg.state_dim}])")
-            s = np.asarray(obs.state, np.float32).reshape(-1)
-            state[: s.size] = self.state_norm.normalize(s) if self.state_norm else s
+        ids = torch.tensor([prompt_ids], device=dev)
         if noise is None:
             noise = self.sample_noise()
         noise = torch.as_tensor(noise, dtype=torch.float32)
@@ -289,7 +314,6 @@ class PI0Policy(Policy):
             "image_masks": masks,
             "tokens": ids,
             "token_mask": torch.ones_like(ids, dtype=torch.bool),
-            "state": torch.tensor(state, device=dev)[None],
             "noise": noise.reshape(1, *want).to(dev),
             "num_steps": self.cfg.num_inference_steps,
         }
@@ -308,8 +332,12 @@ class PI0Policy(Policy):
             g.seed()
         return g
 
+    def observation_prompt_ids(self, obs: Observation) -> list[int]:
+        """An observation's prompt tokens (pi0: its instruction's; pi0.5 writes the state in too)."""
+        return self.prompt_ids(obs.instruction)
+
     def batch_key(self, obs: Observation) -> int:
-        return len(self.prompt_ids(obs.instruction))
+        return len(self.observation_prompt_ids(obs))
 
     @torch.no_grad()
     def infer_batch(

@@ -2,7 +2,9 @@
 import): what openpi's examples/libero/main.py does per step, minus the simulator. Run from the
 openpi-client side environment by tests/app/test_openpi_door.py; prints one JSON object.
 
-    python openpi_libero_client.py PORT loop STEPS      actions of STEPS steps (replanning every chunk)
+    python openpi_libero_client.py PORT loop STEPS [STEER_JSON]
+                                                        actions of STEPS steps (replanning every chunk),
+                                                        each observation carrying "vla_steer/steer" if given
     python openpi_libero_client.py PORT errors          what bad requests get, and that serving goes on
 """
 
@@ -30,16 +32,18 @@ def observation(step: int) -> dict:
     }
 
 
-def loop(port: int, steps: int) -> dict:
+def loop(port: int, steps: int, steer: dict | None = None) -> dict:
     client = websocket_client_policy.WebsocketClientPolicy(host="127.0.0.1", port=port)
-    actions, plan = [], []
+    actions, plan, steering = [], [], None
     for t in range(steps):
         if not plan:
-            chunk = client.infer(observation(t))["actions"]
+            obs = observation(t) if steer is None else {**observation(t), "vla_steer/steer": steer}
+            reply = client.infer(obs)
+            chunk, steering = reply["actions"], reply["steering"]
             assert chunk.ndim == 2 and chunk.shape[1] == 7, chunk.shape
             plan.extend(chunk)
         actions.append(np.asarray(plan.pop(0)).tolist())
-    return {"metadata": client.get_server_metadata(), "actions": actions}
+    return {"metadata": client.get_server_metadata(), "actions": actions, "steering": steering}
 
 
 def errors(port: int) -> dict:
@@ -65,5 +69,8 @@ def errors(port: int) -> dict:
 
 if __name__ == "__main__":
     port, mode = int(sys.argv[1]), sys.argv[2]
-    result = loop(port, int(sys.argv[3])) if mode == "loop" else errors(port)
+    if mode == "loop":
+        result = loop(port, int(sys.argv[3]), json.loads(sys.argv[4]) if len(sys.argv) > 4 else None)
+    else:
+        result = errors(port)
     print(json.dumps(result, default=list))

@@ -116,6 +116,7 @@ def _vla_steer(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # trains a VLA: ~2 min alone on 2 cores, over 3 when the machine is busy
 def test_train_demo_generates_demonstrations_and_a_loadable_vla(tmp_path):
     from policies.tiny_vla import TinyVLA
 

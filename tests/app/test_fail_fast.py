@@ -163,9 +163,34 @@ def test_sim_checks_the_video_camera_before_connecting(tmp_path):
     assert "--video agentview: two_cams records the cameras ['image', 'wrist_image']" in err
 
 
-def test_eval_says_how_to_run_libero(tmp_path):
-    err = refused("eval", "--env", "libero_10", "--out", str(tmp_path / "runs"))
-    assert "a LIBERO config; LIBERO runs in its own venv" in err and "python -m sim.libero_node" in err
+def test_sim_says_eval_runs_libero(tmp_path):
+    err = refused("sim", "--env", "libero_10", "--out", str(tmp_path / "runs"))
+    assert "a LIBERO config; LIBERO runs in its own venv, driven by `vla-steer eval`" in err
+    assert "vla-steer eval --env libero_10:0" in err
+
+
+def test_eval_checks_the_grid_before_connecting(tmp_path):
+    """No policy node runs: each of these would exit 3 (no node) if it were checked late."""
+    out = str(tmp_path / "runs")
+    assert "--env libero_spatial:3,12: tasks [12] out of range (0..9)" in refused(
+        "eval", "--env", "libero_spatial:3,12", "--out", out
+    )
+    assert "a task list (:0) is for LIBERO suites" in refused(
+        "eval", "--env", "robosuite_lift:0", "--out", out
+    )
+    assert "--shard 3/2: expected 1 <= i <= N" in refused(
+        "eval", "--env", "robosuite_lift", "--shard", "3/2", "--out", out
+    )
+    assert "--shard 1of2" in refused("eval", "--env", "robosuite_lift", "--shard", "1of2", "--out", out)
+    assert "--workers 0" in refused("eval", "--env", "robosuite_lift", "--workers", "0", "--out", out)
+    assert "a setting is given twice" in refused(
+        "eval", "--env", "robosuite_lift", "--settings", "off", "off", "--out", out
+    )
+    assert "--policy is for --ray" in refused(
+        "eval", "--env", "robosuite_lift", "--policy", "demo_vla", "--out", out
+    )
+    assert "--ray needs --policy" in refused("eval", "--env", "robosuite_lift", "--ray", "--out", out)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_robot_says_a_sim_config_is_one():

@@ -2,7 +2,7 @@
 discover -> serve -> knobs set -> one short sim episode -> analyze -> export-lerobot.
 
 The checkpoints are tiny but written in each real layout (demo VLA, OpenVLA official, pi0 LeRobot current
-and original, pi0 openpi); the sim episode is a real robosuite Lift whose cameras match the policy's keys.
+and original, pi0 openpi, pi0.5 LeRobot and openpi, pi0-FAST LeRobot); the sim episode is a real robosuite Lift whose cameras match the policy's keys.
 """
 
 from __future__ import annotations
@@ -33,10 +33,15 @@ def test_journey(layout, tmp_path):
     directions = tmp_path / "directions"
 
     r = run("discover", str(ckpt), "--out", str(directions), "--size", "4", "--poles", "slow,up")
-    kind = {"demo": "tiny_vla", "openvla": "openvla"}.get(layout, "pi0")
+    kind = {"demo": "tiny_vla", "openvla": "openvla", "pi0_fast": "pi0_fast"}.get(
+        layout, layout.split("_")[0]
+    )
     assert f"steerable stacks of this {kind}:" in r.stdout
     assert "language (" in r.stdout and "vocabulary projection -- used here" in r.stdout
-    if kind == "pi0":  # the expert has no vocabulary: the command says so, and how to steer it instead
+    if kind in (
+        "pi0",
+        "pi05",
+    ):  # the expert has no vocabulary: the command says so, and how to steer it instead
         assert "action_expert (2 layers x 64 neurons): no vocabulary" in r.stdout
         assert "contrast_directions" in r.stdout
     assert "wrote 2 directions" in r.stdout

@@ -21,7 +21,7 @@ from support import VLA_STEER, free_address, side_python
 
 from vla_steer.app.cli import build_parser
 from vla_steer.app.cli.openpi_door import openpi_settings
-from vla_steer.wire.openpi import pack, unpack
+from vla_steer.wire.openpi import STEER_KEY, pack, unpack
 
 HERE = Path(__file__).resolve().parent
 CLIENT_LOOP = HERE / "openpi_libero_client.py"
@@ -93,10 +93,10 @@ def test_openpi_protocol_drives_the_served_demo_vla_and_follows_its_knobs(demo_d
             assert meta["keys"] == {"prompt": "prompt", "images": {"observation/wrist_image": "wrist"},
                                     "state": ["observation/state"]}  # fmt: skip
 
-            def actions() -> np.ndarray:
+            def actions(**extra) -> np.ndarray:
                 out = []
                 for step in range(4):
-                    ws.send(pack(libero_observation(step)))
+                    ws.send(pack({**libero_observation(step), **extra}))
                     reply = unpack(ws.recv(timeout=60), 1 << 20)
                     assert reply["actions"].shape == (1, 7) and reply["actions"].dtype == np.float32
                     out.append(reply["actions"][0])
@@ -110,6 +110,13 @@ def test_openpi_protocol_drives_the_served_demo_vla_and_follows_its_knobs(demo_d
             assert not np.array_equal(base, steered), "steering did not change the actions"
             knobs(address, "off")
             np.testing.assert_array_equal(actions()[0], base)  # knobs off: the unsteered policy again
+            # the observation's own setting: that inference alone, the live knobs (off) untouched
+            own, steering = actions(**{STEER_KEY: {"fast": 12.0, "up": 12}})
+            np.testing.assert_array_equal(own, steered)
+            assert steering["fast"] == {**steering["fast"], "enabled": True, "strength": 12.0}
+            np.testing.assert_array_equal(actions()[0], base)
+            ws.send(pack({**libero_observation(0), STEER_KEY: {"fastest": 1.0}}))
+            assert "unknown knob 'fastest'" in (err := ws.recv(timeout=30)) and STEER_KEY in err, err
             ws.send(pack({**libero_observation(0), "observation/state": np.zeros(2)}))
             assert "the policy takes 8" in ws.recv(timeout=30)
         with pytest.raises(InvalidStatus) as e:
@@ -178,6 +185,10 @@ def test_an_openpi_libero_client_loop_drives_the_steered_node(demo_directions, o
         steered = run_client(openpi_python, port, "loop", "6")
         assert steered["actions"] != base["actions"], "steering did not change the openpi client's actions"
         knobs(address, "off")
+        assert run_client(openpi_python, port, "loop", "6")["actions"] == base["actions"]
+        # the same setting carried by openpi-client's own observations, the live knobs left off
+        own = run_client(openpi_python, port, "loop", "6", json.dumps({"fast": 12, "up": 12}))
+        assert own["actions"] == steered["actions"] and own["steering"]["fast"]["enabled"]
         assert run_client(openpi_python, port, "loop", "6")["actions"] == base["actions"]
 
 

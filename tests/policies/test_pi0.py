@@ -100,8 +100,8 @@ def test_load_refuses_missing_and_misshaped_weights(built, tmp_path):
 
 def test_config_errors_name_file_and_key(tmp_path):
     bad = tmp_path / "config.json"
-    bad.write_text(json.dumps({"type": "pi05"}))
-    with pytest.raises(ValueError, match="config.json: type is 'pi05'"):
+    bad.write_text(json.dumps({"type": "pi0_fast"}))
+    with pytest.raises(ValueError, match="config.json: type is 'pi0_fast'"):
         read_config(bad)
     bad.write_text(json.dumps({"type": "pi0", "paligemma_variant": "gemma_7b", "input_features": {}}))
     with pytest.raises(ValueError, match="paligemma_variant is 'gemma_7b'"):

@@ -97,7 +97,7 @@ def check_recorded(name: str, episodes: list) -> int:
         assert conv["chunk_length"] == chunk.shape[1]
         executed = profile["execute_steps"] or chunk.shape[1]
         assert conv["executed_per_chunk"] == executed
-        assert meta["inferences"] == math.ceil(steps / executed)
+        assert meta["summary"]["inferences"] == math.ceil(steps / executed)
         k = np.arange(steps)
         assert np.array_equal(ep.arrays["action"], chunk[k, k % executed])
         # the wait steps: `settle_steps` dummy actions (gripper open) before the first recorded step, none of

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
 from vla_steer.wire import Code, InferResult, InsecureBindError, ProtocolError, Reply, Server, ServerInfo
-from vla_steer.wire.openpi import KeyMap, KeyMapError, OpenpiServer, pack, resize_with_pad, unpack
+from vla_steer.wire.openpi import STEER_KEY, KeyMap, KeyMapError, OpenpiServer, pack, resize_with_pad, unpack
 
 SHAPES = {"agentview": (32, 32, 3), "wrist_cam": (16, 16, 3)}
 TOKEN = "0123456789abcdef-token"
@@ -24,7 +24,8 @@ TOKEN = "0123456789abcdef-token"
 
 class StandIn:
     """A node's handlers; actions[0] = the state's first 7 values, actions[1, :2] = each camera's mean
-    pixel, actions[1, 2] = the instruction's length, actions[1, 3] = the "gain" knob."""
+    pixel, actions[1, 2] = the instruction's length, actions[1, 3] = the "gain" knob (the request's `steer`
+    setting's, else the live one)."""
 
     def __init__(self) -> None:
         self.gain = 0.0
@@ -42,8 +43,9 @@ class StandIn:
         actions[1, 0] = obs["images"]["agentview"].mean()
         actions[1, 1] = obs["images"]["wrist_cam"].mean()
         actions[1, 2] = len(obs["instruction"])
-        actions[1, 3] = self.gain
-        return Reply(InferResult(actions, info={"steering": {"gain": {"strength": self.gain}}}))
+        gain = self.gain if "steer" not in req.payload else req.payload["steer"].get("gain", 0.0)
+        actions[1, 3] = gain  # the request's own setting when it carries one, as a PolicyNode's
+        return Reply(InferResult(actions, info={"steering": {"gain": {"strength": gain}}}))
 
     def reset(self, req):
         self.resets.append(req.payload.get("episode"))
@@ -228,6 +230,26 @@ def test_bad_requests_get_text_errors_and_the_connection_keeps_serving() -> None
         inf = ask(ws, libero_obs(**{"observation/state": np.array([np.inf] * 8)}))
         assert isinstance(inf, str) and "NaN or inf" in inf
         assert ask(ws, libero_obs())["actions"].shape == (2, 7)  # still serving, same connection
+
+
+def test_an_observation_may_carry_its_own_steering_setting_checked_like_the_sockets() -> None:
+    with door() as (d, node), client(d) as ws:
+        ws.recv(timeout=10)
+        node.gain = 3.0
+        reply = ask(ws, libero_obs(**{STEER_KEY: {"gain": np.float32(5.0)}}))
+        assert reply["actions"][1, 3] == 5.0 and reply["steering"] == {"gain": {"strength": 5.0}}
+        assert ask(ws, libero_obs(**{STEER_KEY: {}}))["actions"][1, 3] == 0.0  # {}: unsteered
+        assert ask(ws, libero_obs())["actions"][1, 3] == 3.0  # none: the live knobs, untouched
+        for steer, words in (
+            ([5.0], "must be a map of knob name -> strength"),
+            ({b"gain": 5.0}, "must be a map of knob name -> strength"),
+            ({"gain": float("nan")}, "'gain' must be a finite number, got nan"),
+            ({"gain": "high"}, "'gain' must be a finite number, got 'high'"),
+        ):
+            bad = ask(ws, libero_obs(**{STEER_KEY: steer}))
+            assert isinstance(bad, str) and "[bad_payload]" in bad and words in bad, bad
+            assert STEER_KEY in bad
+        assert ask(ws, libero_obs())["actions"][1, 3] == 3.0  # still serving, same connection
 
 
 def test_an_oversize_message_closes_that_connection_with_1009_and_the_server_keeps_serving() -> None:

@@ -67,7 +67,7 @@ def _check_local(path: str | Path) -> None:
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"{p} has no config.json: not a transformers checkpoint directory")
     head = (p / "config.json").read_text()[:100_000]
-    if '"openvla"' in head or '"prismatic"' in head or '"action_horizon"' in head or '"type": "pi0"' in head:
+    if '"openvla"' in head or '"prismatic"' in head or '"action_horizon"' in head or '"type": "pi0' in head:
         raise ValueError(
             f"{p} is a VLA policy checkpoint (OpenVLA or pi0): load it with "
             "policies.load_policy(policies.resolve.resolve_policy(path)).backbones, or `vla-steer discover`"

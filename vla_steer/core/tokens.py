@@ -1,9 +1,11 @@
 """Readable labels for vocabulary tokens, including the special ranges VLAs reuse.
 
 OpenVLA reinterprets the last 256 ids of Llama's 32000-token vocabulary as action bins
-(bin = vocab - id - 1, clipped to [0, n_bins - 2], value = that bin's centre on [-1, 1]);
-PaliGemma has 1024 `<locNNNN>` and 128 `<segNNN>` tokens. Labels show these as what they mean,
-and lexicon matching skips them (an action bin is not the word it happens to be spelled as).
+(bin = vocab - id - 1, clipped to [0, n_bins - 2], value = that bin's centre on [-1, 1]); pi0-FAST
+maps its FAST (BPE over DCT coefficients) ids down from the top of PaliGemma's vocabulary, skipping
+the last 128 (id = vocab - 1 - skip - fast id); PaliGemma has 1024 `<locNNNN>` and 128 `<segNNN>`
+tokens. Labels show these as what they mean, and lexicon matching skips them (an action token is not
+the word it happens to be spelled as), so discovery tells word neurons from action neurons.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ class ActionBins:
         out = centres[idx]
         return float(out) if np.ndim(out) == 0 else out
 
+    def label(self, token_id: int) -> str:
+        return f"[action {self.value(token_id):+.3f}]"
+
+    def paper_label(self, token_id: int) -> str:
+        return f"[action: {self.value(token_id):.3f}]"
+
     def token(self, value: float | np.ndarray) -> int | np.ndarray:
         """Token id of the bin a value falls in (OpenVLA's `np.digitize` over 256 edges on [low, high])."""
         edges = np.linspace(self.low, self.high, self.n_bins)
@@ -65,11 +73,43 @@ class ActionBins:
         return int(out) if np.ndim(out) == 0 else out
 
 
+@dataclass(frozen=True)
+class FastActionTokens:
+    """pi0-FAST's action tokens: FAST id k is vocabulary id `vocab_size - 1 - skip - k`, k < n_tokens
+    (`vocab_size`: the PaliGemma tokenizer's base vocabulary, as LeRobot and openpi map them)."""
+
+    vocab_size: int
+    n_tokens: int
+    skip: int = 128
+
+    @property
+    def last_id(self) -> int:
+        return self.vocab_size - 1 - self.skip
+
+    @property
+    def first_id(self) -> int:
+        return self.last_id - self.n_tokens + 1
+
+    def contains(self, token_id: int) -> bool:
+        return self.first_id <= token_id <= self.last_id
+
+    def fast_id(self, token_id: int | np.ndarray) -> int | np.ndarray:
+        return self.last_id - token_id
+
+    def label(self, token_id: int) -> str:
+        return f"[FAST {self.fast_id(token_id)}]"
+
+    paper_label = label
+
+
 class TokenLabeler:
     """Maps token ids to (display label, normalised word or None for special tokens)."""
 
     def __init__(
-        self, pieces: list[str], action_bins: ActionBins | None = None, padded_to: int | None = None
+        self,
+        pieces: list[str],
+        action_bins: ActionBins | FastActionTokens | None = None,
+        padded_to: int | None = None,
     ):
         self.pieces = pieces
         self.action_bins = action_bins
@@ -78,7 +118,10 @@ class TokenLabeler:
 
     @classmethod
     def from_tokenizer(
-        cls, tokenizer: Any, vocab_size: int | None = None, action_bins: ActionBins | None = None
+        cls,
+        tokenizer: Any,
+        vocab_size: int | None = None,
+        action_bins: ActionBins | FastActionTokens | None = None,
     ) -> TokenLabeler:
         n = len(tokenizer)
         pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
@@ -90,7 +133,7 @@ class TokenLabeler:
         if token_id >= len(self.pieces):
             return "[padding]"  # embedding rows past the tokenizer (OpenVLA pads 32000 -> 32064)
         if self.action_bins is not None and self.action_bins.contains(token_id):
-            return f"[action {self.action_bins.value(token_id):+.3f}]"
+            return self.action_bins.label(token_id)
         m = _LOC_SEG.match(self.pieces[token_id])
         if m:
             return f"[{m.group(1)} {int(m.group(2))}]"
@@ -129,5 +172,5 @@ class TokenLabeler:
     def to_paper_label(self, token_id: int) -> str:
         """The paper repo's spelling: '[action: -0.227]' for bins, the bare piece otherwise."""
         if self.action_bins is not None and self.action_bins.contains(token_id):
-            return f"[action: {self.action_bins.value(token_id):.3f}]"
+            return self.action_bins.paper_label(token_id)
         return self.label(token_id).strip()

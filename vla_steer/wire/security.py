@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 _ZMQ_HEARTBEAT_MS = 250  # ZMTP-level pings: dead TCP peers are dropped after _ZMQ_HEARTBEAT_TIMEOUT_MS
 _ZMQ_HEARTBEAT_TIMEOUT_MS = 1000
+_COPY_THRESHOLD = 1 << 20  # bytes; frames up to this size are copied when sent (see socket_options)
 
 
 class InsecureBindError(ValueError):
@@ -144,6 +145,9 @@ def check_bind(address: str, secure: bool, allow_insecure: bool) -> None:
 
 def socket_options(sock: zmq.Socket, max_bytes: int, address: str | None = None) -> None:
     sock.linger = 0
+    # Frames up to 1 MiB (camera images) are copied when sent (~25 us): a zero-copy send costs a wake-up of
+    # pyzmq's garbage-collector thread per frame, which then competes for the GIL on the reply path.
+    sock.copy_threshold = _COPY_THRESHOLD
     if address is not None and _is_ipv6(address):
         sock.ipv6 = True  # zmq sockets are IPv4-only unless told otherwise ("No such device" on bind)
     # Hard cap per frame (zmq checks a frame's length prefix and disconnects the peer before buffering it).

@@ -75,7 +75,7 @@ def parse_option(text: str) -> tuple[str, object]:
 
 POLICY_HELP = (
     "a policy config (a YAML file, or a shipped one's name: demo_vla, openvla_7b, pi0_libero, ...), a checkpoint "
-    "directory (the demo VLA's, OpenVLA's official layout, pi0's LeRobot or openpi layout) or a hub id"
+    "directory (the demo VLA's, OpenVLA's official layout, pi0's or pi0.5's LeRobot or openpi layout) or a hub id"
 )
 
 
@@ -96,7 +96,7 @@ def add_policy_argument(p: argparse.ArgumentParser, positional: bool = False) ->
     )
     p.add_argument(
         "--kind",
-        choices=("tiny_vla", "openvla", "pi0", "language_model"),
+        choices=("tiny_vla", "openvla", "pi0", "pi05", "language_model"),
         help="what the checkpoint is, where its files cannot say (a hub id offline); default: read from them",
     )
 
@@ -120,7 +120,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     """What every simulated run takes beside its environments and steering settings (`sim`, `eval`)."""
     p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy node's address")
     p.add_argument("--episodes", type=int, default=1, help="episodes per task and setting")
-    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument(
+        "--max-steps", type=int, help="executed steps per episode (default 200; LIBERO: its suite's limit)"
+    )
     p.add_argument(
         "--execute-steps", type=int, help="actions executed per chunk before re-planning (default: all)"
     )

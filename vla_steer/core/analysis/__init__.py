@@ -4,6 +4,7 @@ controls, activation probes, figures, and a self-contained HTML report with a ma
 from vla_steer.core.analysis.metrics import EpisodeMetrics, Setting, episode_metrics, store_metrics
 from vla_steer.core.analysis.report import Analysis, SettingSummary, analyze, render_html
 from vla_steer.core.analysis.stats import Estimate, mean_ci, relative_change
+from vla_steer.core.analysis.stores import Stores
 
 __all__ = [
     "Analysis",
@@ -11,6 +12,7 @@ __all__ = [
     "Estimate",
     "Setting",
     "SettingSummary",
+    "Stores",
     "analyze",
     "episode_metrics",
     "mean_ci",

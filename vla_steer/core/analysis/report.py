@@ -6,7 +6,7 @@ import base64
 import html
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from vla_steer.core.analysis import plots
 from vla_steer.core.analysis.metrics import EpisodeMetrics, Setting, by_setting, linear_speed, store_metrics
 from vla_steer.core.analysis.probes import NeuronTrack, layer_histogram, neuron_tracks
 from vla_steer.core.analysis.stats import Estimate, mean_ci, relative_change
+from vla_steer.core.analysis.stores import Stores
 from vla_steer.core.discovery.direction import Direction, load_directions
 from vla_steer.core.rollouts import Store, open_store
 
@@ -146,41 +147,48 @@ def summarise(rows: list[EpisodeMetrics]) -> list[SettingSummary]:
 
 
 def analyze(
-    run_dir: str | Path,
+    run_dir: str | Path | Sequence[str | Path],
     *,
-    store: Store | None = None,
+    store: Store | Stores | None = None,
     directions: Mapping[str, Direction] | None = None,
     out: str | Path | None = None,
     control_hz: float | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> Analysis:
     """Analyse a run directory (a rollout store at `run_dir/rollouts` or `run_dir` itself, directions
-    at `run_dir/directions` if present); writes summary.json and report.html into `out` (default run_dir)."""
-    run_dir = Path(run_dir)
+    at `run_dir/directions` if present), or several read as one (the shards of a grid: `Stores`, `out`
+    then required); writes summary.json and report.html into `out` (default run_dir)."""
+    run_dirs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(d) for d in run_dir]
+    if not run_dirs or (len(run_dirs) > 1 and out is None):
+        raise ValueError("several run directories are analysed into one report: give --out")
     if store is None:
-        root = run_dir / "rollouts" if (run_dir / "rollouts").is_dir() else run_dir
-        store = open_store(root)
+        store = Stores([open_store(d / "rollouts" if (d / "rollouts").is_dir() else d) for d in run_dirs])
     if directions is None:
-        directions = load_directions(run_dir / "directions") if (run_dir / "directions").is_dir() else {}
+        found = next((d / "directions" for d in run_dirs if (d / "directions").is_dir()), None)
+        directions = load_directions(found) if found is not None else {}
     directions = dict(directions)
     progress(f"reading {len(store)} episodes")
     rows = store_metrics(store)
+    if getattr(store, "duplicates", 0):
+        progress(f"{store.duplicates} episodes recorded twice (same task, setting and seed) are counted once")
+    names = ", ".join(str(d) for d in run_dirs)
     if not rows:
-        raise ValueError(f"{run_dir}: no complete episodes to analyse")
+        raise ValueError(f"{names}: no complete episodes to analyse")
     settings = summarise(rows)
     progress("correlating logged activations with speed and height")
     tracks = neuron_tracks(store, directions)
     analysis = Analysis(settings, rows, directions, tracks, {})
     progress("drawing figures")
     analysis.figures = _figures(analysis, store, control_hz)
-    out = Path(out) if out is not None else run_dir
+    out = Path(out) if out is not None else run_dirs[0]
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(analysis.summary(), indent=2))
-    (out / "report.html").write_text(render_html(analysis, title=f"vla-steer analysis: {run_dir.name}"))
+    title = "vla-steer analysis: " + " + ".join(d.name for d in run_dirs)
+    (out / "report.html").write_text(render_html(analysis, title=title))
     return analysis
 
 
-def _figures(a: Analysis, store: Store, control_hz: float | None) -> dict[str, bytes]:
+def _figures(a: Analysis, store: Store | Stores, control_hz: float | None) -> dict[str, bytes]:
     figs = {}
     for metric in ("moving_speed", "carry_height", "length"):
         curves: dict[str, dict[float, Estimate]] = {}

@@ -9,11 +9,12 @@ Needs the `websockets` package (`pip install vla-steer[openpi]`), imported only 
 
 from vla_steer.wire.openpi.codec import pack, unpack
 from vla_steer.wire.openpi.keys import PRESETS, KeyMap, KeyMapError, resize_with_pad
-from vla_steer.wire.openpi.server import DEFAULT_PORT, OpenpiServer, is_loopback_host
+from vla_steer.wire.openpi.server import DEFAULT_PORT, STEER_KEY, OpenpiServer, is_loopback_host
 
 __all__ = [
     "DEFAULT_PORT",
     "PRESETS",
+    "STEER_KEY",
     "KeyMap",
     "KeyMapError",
     "OpenpiServer",

@@ -10,6 +10,12 @@ telemetry. A bad request is answered with a text message naming what was wrong (
 it as a RuntimeError) and the connection stays open; openpi's `__ctrl__` episode messages reset the
 policy and are acknowledged.
 
+Per-request steering: an observation dict may carry `"vla_steer/steer": {knob: strength, ...}` (the key
+`STEER_KEY`; no key map reads it), which is that inference's whole setting, exactly as `Client.infer(obs,
+steer=...)`: the named knobs at those strengths, every other one off (`{}`: unsteered), the live knobs
+untouched and the reply's "steering" saying what ran. Without it the live knobs apply. Checked like the
+socket's `steer` (a map of knob name -> finite number, known knobs, strengths in bounds).
+
 Safety, as for our own socket: binds loopback unless `allow_remote=True` and a `token` are both given;
 with a token, a client must send `Authorization: Api-Key TOKEN` (openpi-client's `api_key=`) or `Bearer
 TOKEN`. The handshake refuses any `Origin` header not explicitly allowed (browsers always send one, so no
@@ -41,6 +47,7 @@ from vla_steer.wire.server import Server
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8000  # openpi's serve_policy.py default
+STEER_KEY = "vla_steer/steer"  # an observation's own steering setting (see the module's docstring)
 _LOOPBACK_NAMES = ("localhost", "localhost.")
 
 
@@ -216,8 +223,17 @@ class OpenpiServer:
             observation = self.keys.observation(obs, self.image_shapes, self.state_dim)
         except KeyMapError as e:
             return f"vla-steer: [{Code.BAD_PAYLOAD}] {e} (keys expected: {self.keys.describe()})"
+        payload: dict[str, Any] = {"observation": observation.to_payload()}
+        if STEER_KEY in obs:
+            steer = obs[STEER_KEY]
+            if not (isinstance(steer, dict) and all(isinstance(k, str) for k in steer)):
+                return (
+                    f"vla-steer: [{Code.BAD_PAYLOAD}] {STEER_KEY!r} must be a map of knob name -> strength, "
+                    f"got {steer!r:.200}"
+                )
+            payload["steer"] = steer  # its values and knob names are checked as the socket's `steer` is
         t0 = time.monotonic()
-        reply = await self._submit("infer", {"observation": observation.to_payload()}, client)
+        reply = await self._submit("infer", payload, client)
         if isinstance(reply, str):
             return reply
         timing = {"infer_ms": (time.monotonic() - t0) * 1e3}
@@ -238,7 +254,9 @@ class OpenpiServer:
         msg = await asyncio.wrap_future(self.server.submit(kind, payload, client))
         if msg.kind == "error":
             p = msg.payload
-            where = f" ({p['field']})" if p.get("field") else ""
+            # A request's `steer` came in under STEER_KEY here: name it as this door's clients know it.
+            fld = STEER_KEY if p.get("field") == "steer" else p.get("field")
+            where = f" ({fld})" if fld else ""
             return f"vla-steer: [{p['code']}] {p['message']}{where}"
         return msg.payload
 
@@ -276,4 +294,4 @@ def _authorized(header: str, token: str) -> bool:
     return scheme in ("Api-Key", "Bearer") and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-__all__ = ["DEFAULT_PORT", "OpenpiServer", "is_loopback_host"]
+__all__ = ["DEFAULT_PORT", "STEER_KEY", "OpenpiServer", "is_loopback_host"]
