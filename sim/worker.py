@@ -132,20 +132,25 @@ def _emit(event: str, **data: Any) -> None:
     print(PREFIX + json.dumps({"event": event, **data}), flush=True)
 
 
-def _config(task: Mapping[str, Any], max_steps: int | None) -> tuple[Any, int]:
-    """The task's sim config (a LIBERO task's id and step limit written into it, so it records what ran)."""
+def _config(
+    task: Mapping[str, Any], max_steps: int | None, execute_steps: int | None
+) -> tuple[Any, int, int | None]:
+    """The task's sim config, step limit and actions executed per chunk. A LIBERO task's id, and the flags'
+    limits, are written into its config, so it records what ran; its (profile's) `execute_steps` holds
+    unless the flag sets one."""
     if task["kind"] == "libero":
         from sim.libero_env import load_libero_config
 
         update: dict[str, Any] = {"task_id": task["task_id"]}
-        if max_steps is not None:
-            update["max_steps"] = max_steps
+        for key, value in (("max_steps", max_steps), ("execute_steps", execute_steps)):
+            if value is not None:
+                update[key] = value
         cfg = load_libero_config(task["config"]).model_copy(update=update)
-        return cfg, cfg.step_limit()
+        return cfg, cfg.step_limit(), cfg.execute_steps
     from sim.grid import DEFAULT_MAX_STEPS
     from sim.robosuite_env import load_sim_config
 
-    return load_sim_config(task["config"]), max_steps or DEFAULT_MAX_STEPS
+    return load_sim_config(task["config"]), max_steps or DEFAULT_MAX_STEPS, execute_steps
 
 
 def _exit_with_parent() -> None:
@@ -182,7 +187,9 @@ def serve(lines: Iterator[str]) -> int:
             for line in lines:
                 cell = Cell.from_dict(json.loads(line)["cell"])
                 task = cell.task
-                cfg, max_steps = _config(task.as_dict(), run.get("max_steps"))
+                cfg, max_steps, execute_steps = _config(
+                    task.as_dict(), run.get("max_steps"), run.get("execute_steps")
+                )
                 if env_key != task:  # a new task: its environment replaces the last one
                     last, env = env, None
                     if last is not None:
@@ -192,7 +199,7 @@ def serve(lines: Iterator[str]) -> int:
                 for seed in cell.seeds:
                     (result,) = evaluate(
                         client, env, [dict(cell.setting)], task=task.label, episodes=1, max_steps=max_steps,
-                        recorder=recorder, meta=meta, seed=seed, execute_steps=run.get("execute_steps"),
+                        recorder=recorder, meta=meta, seed=seed, execute_steps=execute_steps,
                         activations=run.get("activations"), settle=run.get("settle", 0), progress=lambda _: None,
                     )  # fmt: skip
                     _emit("episode", task=task.label, setting=cell.label, seed=seed, id=result.episode_ids[0],

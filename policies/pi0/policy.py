@@ -118,7 +118,7 @@ class PI0Policy(Policy):
             state_dim=cfg.state_dim,
             action_space="checkpoint",  # whatever the fine-tune's dataset recorded (LIBERO: ee deltas)
             conventions={
-                "family": "pi0",
+                "family": self.VARIANT,  # pi0 or pi05: the profiles differ (relative actions, prompt)
                 "gripper": None,  # as the fine-tune's dataset recorded it (LIBERO's: +1 close)
                 "action_frame": "absolute",  # a state-relative checkpoint's actions get the state back here
                 "relative_mask": list(cfg.relative_mask) if cfg.relative_actions else None,

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
 from checkpoints import write_checkpoint
-from support import LIBERO_PYTHON, run_libero, serving
+from support import LIBERO_PYTHON, VLA_STEER, run_libero, serving
 
 from sim.base import to_osc_action
 from vla_steer.core.config import load_yaml, shipped
@@ -27,15 +28,19 @@ needs_libero = pytest.mark.skipif(
     not LIBERO_PYTHON.exists(),
     reason=f"no LIBERO venv at {LIBERO_PYTHON}: build it with `bash scripts/make_libero_venv.sh`",
 )
-OPENPI_OPTIONS = (
-    "relative_action_dims=6", "state_dim=8", "action_dim=7", "openpi_image_keys=[base_0_rgb, left_wrist_0_rgb]",
-    "n_action_steps=6", "seed=0",
-)  # fmt: skip  # what the openpi profile says to serve its checkpoint with (an openpi config lacks them)
+# What the openpi profiles say to serve a checkpoint with (an openpi config lacks them); pi0's actions are
+# state-relative on dims 0-5, pi0.5's are not.
+OPENPI05_OPTIONS = (
+    "state_dim=8", "action_dim=7", "openpi_image_keys=[base_0_rgb, left_wrist_0_rgb]", "n_action_steps=6", "seed=0",
+)  # fmt: skip
+OPENPI_OPTIONS = ("relative_action_dims=6", *OPENPI05_OPTIONS)
 # profile -> (checkpoint layout, `vla-steer serve` options, executed steps per episode)
 CASES = {
     "openvla_libero": ("openvla", (), 4),
     "openpi_pi0_libero": ("pi0_openpi", OPENPI_OPTIONS, 7),
     "lerobot_pi0_libero": ("pi0_lerobot", ("seed=0",), 6),
+    "openpi_pi05_libero": ("pi05_openpi", OPENPI05_OPTIONS, 7),
+    "lerobot_pi05_libero": ("pi05_lerobot", ("seed=0",), 6),
 }
 FINGER = 6  # state: eef pos (3), axis-angle (3), finger joints (2)
 
@@ -142,6 +147,34 @@ def test_openpi_pi0_profile_runs_libero_episodes_as_openpi_does(tmp_path):
 
 @needs_libero
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vla_steer_eval_runs_a_grid_under_a_profile(tmp_path):
+    """`vla-steer eval` over a LIBERO task of a sim config that names the openpi pi0 profile: its workers run
+    the episodes as the profile says (5 actions per chunk although the flag sets none), recorded with it."""
+    layout, options, steps = CASES["openpi_pi0_libero"]
+    ckpt = write_checkpoint(layout, tmp_path)
+    config = tmp_path / "openpi_spatial.yaml"
+    config.write_text("kind: libero\nsuite: libero_spatial\nprofile: openpi_pi0_libero\n")
+    out = tmp_path / "grid"
+    with serving(ckpt, *(f"--option={o}" for o in options)) as address:
+        r = subprocess.run(
+            [VLA_STEER, "eval", "--server", address, "--env", f"{config}:0", "--settings", "off", "--episodes",
+             "2", "--max-steps", str(steps), "--timeout", "60", "--out", str(out)],
+            capture_output=True, text=True, timeout=540,
+        )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    store = open_store(out)
+    episodes = sorted((store.load(i.id) for i in store.episodes()), key=lambda ep: ep.meta["seed"])
+    assert [ep.meta["task_label"] for ep in episodes] == ["openpi_spatial:0"] * 2
+    assert check_recorded("openpi_pi0_libero", episodes) == 5
+    rows = json.loads((out / "eval.json").read_text())
+    assert [(row["task"], row["setting"], row["episodes"]) for row in rows] == [
+        ("openpi_spatial:0", "off", 2)
+    ]
+
+
+@needs_libero
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_openvla_profile_runs_libero_episodes_as_openvla_does(tmp_path):
     """One action per inference, and the gripper mapped as OpenVLA's script does: its "open" (~1 in [0, 1])
@@ -170,6 +203,19 @@ def test_lerobot_pi0_profile_runs_libero_episodes_as_lerobot_eval_does(tmp_path)
     assert check_recorded("lerobot_pi0_libero", episodes) == 4
     assert [ep.meta["seed"] for ep in episodes] == [1000, 1001]
     assert [ep.meta["init_state_index"] for ep in episodes] == [0, 1]
+
+
+@needs_libero
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", ["openpi_pi05_libero", "lerobot_pi05_libero"])
+def test_pi05_profiles_run_libero_episodes_as_their_references(name, tmp_path):
+    """pi0.5 (family pi05, absolute actions): openpi's 5 actions of each chunk, LeRobot's whole chunk."""
+    episodes = run_profile(name, tmp_path)
+    assert check_recorded(name, episodes) == (5 if name.startswith("openpi") else 4)
+    for ep in episodes:
+        assert ep.meta["policy_conventions"]["family"] == "pi05"
+        assert ep.meta["policy_conventions"]["relative_mask"] is None
 
 
 @needs_libero

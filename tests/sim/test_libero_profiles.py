@@ -215,7 +215,14 @@ def test_policies_announce_their_conventions_in_hello(tmp_path):
     pi0_yaml.write_text(
         f"kind: pi0\npath: {openpi_dir}\nrelative_action_dims: 6\nstate_dim: 8\naction_dim: 7\n"
     )
-    for path, want in ((yaml_path, OPENVLA | {"center_crop": None}), (pi0_yaml, PI0_OPENPI)):
+    pi05_yaml = tmp_path / "pi05.yaml"
+    pi05_yaml.write_text(f"kind: pi05\npath: {write_checkpoint('pi05_lerobot', tmp_path)}\n")
+    pi05 = PI0_OPENPI | {"family": "pi05", "relative_mask": None}
+    for path, want in (
+        (yaml_path, OPENVLA | {"center_crop": None}),
+        (pi0_yaml, PI0_OPENPI),
+        (pi05_yaml, pi05),
+    ):
         node = PolicyNode(load_policy(read_policy_config(path)), [])
         with Server(node, "tcp://127.0.0.1:0").start() as server, Client(server.address) as client:
             conventions = dict(client.hello().conventions)
