@@ -13,7 +13,6 @@ Headline: inferences/s batched / inferences/s sequential, target >= 3.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import VLA_STEER, arg_parser, free_port, load_average, machine, write_result  # noqa: E402
+from common import arg_parser, load_average, machine, start_node, write_result  # noqa: E402
 
 from vla_steer.core.discovery.direction import Direction, DirectionNeuron  # noqa: E402
 from vla_steer.wire import Client, Observation  # noqa: E402
@@ -46,21 +45,8 @@ def write_directions(directory: Path, n_layers: int, d_mlp: int) -> None:
 
 
 def serve(directions: Path, batch_max: int) -> tuple[subprocess.Popen, str]:
-    address = f"tcp://127.0.0.1:{free_port()}"
-    cmd = [VLA_STEER, "serve", "--policy", "demo_vla", "--directions", str(directions), "--bind", address]
-    cmd += ["--batch-max", str(batch_max), "--batch-wait-ms", "2"]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        proc.kill()
-        raise RuntimeError(f"vla-steer serve did not start (it said {line!r})")
-    return proc, address
+    return start_node(["--policy", "demo_vla", "--directions", str(directions), "--batch-max", str(batch_max),
+                       "--batch-wait-ms", "2"])  # fmt: skip
 
 
 def run_mode(address: str, observations: list[Observation], rounds: int) -> dict:

@@ -15,8 +15,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,27 +302,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_node(serve_args: Sequence[str]) -> tuple[subprocess.Popen, str]:
+    """`vla-steer serve ARGS` on a free loopback port, as a user runs it, once it says it is serving:
+    (process, address). Stop it with `stop_node` (or use `policy_node`)."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [VLA_STEER, "serve", *serve_args, "--bind", address],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        stop_node(proc)
+        raise RuntimeError(f"vla-steer serve did not start (it said {line!r})")
+    # Read on: a node whose stdout pipe fills blocks in its next print.
+    threading.Thread(target=lambda: all(proc.stdout), name="serve-stdout", daemon=True).start()
+    return proc, address
+
+
+def stop_node(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def policy_node(serve_args: Sequence[str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`start_node`, stopped on exit."""
+    proc, address = start_node(serve_args)
+    try:
+        yield proc, address
+    finally:
+        stop_node(proc)
+
+
 @contextlib.contextmanager
 def tiny_vla_node(tmp: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`vla-steer serve` for a fresh TinyVLA, run as a user runs it: (process, address), stopped on exit."""
+    """`vla-steer serve` for a fresh TinyVLA: (process, address), stopped on exit."""
     from policies.tiny_vla import TinyVLA
 
     TinyVLA.build(seed=0).save(tmp / "policy")
     (tmp / "policy.yaml").write_text("kind: tiny_vla\npath: policy\ndevice: cpu\n")
-    address = f"tcp://127.0.0.1:{free_port()}"
-    server = subprocess.Popen(
-        [VLA_STEER, "serve", "--policy", str(tmp / "policy.yaml"), "--bind", address],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    try:
-        line = server.stdout.readline()
-        if "serving" not in line:
-            raise RuntimeError(f"vla-steer serve did not start (it said {line!r})")
-        yield server, address
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    with policy_node(["--policy", str(tmp / "policy.yaml")]) as node:
+        yield node

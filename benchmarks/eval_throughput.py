@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
-from common import VLA_STEER, arg_parser, free_port, load_average, machine, meets_target, write_result  # noqa: E402
+from common import VLA_STEER, arg_parser, load_average, machine, meets_target, policy_node, write_result  # noqa: E402
 
 SETTINGS = ["off", "fast=8", "slow=8", "up=8", "down=8"]
 
@@ -66,20 +66,9 @@ def main() -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         subprocess.run([VLA_STEER, "discover", "demo_vla", "--out", str(tmp / "directions")], check=True,
                        capture_output=True, env=env)  # fmt: skip
-        address = f"tcp://127.0.0.1:{free_port()}"
-        server = subprocess.Popen(
-            [VLA_STEER, "serve", "--policy", "demo_vla", "--directions", str(tmp / "directions"), "--bind", address],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-        )  # fmt: skip
-        try:
-            line = server.stdout.readline()
-            if "serving" not in line:
-                raise RuntimeError(f"vla-steer serve did not start (it said {line!r})")
-            sim = demo_sim_config(tmp / "demo_lift.yaml")
+        sim = demo_sim_config(tmp / "demo_lift.yaml")
+        with policy_node(["--policy", "demo_vla", "--directions", str(tmp / "directions")]) as (_, address):
             runs = [run_grid(address, sim, tmp / f"store{w}", w, episodes, max_steps) for w in (1, 2)]
-        finally:
-            server.terminate()
-            server.wait(30)
     one, two = runs
     result = {
         "name": "eval_throughput",

@@ -62,7 +62,7 @@ class Pi0PolicyConfig(_Config):
     n_action_steps: int | None = Field(None, gt=0)
     num_inference_steps: int | None = Field(None, gt=0)
     tokenizer: str | None = None
-    image_keys: dict[str, str] | None = None
+    image_keys: dict[str, str | None] | None = None  # feature -> observation key; null: an empty camera
     norm_stats: Path | None = None
     # What an openpi checkpoint's config.json does not record (LeRobot's does):
     openpi_image_keys: list[str] | None = None
@@ -79,7 +79,7 @@ class Pi0FastPolicyConfig(_Config):
     n_action_steps: int | None = Field(None, gt=0)
     tokenizer: str | None = None
     action_tokenizer: Path | None = None
-    image_keys: dict[str, str] | None = None
+    image_keys: dict[str, str | None] | None = None  # feature -> observation key; null: an empty camera
     norm_stats: Path | None = None
 
 

@@ -255,7 +255,12 @@ class TinyVLA(nn.Module, Policy):
         the KV cache. Returns [B, plan_words + action_dim] ids."""
         lm = self.language_model
         state = None
-        if self.state_proj is not None and all(o.state is not None for o in observations):
+        if self.state_proj is not None:  # (a policy without one ignores any state it is given)
+            missing = [i for i, o in enumerate(observations) if o.state is None]
+            if missing:
+                raise ValueError(
+                    f"{self.cfg.name} takes a state of {self.cfg.state_dim} floats: observations {missing} have none"
+                )
             state = torch.as_tensor(np.stack([np.asarray(o.state, dtype=np.float32) for o in observations]))
         images = np.stack([o.images[self.cfg.image_key] for o in observations])
         prefix = self.prefix_embeddings(self.preprocess(images), state)

@@ -13,6 +13,8 @@ Torch-free and simulator-free: the driver (`sim.scheduler`) imports it in the ma
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +32,16 @@ from vla_steer.core.config import load_yaml, resolve_config
 # import LIBERO, can expand a suite; the worker's LiberoEnv checks task ids against the suite itself.
 SUITE_TASKS = {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10, "libero_90": 90}
 DEFAULT_MAX_STEPS = 200  # robosuite tasks; a LIBERO task's default is its suite's limit
+RUN_KEY = "grid_run"  # in each grid episode's metadata: how it ran (`run_fields`, `policy_fields`)
+# The flag that sets each of those fields, for the message refusing a resume.
+RUN_FLAGS = {
+    "policy": "the policy node's policy (--server / --policy)",
+    "policy_fingerprint": "the policy node's policy, knobs or settings (--server / --policy, --directions, -o)",
+    "max_steps": "--max-steps",
+    "execute_steps": "--execute-steps",
+    "settle": "settle steps",
+    "config_sha256": "the contents of the --env config file",
+}
 _TASKS = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 
@@ -171,21 +183,71 @@ def _task_ids(text: str, n: int, spec: str) -> list[int]:
     return ids
 
 
+# -- how a run ran ------------------------------------------------------------------------------------
+
+
+def run_fields(task: Task, max_steps: int, execute_steps: int | None, settle: int) -> dict[str, Any]:
+    """How a task's episodes run, beside the policy: recorded under `RUN_KEY`, compared on resume."""
+    digest = hashlib.sha256(Path(task.config).read_bytes()).hexdigest()[:16]
+    return {"max_steps": max_steps, "execute_steps": execute_steps, "settle": settle, "config_sha256": digest}
+
+
+def policy_fields(info: Any) -> dict[str, Any]:
+    """The policy node's side (a `ServerInfo`): its policy and a digest of what it says of itself (knobs,
+    action and image layout, policy extras), leaving out how it batches, which does not change actions."""
+    said = {
+        "concepts": sorted(info.concepts), "action_dim": info.action_dim, "chunk_length": info.chunk_length,
+        "control_hz": info.control_hz, "image_keys": {k: list(v) for k, v in info.image_keys.items()},
+        "info": {k: v for k, v in info.info.items() if k != "inference"},
+    }  # fmt: skip
+    digest = hashlib.sha256(json.dumps(said, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"policy": info.policy, "policy_fingerprint": digest}
+
+
+def check_resume(
+    cells: Iterable[Cell],
+    done: Mapping[tuple[str, str, int], Any],
+    want: Mapping[str, Mapping[str, Any]],
+    out: Path,
+) -> None:
+    """ValueError naming the field, if an episode of these cells that the store `out` holds already ran
+    otherwise than `want[task label]` says (the fields given there), or says nothing of how it ran."""
+    for c in cells:
+        for key in c.episode_keys():
+            info = done.get(key)
+            if info is None:
+                continue
+            ran = info.meta.get(RUN_KEY)
+            what = f"episode {info.id} ({key[0]}, {key[1]}, seed {key[2]})"
+            if not isinstance(ran, dict):
+                raise ValueError(
+                    f"--out {out}: {what} was not recorded by `vla-steer eval` (by `vla-steer sim`, or an "
+                    "older version): it says nothing of how it ran, so it cannot count as this grid's; use "
+                    "another --out"
+                )
+            for field, value in want[c.task.label].items():
+                if ran.get(field) != value:
+                    raise ValueError(
+                        f"--out {out}: {what} ran with {field} {ran.get(field)!r}, this run has {value!r} "
+                        f"({RUN_FLAGS.get(field, field)}); resuming would mix two runs' episodes: use another "
+                        "--out, or rerun as before"
+                    )
+
+
 # -- what the store holds -------------------------------------------------------------------------
 
 
 def done_episodes(store_path: Path) -> dict[tuple[str, str, int], Any]:
-    """(task_label, setting_label, seed) -> EpisodeInfo of the first complete, undamaged episode of each."""
+    """(task_label, setting_label, seed) -> EpisodeInfo of the first usable (complete, undamaged) episode of
+    each, as the analysis (`Stores`) counts them."""
     from vla_steer.core.rollouts import open_store
 
     if not store_path.exists():
         return {}
     done: dict[tuple[str, str, int], Any] = {}
     for info in open_store(store_path).episodes():
-        m = info.meta
-        if not info.complete or info.damaged or not isinstance(m.get("seed"), int):
-            continue
-        done.setdefault((m.get("task_label"), m.get("setting_label"), m["seed"]), info)
+        if info.usable and info.grid_key is not None:
+            done.setdefault(info.grid_key, info)
     return done
 
 

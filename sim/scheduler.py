@@ -3,8 +3,9 @@
 A slot runs one cell at a time and reports its episodes as they finish: locally a `LocalSlot` (worker
 subprocesses, `sim.worker`), on Ray a slot driving a Ray actor (`sim.ray_grid`). Each slot pulls the next
 cell from one queue (in grid order: task-major, so a worker keeps its environment), so N slots balance
-themselves. The first failure stops the grid: no slot takes another cell, the others finish the cell they
-are in, and the failure is raised (`WorkerFailed`, its exit code). Progress goes to stderr: episodes done /
+themselves. The first failure (or Ctrl-C) stops the grid: the other slots stop at their next finished
+episode (the one their worker has begun then stays incomplete, as a kill leaves it: a rerun redoes it), and
+the failure is raised (`WorkerFailed`, its exit code). Progress goes to stderr: episodes done /
 total (those done in earlier runs count as done), elapsed time and an ETA from this run's rate.
 """
 
@@ -14,7 +15,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, TextIO
 
 from sim.grid import Cell
@@ -33,14 +34,23 @@ class LocalSlot:
     def __init__(self, run: Mapping[str, Any]):
         self.spec = dict(run)
         self.worker: WorkerProcess | None = None
+        self.closed = False
 
     def run(self, cell: Cell) -> Iterator[dict[str, Any]]:
         if self.worker is None or self.worker.kind != cell.task.kind:
-            self.close()
+            self._end_worker()
+            # Held before it is ready: `close` from another thread (Ctrl-C) kills a starting worker too.
             self.worker = WorkerProcess(cell.task.kind, self.spec)
+            if self.closed:  # closed while it was being spawned
+                self._end_worker()
+                return
         yield from self.worker.run(cell.as_dict())
 
     def close(self) -> None:
+        self.closed = True
+        self._end_worker()
+
+    def _end_worker(self) -> None:
         worker, self.worker = self.worker, None
         if worker is not None:
             worker.close()
@@ -94,13 +104,19 @@ def run_cells(cells: Sequence[Cell], slots: Sequence[Slot], progress: Progress) 
                 for event in slot.run(cell):
                     if event["event"] == "episode":
                         progress.episode(event)
+                    if stop.is_set():
+                        break
         except BaseException as e:  # handed to the caller
-            failures.append(e)
+            if not stop.is_set():
+                failures.append(e)
             stop.set()
         finally:
             slot.close()
 
-    threads = [threading.Thread(target=drive, args=(s,), name=f"grid-slot-{i}") for i, s in enumerate(slots)]
+    threads = [
+        threading.Thread(target=drive, args=(s,), name=f"grid-slot-{i}", daemon=True)
+        for i, s in enumerate(slots)
+    ]
     for t in threads:
         t.start()
     try:
@@ -109,8 +125,10 @@ def run_cells(cells: Sequence[Cell], slots: Sequence[Slot], progress: Progress) 
                 t.join(0.2)  # short joins: Ctrl-C reaches this thread
     except BaseException:
         stop.set()
-        for s in slots:  # kill the workers now; their open episodes stay incomplete, a rerun redoes them
+        for s in slots:  # kill the workers now (starting ones too); their open episodes stay incomplete
             s.close()
+        for t in threads:
+            t.join(30)  # each ends as its worker's pipe closes
         raise
     if failures:
         first = failures[0]
@@ -121,6 +139,3 @@ def run_cells(cells: Sequence[Cell], slots: Sequence[Slot], progress: Progress) 
 
 def local_slots(n: int, run: Mapping[str, Any]) -> list[Slot]:
     return [LocalSlot(run) for _ in range(n)]
-
-
-SlotFactory = Callable[[int, Mapping[str, Any]], list[Slot]]

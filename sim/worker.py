@@ -73,10 +73,15 @@ class WorkerProcess:
             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
         )  # fmt: skip
         self._send({"run": dict(run)})
-        self._until("ready")
+        self.ready = (
+            False  # waited for by the first `run`, so a starting worker can be closed (killed) at once
+        )
 
     def run(self, cell: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         """Run one cell (`Cell.as_dict()`): its episode events as they happen; WorkerFailed on an error."""
+        if not self.ready:
+            yield from self._until("ready")
+            self.ready = True
         self._send({"cell": dict(cell)})
         yield from self._until("cell")
 
@@ -132,12 +137,12 @@ def _emit(event: str, **data: Any) -> None:
     print(PREFIX + json.dumps({"event": event, **data}), flush=True)
 
 
-def _config(
-    task: Mapping[str, Any], max_steps: int | None, execute_steps: int | None
-) -> tuple[Any, int, int | None]:
-    """The task's sim config, step limit and actions executed per chunk. A LIBERO task's id, and the flags'
-    limits, are written into its config, so it records what ran; its (profile's) `execute_steps` holds
-    unless the flag sets one."""
+def task_config(
+    task: Mapping[str, Any], max_steps: int | None, execute_steps: int | None = None
+) -> tuple[Any, int]:
+    """The task's sim config (a LIBERO task's id, and the flags' step limit and actions per chunk, written
+    into it, so it records what ran) and its step limit (given, else the task's default); the driver
+    resolves it alike to check a resume."""
     if task["kind"] == "libero":
         from sim.libero_env import load_libero_config
 
@@ -146,15 +151,16 @@ def _config(
             if value is not None:
                 update[key] = value
         cfg = load_libero_config(task["config"]).model_copy(update=update)
-        return cfg, cfg.step_limit(), cfg.execute_steps
+        return cfg, cfg.step_limit()
     from sim.grid import DEFAULT_MAX_STEPS
     from sim.robosuite_env import load_sim_config
 
-    return load_sim_config(task["config"]), max_steps or DEFAULT_MAX_STEPS, execute_steps
+    return load_sim_config(task["config"]), max_steps or DEFAULT_MAX_STEPS
 
 
-def _exit_with_parent() -> None:
-    """Exit when the driver dies (killed, not closing us): no orphan goes on recording what a rerun redoes."""
+def exit_with_parent() -> None:
+    """Exit when the parent dies (killed, not closing us): no orphan goes on recording what a rerun redoes, or
+    serving (a grid worker under its driver; `vla-steer serve` under its Ray actor, `sim.ray_grid`)."""
     import threading
     import time
 
@@ -172,7 +178,7 @@ def serve(lines: Iterator[str]) -> int:
     """Run the cells read from `lines` (the protocol above); the exit code."""
     from sim import session
     from sim.evaluate import EvaluationError, evaluate
-    from sim.grid import Cell
+    from sim.grid import RUN_KEY, Cell, policy_fields, run_fields
     from vla_steer.core.rollouts import Recorder
     from vla_steer.wire import Client
 
@@ -187,20 +193,23 @@ def serve(lines: Iterator[str]) -> int:
             for line in lines:
                 cell = Cell.from_dict(json.loads(line)["cell"])
                 task = cell.task
-                cfg, max_steps, execute_steps = _config(
-                    task.as_dict(), run.get("max_steps"), run.get("execute_steps")
-                )
+                cfg, max_steps = task_config(task.as_dict(), run.get("max_steps"), run.get("execute_steps"))
+                # a LIBERO config's actions per chunk (its profile's, or the flag's); robosuite: the flag's
+                execute_steps = getattr(cfg, "execute_steps", run.get("execute_steps"))
                 if env_key != task:  # a new task: its environment replaces the last one
                     last, env = env, None
                     if last is not None:
                         last.close()
                     env, env_key = session.make_env(cfg, info), task
-                meta = session.run_meta(info, max_steps) | env.record_meta()
+                ran = run_fields(task, max_steps, run.get("execute_steps"), run["settle"]) | policy_fields(
+                    info
+                )
+                meta = session.run_meta(info, max_steps) | env.record_meta() | {RUN_KEY: ran}
                 for seed in cell.seeds:
                     (result,) = evaluate(
                         client, env, [dict(cell.setting)], task=task.label, episodes=1, max_steps=max_steps,
                         recorder=recorder, meta=meta, seed=seed, execute_steps=execute_steps,
-                        activations=run.get("activations"), settle=run.get("settle", 0), progress=lambda _: None,
+                        activations=run.get("activations"), settle=run["settle"], progress=lambda _: None,
                     )  # fmt: skip
                     _emit("episode", task=task.label, setting=cell.label, seed=seed, id=result.episode_ids[0],
                           success=result.success_rate == 1.0, steps=result.mean_length)  # fmt: skip
@@ -221,5 +230,5 @@ def serve(lines: Iterator[str]) -> int:
 
 
 if __name__ == "__main__":
-    _exit_with_parent()
+    exit_with_parent()
     sys.exit(serve(iter(sys.stdin.readline, "")))

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests that run `vla-steer serve` as a real process."""
+"""Helpers shared by the tests that run `vla-steer serve` as a real process, or several clients at once."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # The installed command, as a user runs it (the venv's console script beside this interpreter).
 VLA_STEER = str(Path(sys.executable).with_name("vla-steer"))
@@ -103,6 +106,30 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.01, what: str
         time.sleep(interval)
 
 
+def in_threads(target: Callable[[int], Any], n: int, timeout: float = 120.0) -> list[Any]:
+    """`target(i)` for i in 0..n-1, each in its own thread, at once; their results in order. Fails the test if
+    any raised, or is still running after `timeout` (a stuck client is an error, never a missing result)."""
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = target(i)
+        except BaseException as e:  # reported by the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not errors, errors
+    stuck = [i for i, t in enumerate(threads) if t.is_alive()]
+    assert not stuck, f"threads {stuck} still running after {timeout} s"
+    return results
+
+
 def side_python(name: str, env_var: str) -> str:
     """An interpreter for packages that cannot join the project's environment: $`env_var`, or the side
     venv `name` (openpi-client, rerun) that benchmarks/side_venv.py finds or builds once; the test fails
@@ -116,3 +143,11 @@ def side_python(name: str, env_var: str) -> str:
     python, notes = find(name, explicit=os.environ.get(env_var))
     assert python is not None, f"no interpreter has {name}, and building one failed: {notes}"
     return python
+
+
+def exited(pid: int) -> bool:
+    """The process is gone (or a zombie its parent has yet to reap): it runs no more."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

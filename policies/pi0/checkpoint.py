@@ -301,7 +301,14 @@ def normalizers(directory: Path, cfg: PI0Config, norm_stats=None) -> tuple[Norma
         n = Normalizer(
             cfg.normalization.get(kind, "IDENTITY"), dict(stats.get(feature.name, {})), eps, openpi
         )
-        n.check(feature.name, feature.shape[0], source)
+        try:
+            n.check(feature.name, feature.shape[0], source)
+        except CheckpointError as e:
+            if norm_stats is not None:
+                raise
+            # e.g. lerobot/pi05_base ships no stats: they come from the dataset a fine-tune uses
+            raise CheckpointError(f"{e}; pass the option norm_stats=<a stats JSON: openpi's norm_stats.json "
+                                  "or {feature: {stat: [...]}}>") from None  # fmt: skip
         return n
 
     state = make(cfg.state, "STATE") if cfg.state is not None else None

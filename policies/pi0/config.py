@@ -13,6 +13,9 @@ Two checkpoint `config.json` flavours are understood, each for both variants (`P
   Nor is the variant: a pi0.5 is told by its weights (`time_mlp_in`, read from the safetensors header)
   or an explicit `"pi05": true`.
 
+It is over 400 lines because both flavours and both variants are read in one place, each key honoured or
+refused: split, the key lists would drift apart.
+
 pi0.5's defaults differ where its reference configs do: quantile normalisation of state and actions,
 a 200-token prompt (the state is written into it).
 

@@ -169,6 +169,24 @@ def norm(
     return (module(x), None) if cond is None else module(x, cond)
 
 
+# Kept in float32 when the rest is cast to bfloat16, as LeRobot's `to_bfloat16_for_selected_params` (pi0,
+# pi05, pi0_fast) and openpi's PyTorch port do: the vision path and every RMSNorm (pi0.5's adaptive norms'
+# `dense` included, by name). Matched as substrings of the parameter names, which are the reference's.
+FLOAT32_PARAMS = ("vision_tower", "multi_modal_projector", "input_layernorm", "post_attention_layernorm",
+                  "model.norm")  # fmt: skip
+
+
+def place(model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move `model` to device and dtype, the FLOAT32_PARAMS kept in float32 (the forward casts at their
+    edges: images into the vision tower, the condition into an adaptive norm's dense; norms return x's dtype)."""
+    model.to(device=device, dtype=dtype)
+    if dtype != torch.float32:
+        for name, param in model.named_parameters():
+            if any(part in name for part in FLOAT32_PARAMS):
+                param.data = param.data.float()
+    return model
+
+
 def _residual(h: torch.Tensor, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     return h + out if gate is None else h + out * gate
 

@@ -15,6 +15,8 @@ truncated to `tokenizer_max_length`; unpadded, which is exactly what padding to 
 computes. Images: uint8 [H, W, 3] at the model's resolution, scaled to [-1, 1]. State: normalised with
 the checkpoint's stats and zero-padded to `max_state_dim`; actions: the first `action_dim` of the
 `max_action_dim` outputs, un-normalised; the first `n_action_steps` of the `chunk_size` are returned.
+
+Over 400 lines on purpose: one model's loading, inputs, sampling and batching, that `PI05Policy` extends.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import torch
 
 from policies.pi0 import checkpoint as ckpt
 from policies.pi0.config import PI0Config, read_config
-from policies.pi0.modeling import PI0Model
+from policies.pi0.inputs import camera_images, camera_keys
+from policies.pi0.modeling import PI0Model, place
+from policies.pi0.processors import read_processors
 from policies.weights import local_checkpoint
 from vla_steer.core.backbone import Backbone
 from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
@@ -40,7 +44,6 @@ DEFAULT_TOKENIZER = "google/paligemma-3b-pt-224"  # what LeRobot and openpi toke
 LANGUAGE_LAYERS = "paligemma_with_expert.paligemma.model.language_model.layers"
 EXPERT_LAYERS = "paligemma_with_expert.gemma_expert.model.layers"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-EMPTY_CAMERA = "observation.images.empty_camera_"  # LeRobot's `empty_cameras` features
 # What a hub download fetches: config, weights, LeRobot's normaliser files, openpi's norm stats, tokenizer.
 HUB_PATTERNS = (
     "config.json",
@@ -49,14 +52,6 @@ HUB_PATTERNS = (
     "assets/*/norm_stats.json",
     *TOKENIZER_FILES,
 )
-
-
-def default_image_key(feature: str) -> str:
-    """`observation.images.wrist_image` -> `wrist_image`; `observation.image` -> `image`."""
-    for prefix in ("observation.images.", "observation."):
-        if feature.startswith(prefix):
-            return feature[len(prefix) :]
-    return feature
 
 
 def absolute_actions(actions: np.ndarray, state: Any, mask: tuple[bool, ...]) -> np.ndarray:
@@ -80,7 +75,7 @@ class PI0Policy(Policy):
         state_norm: ckpt.Normalizer | None = None,
         action_norm: ckpt.Normalizer | None = None,
         seed: int | None = None,
-        image_keys: dict[str, str] | None = None,
+        image_keys: dict[str, str | None] | None = None,
         name: str | None = None,
     ):
         if cfg.variant != self.VARIANT:
@@ -99,15 +94,8 @@ class PI0Policy(Policy):
         self.stats: dict = {}  # feature -> {stat: array}, what `save` writes
         self._generator = torch.Generator()
         self.reset()
-        renames = image_keys or {}
-        unknown = sorted(set(renames) - {f.name for f in cfg.images})
-        if unknown:
-            raise ValueError(
-                f"image_keys renames unknown image features {unknown}; known {[f.name for f in cfg.images]}"
-            )
-        real = [f for f in cfg.images if not f.name.startswith(EMPTY_CAMERA)]
-        self.image_keys = {f.name: renames.get(f.name, default_image_key(f.name)) for f in real}
-        self.n_empty = len(cfg.images) - len(real)
+        self.image_keys, self.n_empty = camera_keys(cfg.images, image_keys)  # n_empty: -1 images, masked
+        real = [f for f in cfg.images if f.name in self.image_keys]
         self.spec = PolicySpec(
             name=name,
             action_dim=cfg.action_dim,
@@ -147,7 +135,7 @@ class PI0Policy(Policy):
         model = cls.MODEL(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
                          max_period=cfg.max_period)  # fmt: skip
         if stats:
-            kwargs["state_norm"], kwargs["action_norm"] = _normalizers_from(cfg, stats)
+            kwargs["state_norm"], kwargs["action_norm"] = normalizers_from(cfg, stats)
         policy = cls(cfg, model, tokenizer, **kwargs)
         policy.stats = stats or {}
         return policy
@@ -175,7 +163,7 @@ class PI0Policy(Policy):
         n_action_steps: int | None = None,
         num_inference_steps: int | None = None,
         tokenizer: str | Path | None = None,
-        image_keys: dict[str, str] | None = None,
+        image_keys: dict[str, str | None] | None = None,
         norm_stats: str | Path | None = None,
         openpi_image_keys: list[str] | None = None,
         state_dim: int | None = None,
@@ -186,9 +174,10 @@ class PI0Policy(Policy):
         """Load a LeRobot or openpi checkpoint directory (config.json + model.safetensors) of this variant.
 
         `dtype`: float32 (default) or bfloat16; `seed`: deterministic noise (re-seeded at every reset);
-        `image_keys`: checkpoint image feature -> observation key; `norm_stats`: a stats JSON overriding
-        the checkpoint's; `openpi_image_keys`, `state_dim`, `action_dim`, `relative_action_dims` (openpi's
-        state-relative first N action dims, `pi0_libero`: 6): what an openpi config lacks.
+        `image_keys`: checkpoint image feature -> observation key (None: an empty camera, -1 and masked);
+        `norm_stats`: a stats JSON overriding the checkpoint's; `openpi_image_keys`, `state_dim`,
+        `action_dim`, `relative_action_dims` (openpi's state-relative first N action dims, `pi0_libero`: 6):
+        what an openpi config lacks.
         """
         directory = local_checkpoint(path, HUB_PATTERNS, f"a {cls.VARIANT}")
         if not (directory / ckpt.WEIGHTS).exists():
@@ -214,14 +203,16 @@ class PI0Policy(Policy):
         dtype = _dtype(dtype if dtype is not None else cfg.dtype)
         # Stats and tokenizer first: a checkpoint that cannot run is refused before the weights are read.
         state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
-        tok = _load_tokenizer(tokenizer, directory)
+        procs = read_processors(directory, cfg)  # LeRobot's processor files: honoured or refused
+        image_keys = procs.image_keys | (image_keys or {})
+        tok = _load_tokenizer(tokenizer, directory, procs.tokenizer_name or DEFAULT_TOKENIZER)
         with torch.device("meta"):  # no random init of billions of weights that are overwritten anyway
             model = cls.MODEL(cfg.architecture, chunk_size=cfg.chunk_size, min_period=cfg.min_period,
                               max_period=cfg.max_period)  # fmt: skip
         model.to_empty(device="cpu")
         _reset_buffers(model)
         ckpt.load_weights(model, directory, cls.VARIANT)
-        model.to(device=device, dtype=dtype)
+        place(model, device, dtype)
         return cls(cfg, model, tok, state_norm=state_norm, action_norm=action_norm, seed=seed,
                    image_keys=image_keys, name=name or directory.name)  # fmt: skip
 
@@ -284,17 +275,8 @@ class PI0Policy(Policy):
         """Images, prompt tokens, noise and step count: the inputs pi0 and pi0.5 take alike."""
         dev, a = self.device, self.cfg.architecture
         size = a.vision.image_size
-        images, masks = [], []
-        for feature, key in self.image_keys.items():
-            img = obs.images.get(key)
-            if img is None:
-                raise ValueError(f"observation.images is missing {key!r} (feature {feature})")
-            # LeRobot's steps: uint8 -> [0, 1], resize with padding to the model's size, then [-1, 1].
-            x = torch.tensor(img, dtype=torch.float32, device=dev).permute(2, 0, 1)[None] / 255.0
-            if tuple(x.shape[-2:]) != (size, size):
-                x = resize_with_pad(x, size, size)
-            images.append(x * 2.0 - 1.0)
-            masks.append(torch.ones(1, dtype=torch.bool, device=dev))
+        images = camera_images(obs, self.image_keys, size, dev)
+        masks = [torch.ones(1, dtype=torch.bool, device=dev) for _ in images]
         for _ in range(self.n_empty):  # blank cameras: -1 everywhere, masked out
             images.append(torch.full((1, 3, size, size), -1.0, device=dev))
             masks.append(torch.zeros(1, dtype=torch.bool, device=dev))
@@ -400,19 +382,6 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return table[dtype]
 
 
-def resize_with_pad(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[B, C, h, w] in [0, 1] -> [B, C, height, width]: scaled to fit keeping the aspect ratio (bilinear,
-    no antialiasing), clamped to [0, 1], centred on black; openpi's and LeRobot's `resize_with_pad_torch` rule."""
-    h, w = x.shape[-2:]
-    ratio = max(w / width, h / height)
-    rh, rw = int(h / ratio), int(w / ratio)
-    x = torch.nn.functional.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False).clamp(
-        0.0, 1.0
-    )
-    top, left = (height - rh) // 2, (width - rw) // 2
-    return torch.nn.functional.pad(x, (left, width - rw - left, top, height - rh - top), value=0.0)
-
-
 def _reset_buffers(model: torch.nn.Module) -> None:
     """Recompute the non-persistent buffers a meta-device build leaves empty (rotary frequencies,
     SigLIP position ids, Gemma's embedding scale); everything persistent comes from the checkpoint."""
@@ -427,16 +396,17 @@ def _reset_buffers(model: torch.nn.Module) -> None:
             module.embed_scale = torch.tensor(module.scalar_embed_scale)
 
 
-def _load_tokenizer(tokenizer: str | Path | None, directory: Path):
+def _load_tokenizer(tokenizer: str | Path | None, directory: Path, default: str = DEFAULT_TOKENIZER):
+    """The option, else the checkpoint directory's own tokenizer files, else `default` (a hub id)."""
     from transformers import AutoTokenizer
 
     if tokenizer is None:
         has_own = any((directory / f).exists() for f in TOKENIZER_FILES)
-        tokenizer = directory if has_own else DEFAULT_TOKENIZER
+        tokenizer = directory if has_own else default
     return AutoTokenizer.from_pretrained(tokenizer)
 
 
-def _normalizers_from(cfg: PI0Config, stats: dict) -> tuple[ckpt.Normalizer | None, ckpt.Normalizer]:
+def normalizers_from(cfg: PI0Config, stats: dict) -> tuple[ckpt.Normalizer | None, ckpt.Normalizer]:
     def make(feature, kind):
         n = ckpt.Normalizer(cfg.normalization.get(kind, "IDENTITY"),
                             {k: np.asarray(v, np.float32) for k, v in stats.get(feature.name, {}).items()})  # fmt: skip

@@ -33,7 +33,7 @@ class AdaRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         var = x.float().square().mean(dim=-1, keepdim=True)
         normed = x * torch.rsqrt(var + self.eps)
-        modulation = self.dense(cond)
+        modulation = self.dense(cond.to(self.dense.weight.dtype))  # dense stays float32 under bfloat16
         if x.ndim == 3:
             modulation = modulation[:, None]
         scale, shift, gate = modulation.chunk(3, dim=-1)

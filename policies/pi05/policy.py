@@ -18,22 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from policies.pi0.inputs import state_prompt
 from policies.pi0.policy import PI0Policy
 from policies.pi05.modeling import PI05Model
 from vla_steer.wire import Observation
 
-STATE_BINS = np.linspace(-1.0, 1.0, 256 + 1)[:-1]  # left edges of the 256 bins
-
-
-def discretize_state(normed: np.ndarray) -> np.ndarray:
-    """Normalised state -> bin numbers in -1..255 (openpi's rule, float64 edges)."""
-    return np.digitize(normed, bins=STATE_BINS) - 1
-
 
 def prompt_text(instruction: str, normed_state: np.ndarray) -> str:
-    clean = instruction.strip().replace("_", " ").replace("\n", " ")
-    bins = " ".join(str(b) for b in discretize_state(normed_state))
-    return f"Task: {clean}, State: {bins};\nAction: "
+    return state_prompt(instruction, normed_state) + "Action: "
 
 
 class PI05Policy(PI0Policy):

@@ -1,7 +1,8 @@
 """pi0-FAST configuration, read from a LeRobot `pi0_fast` checkpoint's config.json.
 
 Honoured: `input_features` / `output_features`, `normalization_mapping`, `chunk_size`, `n_action_steps`
-(LeRobot decodes FAST tokens into an `n_action_steps` x action_dim chunk, not chunk_size: so do we),
+(LeRobot decodes FAST tokens into an `n_action_steps` x action_dim chunk, not chunk_size: so do we, always
+with the checkpoint's own value; the load option `n_action_steps` only cuts the decoded chunk short),
 `max_state_dim` / `max_action_dim` (no effect at inference: the state is discretised unpadded),
 `tokenizer_max_length`, `max_decoding_steps`, `fast_skip_tokens`, `temperature` (0 only: greedy),
 `validate_action_token_prefix`, `use_relative_actions` / `relative_exclude_joints` /
@@ -15,6 +16,7 @@ temperature and any unknown key are refused.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from policies.pi0.config import (
     _feature,
     relative_mask,
 )
+
+log = logging.getLogger(__name__)
 
 HONOURED = frozenset({
     "type", "n_obs_steps", "input_features", "output_features", "normalization_mapping", "chunk_size",
@@ -153,7 +157,7 @@ class FastConfig:
         return out
 
 
-def read_config(path: str | Path, *, n_action_steps: int | None = None) -> FastConfig:
+def read_config(path: str | Path) -> FastConfig:
     """Parse a LeRobot pi0_fast config.json; errors name the file and key."""
     path = Path(path)
     source = str(path)
@@ -199,13 +203,21 @@ def read_config(path: str | Path, *, n_action_steps: int | None = None) -> FastC
     images += [Feature(n, "VISUAL", (3, size, size)) for i in range(empty)
                if (n := f"observation.images.empty_camera_{i}") not in names]  # fmt: skip
     relative = bool(data.get("use_relative_actions", False))
+    steps, chunk = int(data.get("n_action_steps", 50)), int(data.get("chunk_size", 50))
+    if steps != chunk:
+        # LeRobot trains on chunk_size-step token sequences but decodes them into n_action_steps steps:
+        # followed here, but the DCT coefficients then stand for another horizon than they were fit to.
+        log.warning(
+            "%s: n_action_steps %d differs from chunk_size %d: decoding into %d steps as LeRobot does, "
+            "although the model was trained on %d-step chunks", source, steps, chunk, steps, chunk,
+        )  # fmt: skip
     return FastConfig(
         architecture=arch,
         images=images,
         state=states[0],
         action=actions[0],
-        chunk_size=int(data.get("chunk_size", 50)),
-        n_action_steps=int(n_action_steps or data.get("n_action_steps", 50)),
+        chunk_size=chunk,
+        n_action_steps=steps,
         max_state_dim=int(data.get("max_state_dim", 32)),
         tokenizer_max_length=int(data.get("tokenizer_max_length", 200)),
         max_decoding_steps=int(data.get("max_decoding_steps", 256)),

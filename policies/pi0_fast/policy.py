@@ -10,8 +10,16 @@ or max_decoding_steps; detokenising: the pieces must start with "Action", ":" wh
 validate_action_token_prefix is set (else an error, as LeRobot's assertion), everything from the first
 "|" is cut, every "Action: " piece sequence removed, ids mapped back to FAST ids
 (`vocab_size - 1 - fast_skip_tokens - id`) and decoded by the FAST tokenizer into an
-n_action_steps x action_dim chunk (zeros where they do not decode); un-normalised; the state added back
-for relative actions.
+n_action_steps x action_dim chunk (zeros where they do not decode), always the checkpoint's own
+n_action_steps: the load option `n_action_steps` only keeps the first steps of that chunk; un-normalised;
+the state added back for relative actions.
+
+Where openpi's JAX pi0-FAST differs, this follows LeRobot (whose checkpoints it loads): openpi lowercases
+the prompt and does not replace "\\n", appends no trailing BOS, decodes the tokens to text and re-encodes
+them before the FAST decode, returns zeros where "Action: " is missing (LeRobot asserts: here
+InvalidActionTokens when validate_action_token_prefix is set), decodes into its action_horizon (LeRobot:
+n_action_steps), and on LIBERO feeds an unmasked zero right-wrist image (LeRobot: the declared cameras
+only). An openpi-trained pi0-FAST served here therefore sees slightly other inputs than under openpi.
 
 Steerable stack (`policy.backbones`): "language", the PaliGemma Gemma, projectable onto the vocabulary,
 its FAST action tokens labelled `[FAST k]` so discovery tells word neurons from action neurons. Here the
@@ -28,14 +36,10 @@ import numpy as np
 import torch
 
 from policies.pi0 import checkpoint as ckpt
-from policies.pi0.policy import (
-    EMPTY_CAMERA,
-    TOKENIZER_FILES,
-    _dtype,
-    _reset_buffers,
-    default_image_key,
-    resize_with_pad,
-)
+from policies.pi0.inputs import camera_images, camera_keys, state_prompt
+from policies.pi0.modeling import place
+from policies.pi0.policy import TOKENIZER_FILES, _dtype, _load_tokenizer, _reset_buffers, normalizers_from
+from policies.pi0.processors import read_processors
 from policies.pi0_fast.config import FastConfig, read_config
 from policies.pi0_fast.fast import FILES as FAST_FILES
 from policies.pi0_fast.fast import FastTokenizer
@@ -56,16 +60,6 @@ class InvalidActionTokens(ValueError):
     """The decoded tokens break a rule the checkpoint asks to enforce (validate_action_token_prefix)."""
 
 
-def discretize_state(state: np.ndarray) -> np.ndarray:
-    """Normalised state -> 256 bins of [-1, 1] (openpi's PaligemmaTokenizer and LeRobot: -1 below, 255 above)."""
-    return np.digitize(state, bins=np.linspace(-1, 1, 256 + 1)[:-1]) - 1
-
-
-def prompt_text(instruction: str, bins: np.ndarray) -> str:
-    clean = instruction.strip().replace("_", " ").replace("\n", " ")
-    return f"Task: {clean}, State: {' '.join(map(str, bins))};\n"
-
-
 class PI0FastPolicy(Policy):
     def __init__(
         self,
@@ -76,10 +70,12 @@ class PI0FastPolicy(Policy):
         *,
         state_norm: ckpt.Normalizer,
         action_norm: ckpt.Normalizer,
-        image_keys: dict[str, str] | None = None,
+        image_keys: dict[str, str | None] | None = None,
+        n_action_steps: int | None = None,
         name: str = "pi0_fast",
     ):
         self.cfg = cfg
+        self.n_action_steps = _kept_steps(n_action_steps, cfg, "the checkpoint")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.fast = fast
@@ -100,18 +96,14 @@ class PI0FastPolicy(Policy):
             )
         self.state_norm, self.action_norm = state_norm, action_norm
         self.stats: dict = {}
-        renames = image_keys or {}
-        unknown = sorted(set(renames) - {f.name for f in cfg.images})
-        if unknown:
-            raise ValueError(
-                f"image_keys renames unknown image features {unknown}; known {[f.name for f in cfg.images]}"
-            )
-        real = [f for f in cfg.images if not f.name.startswith(EMPTY_CAMERA)]
-        self.image_keys = {f.name: renames.get(f.name, default_image_key(f.name)) for f in real}
+        # Empty cameras are left out of the prefix: LeRobot's -1 images, masked out of attention and
+        # skipped by the position ids, compute the same.
+        self.image_keys = camera_keys(cfg.images, image_keys)[0]
+        real = [f for f in cfg.images if f.name in self.image_keys]
         self.spec = PolicySpec(
             name=name,
             action_dim=cfg.action_dim,
-            chunk_length=cfg.n_action_steps,
+            chunk_length=self.n_action_steps,
             control_hz=10.0,
             image_keys={self.image_keys[f.name]: (f.shape[1], f.shape[2], 3) for f in real},
             state_dim=cfg.state_dim,
@@ -132,7 +124,7 @@ class PI0FastPolicy(Policy):
         """A randomly initialised pi0-FAST (tests, benchmarks); `stats`: feature -> {stat: array}."""
         torch.manual_seed(seed)
         model = PI0FastModel(cfg.architecture)
-        state_norm, action_norm = _normalizers(cfg, stats, "stats")
+        state_norm, action_norm = normalizers_from(cfg, stats)
         policy = cls(cfg, model, tokenizer, fast, state_norm=state_norm, action_norm=action_norm, **kwargs)
         policy.stats = stats
         return policy
@@ -157,7 +149,7 @@ class PI0FastPolicy(Policy):
         n_action_steps: int | None = None,
         tokenizer: str | Path | None = None,
         action_tokenizer: str | Path | None = None,
-        image_keys: dict[str, str] | None = None,
+        image_keys: dict[str, str | None] | None = None,
         norm_stats: str | Path | None = None,
         name: str | None = None,
     ) -> PI0FastPolicy:
@@ -170,19 +162,22 @@ class PI0FastPolicy(Policy):
         directory = local_checkpoint(path, HUB_PATTERNS, "a pi0-FAST")
         if not (directory / ckpt.WEIGHTS).exists():
             raise FileNotFoundError(f"{directory} is not a pi0-FAST checkpoint: {ckpt.WEIGHTS} is missing")
-        cfg = read_config(directory / "config.json", n_action_steps=n_action_steps)
+        cfg = read_config(directory / "config.json")
+        _kept_steps(n_action_steps, cfg, str(directory / "config.json"))
         # Stats and tokenizers first: a checkpoint that cannot run is refused before the weights are read.
         state_norm, action_norm = ckpt.normalizers(directory, cfg, norm_stats)
-        tok = _text_tokenizer(tokenizer, directory, cfg)
+        procs = read_processors(directory, cfg)  # LeRobot's processor files: honoured or refused
+        image_keys = procs.image_keys | (image_keys or {})
+        tok = _load_tokenizer(tokenizer, directory, procs.tokenizer_name or cfg.text_tokenizer_name)
         fast = FastTokenizer.load(_fast_directory(action_tokenizer, directory, cfg))
         with torch.device("meta"):
             model = PI0FastModel(cfg.architecture)
         model.to_empty(device="cpu")
         _reset_buffers(model)
         ckpt.load_weights(model, directory)
-        model.to(device=device, dtype=_dtype(dtype if dtype is not None else cfg.dtype))
+        place(model, device, _dtype(dtype if dtype is not None else cfg.dtype))
         return cls(cfg, model, tok, fast, state_norm=state_norm, action_norm=action_norm,
-                   image_keys=image_keys, name=name or directory.name)  # fmt: skip
+                   image_keys=image_keys, n_action_steps=n_action_steps, name=name or directory.name)  # fmt: skip
 
     # -- Policy ------------------------------------------------------------------------------------
 
@@ -210,22 +205,13 @@ class PI0FastPolicy(Policy):
             raise ValueError(
                 f"observation.state has {state.size} values; this policy takes {self.cfg.state_dim}"
             )
-        text = prompt_text(obs.instruction, discretize_state(self.state_norm.normalize(state)))
+        text = state_prompt(obs.instruction, self.state_norm.normalize(state))
         ids = self.tokenizer(text)["input_ids"][: self.cfg.tokenizer_max_length]
         return [*ids, self.tokenizer.bos_token_id]
 
     def images(self, obs: Observation) -> list[torch.Tensor]:
-        """The real cameras as [1, 3, S, S] in [-1, 1] (LeRobot: [0, 1], resized with padding, then scaled)."""
-        size, out = self.cfg.architecture.vision.image_size, []
-        for feature, key in self.image_keys.items():
-            img = obs.images.get(key)
-            if img is None:
-                raise ValueError(f"observation.images is missing {key!r} (feature {feature})")
-            x = torch.tensor(img, dtype=torch.float32, device=self.device).permute(2, 0, 1)[None] / 255.0
-            if tuple(x.shape[-2:]) != (size, size):
-                x = resize_with_pad(x, size, size)
-            out.append(x * 2.0 - 1.0)
-        return out
+        """The real cameras as [1, 3, S, S] in [-1, 1]."""
+        return camera_images(obs, self.image_keys, self.cfg.architecture.vision.image_size, self.device)
 
     @torch.no_grad()
     def decode_tokens(self, obs: Observation) -> tuple[list[int], torch.Tensor]:
@@ -259,7 +245,8 @@ class PI0FastPolicy(Policy):
 
     def infer(self, obs: Observation) -> ActionChunk:
         ids, _ = self.decode_tokens(obs)
-        actions = self.action_norm.unnormalize(self.detokenize(ids).astype(np.float32))
+        normed = self.detokenize(ids)[: self.n_action_steps]  # decoded at the checkpoint's horizon, then cut
+        actions = self.action_norm.unnormalize(normed.astype(np.float32))
         if self.cfg.relative_actions:  # LeRobot's AbsoluteActionsProcessorStep: + the raw state, masked
             state = np.asarray(obs.state, np.float32).reshape(-1)[: self.cfg.action_dim]
             actions = actions + state * np.asarray(self.cfg.relative_mask, np.float32)
@@ -273,23 +260,14 @@ class PI0FastPolicy(Policy):
 # -- helpers -----------------------------------------------------------------------------------------
 
 
-def _normalizers(cfg: FastConfig, stats: dict, source: str) -> tuple[ckpt.Normalizer, ckpt.Normalizer]:
-    def make(feature, kind):
-        n = ckpt.Normalizer(cfg.normalization.get(kind, "IDENTITY"),
-                            {k: np.asarray(v, np.float32) for k, v in stats.get(feature.name, {}).items()})  # fmt: skip
-        n.check(feature.name, feature.shape[0], source)
-        return n
-
-    return make(cfg.state, "STATE"), make(cfg.action, "ACTION")
-
-
-def _text_tokenizer(tokenizer: str | Path | None, directory: Path, cfg: FastConfig):
-    from transformers import AutoTokenizer
-
-    if tokenizer is None:
-        has_own = any((directory / f).exists() for f in TOKENIZER_FILES)
-        tokenizer = directory if has_own else cfg.text_tokenizer_name
-    return AutoTokenizer.from_pretrained(tokenizer)
+def _kept_steps(option: int | None, cfg: FastConfig, source: str) -> int:
+    """The steps served: the option cuts the chunk decoded at the checkpoint's n_action_steps short."""
+    if option is not None and not 1 <= option <= cfg.n_action_steps:
+        raise ValueError(
+            f"n_action_steps {option}: {source} decodes FAST tokens into {cfg.n_action_steps} steps "
+            f"(its n_action_steps); the option keeps 1 to {cfg.n_action_steps} of them"
+        )
+    return option or cfg.n_action_steps
 
 
 def _fast_directory(option: str | Path | None, directory: Path, cfg: FastConfig) -> Path:

@@ -193,6 +193,17 @@ def test_eval_checks_the_grid_before_connecting(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_eval_says_the_libero_venv_is_missing_before_connecting(tmp_path):
+    """Before: found by a worker (exit 4), or under --ray after the weights loaded; here no node runs (3)."""
+    r = subprocess.run(
+        [VLA_STEER, "eval", "--env", "libero_spatial:0", "--out", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=120,
+        env={**ENV, "VLA_STEER_LIBERO_PYTHON": str(tmp_path / "no-venv" / "bin" / "python")},
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("error: LIBERO tasks run in the LIBERO venv"), r.stderr
+    assert "`make libero`" in r.stderr and "$VLA_STEER_LIBERO_PYTHON" in r.stderr
+
+
 def test_robot_says_a_sim_config_is_one():
     from vla_steer.core.config import shipped
 

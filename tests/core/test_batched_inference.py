@@ -5,11 +5,12 @@ fixed noise) what it gets alone. Through real sockets, per policy kind, and the 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
-from support import free_address, serve_process
+from support import free_address, in_threads, serve_process
 from tiny_pi0 import make_obs, tiny_config, tiny_stats
 
 from policies import load_policy
@@ -20,7 +21,7 @@ from vla_steer.core import tiny
 from vla_steer.core.discovery import load_directions
 from vla_steer.core.node import PolicyNode
 from vla_steer.core.steering import Steerer
-from vla_steer.wire import Client, Server
+from vla_steer.wire import Client, Request, Server
 
 RNG = np.random.default_rng(11)
 TINY_OBS = [
@@ -35,29 +36,40 @@ LIVE = {"up": 25.0}
 def run_clients(address: str, scripts: list[list[tuple]], *, reset: bool = False) -> list[list]:
     """Each script in its own client and thread, step by step in lockstep (a barrier before each step), so
     the requests of one step reach the node together. Returns each client's InferResults."""
-    results: list[list] = [[] for _ in scripts]
-    errors: list[BaseException] = []
     barrier = threading.Barrier(len(scripts))
 
-    def run(i: int) -> None:
+    def run(i: int) -> list:
         try:
             with Client(address, timeout=60) as c:
                 if reset:
                     c.reset(episode=f"client-{i}")
+                out = []
                 for obs, steer in scripts[i]:
                     barrier.wait(timeout=60)
-                    results[i].append(c.infer(obs, steer=steer))
-        except BaseException as e:  # reported by the test thread
-            errors.append(e)
-            barrier.abort()
+                    out.append(c.infer(obs, steer=steer))
+                return out
+        except BaseException:
+            barrier.abort()  # the other clients stop waiting for this one
+            raise
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(scripts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    return results
+    return in_threads(run, len(scripts))
+
+
+def held(node: PolicyNode, seconds: float = 0.5) -> threading.Event:
+    """Wraps `node.infer` (what the server calls for a batch of one): once the returned event is set, the next
+    single inference takes `seconds` longer, so the clients asking with it queue up behind it and the next
+    forward is a batch however loaded the machine (without it, whether requests meet is up to the scheduler)."""
+    armed = threading.Event()
+    infer = node.infer
+
+    def infer_held(req):
+        if armed.is_set():
+            armed.clear()
+            time.sleep(seconds)
+        return infer(req)
+
+    node.infer = infer_held
+    return armed
 
 
 def alone(address: str, script: list[tuple], *, reset: bool = False) -> list[np.ndarray]:
@@ -73,7 +85,9 @@ def tiny_scripts(rounds: int = 3) -> list[list[tuple]]:
 @pytest.fixture
 def tiny_node(checkpoint):
     return PolicyNode(
-        load_policy(checkpoint / "policy.yaml"), load_directions(checkpoint / "directions").values()
+        load_policy(checkpoint / "policy.yaml"),
+        load_directions(checkpoint / "directions").values(),
+        batch_max=8,
     )
 
 
@@ -101,9 +115,11 @@ def test_the_steerer_keeps_its_shared_buffers_for_one_setting_and_adds_rows_for_
 def test_tiny_vla_batched_through_sockets_equals_each_client_alone(tiny_node):
     tiny_node.steerer.update(LIVE, enable=True)
     scripts = tiny_scripts()
-    with Server(tiny_node, "tcp://127.0.0.1:0", batch_max=8, batch_wait=0.05).start() as server:
+    hold = held(tiny_node)
+    with Server(tiny_node, "tcp://127.0.0.1:0", batch_wait=0.05).start() as server:
         expected = [alone(server.address, s) for s in scripts]
         assert all(r.info["batch"] == 1 for r in run_clients(server.address, [scripts[0]])[0])  # lone: never
+        hold.set()
         got = run_clients(server.address, scripts)
     assert max(r.info["batch"] for rs in got for r in rs) > 1  # batching did happen
     for i, (results, want) in enumerate(zip(got, expected, strict=True)):
@@ -126,10 +142,14 @@ def test_the_installed_serve_batches_clients_with_their_own_settings(checkpoint)
             c.set_knobs(LIVE)
         scripts = tiny_scripts()
         expected = [alone(address, s) for s in scripts]
-        got = run_clients(address, scripts)
-        assert max(r.info["batch"] for rs in got for r in rs) > 1
-        for i, (results, want) in enumerate(zip(got, expected, strict=True)):
-            assert all(np.array_equal(r.actions, a) for r, a in zip(results, want, strict=True)), i
+        for _ in range(5):  # a subprocess cannot be held (see `held`): rerun until the requests have met
+            got = run_clients(address, scripts)
+            for i, (results, want) in enumerate(zip(got, expected, strict=True)):
+                assert all(np.array_equal(r.actions, a) for r, a in zip(results, want, strict=True)), i
+            if max(r.info["batch"] for rs in got for r in rs) > 1:
+                break
+        else:
+            pytest.fail("five lockstep rounds of 5 clients never formed a batch")
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
@@ -155,7 +175,7 @@ def test_openvla_batched_equals_alone(tmp_path):
     torch.set_num_threads(1)
     try:
         path = tiny_openvla.save_checkpoint(tmp_path, tiny_openvla.build_model())
-        node = PolicyNode(OpenVLAPolicy.load(path, unnorm_key="tiny_suite"))
+        node = PolicyNode(OpenVLAPolicy.load(path, unnorm_key="tiny_suite"), batch_max=8)
         node.steerer.add("k", [(1, i) for i in range(8)], strength=0.0, enabled=False)
         rng = np.random.default_rng(1)
         obs = [
@@ -166,8 +186,10 @@ def test_openvla_batched_equals_alone(tmp_path):
             for text in ("pick up the cube", "open the drawer", "pick up the bowl")
         ]
         scripts = [[(obs[i % 3], s)] * 2 for i, s in enumerate([{"k": 8.0}, {}, {"k": -8.0}, None])]
-        with Server(node, "tcp://127.0.0.1:0", batch_max=8, batch_wait=0.05).start() as server:
+        hold = held(node)
+        with Server(node, "tcp://127.0.0.1:0", batch_wait=0.05).start() as server:
             expected = [alone(server.address, s) for s in scripts]
+            hold.set()
             got = run_clients(server.address, scripts)
         assert max(r.info["batch"] for rs in got for r in rs) > 1
         for results, want in zip(got, expected, strict=True):
@@ -181,13 +203,15 @@ def test_pi0_batched_keeps_each_clients_episode_and_matches_alone_within_toleran
     tok = tiny.build_tokenizer(vocab_size=512, extra_words=["quickly", "slowly"])
     policy = PI0Policy.build(tiny_config(vocab_size=len(tok)), tok, seed=0, stats=tiny_stats())
     policy.seed = 0  # every client's episode draws the same seeded noise sequence
-    node = PolicyNode(policy)
+    node = PolicyNode(policy, batch_max=8)
     node.steerer.add("k", [(0, i) for i in range(16)], mode="add", strength=0.0, enabled=False)
     obs = [make_obs(seed=s, instruction=text) for s, text in ((1, "pick up the red block"), (2, "stack it"))]
     payloads = [o.to_payload() for o in obs]
     scripts = [[(payloads[i % 2], s)] * 3 for i, s in enumerate([{"k": 3.0}, {}, {"k": -2.0}])]
-    with Server(node, "tcp://127.0.0.1:0", batch_max=8, batch_wait=0.05).start() as server:
+    hold = held(node)
+    with Server(node, "tcp://127.0.0.1:0", batch_wait=0.05).start() as server:
         expected = [alone(server.address, s, reset=True) for s in scripts]
+        hold.set()
         got = run_clients(server.address, scripts, reset=True)
     assert hello_inference(node) == "batched"
     assert max(r.info["batch"] for rs in got for r in rs) > 1
@@ -199,3 +223,40 @@ def test_pi0_batched_keeps_each_clients_episode_and_matches_alone_within_toleran
 
 def hello_inference(node: PolicyNode) -> str:
     return node.hello(None).info["inference"]
+
+
+def test_hello_says_batched_only_when_the_node_batches(checkpoint):
+    policy = load_policy(checkpoint / "policy.yaml")
+    assert hello_inference(PolicyNode(policy)) == "sequential"  # the default: one at a time
+    node = PolicyNode(policy, batch_max=8)
+    assert (hello_inference(node), node.hello(None).info["batch_max"]) == ("batched", 8)
+    with pytest.raises(ValueError, match="the handler's batch_max is 8"):
+        Server(node, "tcp://127.0.0.1:0", batch_max=4)
+    address = free_address()
+    proc = serve_process(checkpoint, address, extra=("--batch-max", "1"))
+    try:
+        with Client(address, timeout=30) as c:
+            info = c.hello().info
+        assert (info["inference"], info["batch_max"]) == ("sequential", 1)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_a_client_without_its_own_episode_is_told_it_shares_the_policys(caplog):
+    tok = tiny.build_tokenizer(vocab_size=512, extra_words=["quickly", "slowly"])
+    policy = PI0Policy.build(tiny_config(vocab_size=len(tok)), tok, seed=0, stats=tiny_stats())
+    node = PolicyNode(policy, batch_max=8)
+    obs = make_obs(seed=1, instruction="pick up the red block").to_payload()
+
+    def request(kind: str, client: bytes) -> Request:
+        return Request(kind, {"observation": obs} if kind == "infer" else {"episode": "e1"}, 1, 0.0, client)
+
+    with caplog.at_level("WARNING", logger="vla_steer.core.node"):
+        # Never reset, or reconnected (a new routing id): the shared noise generator, said in every reply.
+        assert node.infer(request("infer", b"a")).payload.info["shared_episode"] is True
+        assert node.infer(request("infer", b"b")).payload.info["shared_episode"] is True
+        node.reset(request("reset", b"a"))
+        info = node.infer(request("infer", b"a")).payload.info
+        assert "shared_episode" not in info and info["episode"] == "e1"
+    assert sum("shared state" in r.getMessage() for r in caplog.records) == 1  # logged once

@@ -3,11 +3,9 @@ installed `vla-steer serve`; the live knobs stay the default and are never touch
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
-from support import free_address, serve_process
+from support import free_address, in_threads, serve_process
 
 from policies import load_policy
 from vla_steer.core.discovery import load_directions
@@ -109,27 +107,15 @@ def test_clients_sharing_the_installed_serve_with_different_settings_get_their_o
             expected = {i: [_live(c, s, o) for o in OBSERVATIONS] for i, s in enumerate(SETTINGS)}
             c.set_knobs({"down": 50.0})  # a third client's live knobs: neither request setting
             live = c.get_knobs()
-        got: dict[int, list] = {}
-        errors: list[BaseException] = []
 
-        def run(i: int) -> None:
-            try:
-                with Client(address, timeout=30) as client:
-                    got[i] = [
-                        client.infer(o, steer=SETTINGS[i]).actions.copy()
-                        for _ in range(3)
-                        for o in OBSERVATIONS
-                    ]
-            except BaseException as e:  # reported by the test thread
-                errors.append(e)
+        def run(i: int) -> list[np.ndarray]:
+            with Client(address, timeout=30) as client:
+                return [
+                    client.infer(o, steer=SETTINGS[i]).actions.copy() for _ in range(3) for o in OBSERVATIONS
+                ]
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(SETTINGS))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        for i, actions in got.items():
+        got = in_threads(run, len(SETTINGS))  # every client's actions, or the test fails
+        for i, actions in enumerate(got):
             for k, a in enumerate(actions):
                 assert np.array_equal(a, expected[i][k % len(OBSERVATIONS)]), (i, k)
         with Client(address, timeout=30) as c:

@@ -13,9 +13,10 @@ from tiny_pi0 import CHUNK, STATE_CORPUS, make_obs, noise_of, tiny_pi05_config, 
 
 from policies.pi0 import checkpoint as ckpt
 from policies.pi0.config import PI0Architecture, read_config
+from policies.pi0.inputs import discretize_state
 from policies.pi0.policy import PI0Policy
 from policies.pi05 import AdaRMSNorm, PI05Model, PI05Policy
-from policies.pi05.policy import discretize_state, prompt_text
+from policies.pi05.policy import prompt_text
 from policies.resolve import detect_kind, resolve_policy, stack_dims
 from vla_steer.core import tiny
 from vla_steer.core.steering import Steerer

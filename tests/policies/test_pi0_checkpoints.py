@@ -15,7 +15,8 @@ from tiny_pi0 import make_obs, noise_of, tiny_config, tiny_stats
 
 from policies.pi0 import checkpoint as ckpt
 from policies.pi0.config import Feature, read_config
-from policies.pi0.policy import PI0Policy, resize_with_pad
+from policies.pi0.inputs import resize_with_pad
+from policies.pi0.policy import PI0Policy
 from vla_steer.core import tiny
 from vla_steer.wire import Observation
 

@@ -98,9 +98,30 @@ def test_steering_reaches_every_prefill_position_and_every_decoded_token(policy)
     np.testing.assert_array_equal(policy.infer(obs).actions, plain.actions)
 
 
-def test_n_action_steps_option_and_config_errors(fast_dir, tmp_path):
+def test_n_action_steps_option_keeps_the_first_steps_of_the_checkpoints_decode(fast_dir, policy, tmp_path):
+    """The FAST tokens are always decoded at the checkpoint's own horizon (an inverse DCT of another
+    length would give other actions); the option only cuts the chunk short."""
+    obs = make_obs()
+    full = policy.infer(obs)
     short = load_policy(resolve_policy(fast_dir, settings={"n_action_steps": 4}))
-    assert short.infer(make_obs()).actions.shape == (4, 7)
+    assert short.spec.chunk_length == 4
+    got = short.infer(obs)
+    assert got.info["action_tokens"] == full.info["action_tokens"]
+    np.testing.assert_array_equal(got.actions, full.actions[:4])
+    with pytest.raises(ValueError, match="keeps 1 to 10"):
+        load_policy(resolve_policy(fast_dir, settings={"n_action_steps": 11}))
+
+
+def test_n_action_steps_different_from_chunk_size_is_warned(fast_dir, tmp_path, caplog):
+    copy = shutil.copytree(fast_dir, tmp_path / "short")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"n_action_steps": 5}))
+    with caplog.at_level("WARNING", logger="policies.pi0_fast.config"):
+        assert read_config(copy / "config.json").n_action_steps == 5
+    assert "n_action_steps 5 differs from chunk_size 10" in caplog.text
+
+
+def test_n_action_steps_option_and_config_errors(fast_dir, tmp_path):
     with pytest.raises(ValueError, match="n_action_steps"):
         resolve_policy(fast_dir, settings={"n_action_steps": 0})
     copy = shutil.copytree(fast_dir, tmp_path / "bad")

@@ -133,6 +133,22 @@ def test_a_checkpoint_that_validates_the_action_prefix_refuses_tokens_without_it
         load_policy(resolve_policy(copy)).infer(obs)
 
 
+def test_validation_is_lerobots_literal_piece_rule_on_the_prefix_fixture(tmp_path):
+    """LeRobot asserts the pieces start with "Action", ":" (the real PaliGemma tokenizer's split). The fixture
+    tokenizer splits "Action: " as "▁Action:", "▁", so LeRobot's own assertion refuses the
+    `action_prefix_and_end` case with the flag on, and so does this loader; with the flag off it decodes to
+    LeRobot's actions (test_detokenizing_matches_lerobot). A positive case needs a fixture tokenizer with
+    the real split."""
+    copy = Path(shutil.copytree(DATA / "plain", tmp_path / "validating"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"validate_action_token_prefix": True}))
+    policy = load_policy(resolve_policy(copy))
+    tokens = TOKENIZER["detokenize"]["action_prefix_and_end"]["tokens"]
+    assert policy.tokenizer.convert_ids_to_tokens(tokens[:2]) == ["▁Action:", "▁"]
+    with pytest.raises(InvalidActionTokens, match="'Action', ':'"):
+        policy.detokenize(tokens)
+
+
 def test_fast_action_tokens_are_labelled_in_the_vocabulary_projection(policies):
     """The language backbone's labeler names FAST ids as action tokens (so discovery skips them as words)
     and leaves the words around them alone."""

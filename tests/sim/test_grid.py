@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import pytest
 from sim.grid import Grid, parse_env, parse_shard, remaining, results
 from sim.grid import done_episodes as done_in
 from tests.support import VLA_STEER, free_address, serve_process, wait_for
+from vla_steer.core.analysis.stores import Stores
+from vla_steer.core.config import shipped
 from vla_steer.core.rollouts import EpisodeRecorder, Recorder, open_store
 from vla_steer.wire import Observation
 from vla_steer.wire.messages import Step
@@ -130,6 +133,29 @@ def test_analyze_reads_several_stores_as_one_counting_each_episode_once(tmp_path
     assert r.returncode == 2 and "give --out" in r.stderr
 
 
+def test_a_damaged_episode_is_redone_and_the_analysis_counts_the_redone_one(tmp_path):
+    """eval.json and `vla-steer analyze` agree: the damaged record of an episode counts in neither, its rerun in both."""
+    store = tmp_path / "store"
+    damaged = _record(store, "robosuite_lift", {}, 0, speed=5.0)
+    log = store / "episodes" / damaged / "log.bin"
+    data = bytearray(log.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a step record's byte: the episode keeps its metadata and "end"
+    log.write_bytes(bytes(data))
+    (info,) = open_store(store).episodes()
+    assert info.complete and info.damaged and info.grid_key == ("robosuite_lift", "off", 0)
+    grid = Grid.build(["robosuite_lift"], [{}], 1)
+    assert remaining(grid.cells(), done_in(store)) == grid.cells()  # to be run again
+    redone = _record(store, "robosuite_lift", {}, 0, speed=0.1)
+    assert [i.id for i in done_in(store).values()] == [redone]
+    assert [i.id for i in Stores([open_store(store)]).episodes()] == [redone]
+    r = subprocess.run([VLA_STEER, "analyze", str(store), "--out", str(tmp_path / "report")],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "1 damaged episodes of a grid are left out" in r.stdout + r.stderr
+    (base,) = json.loads((tmp_path / "report" / "summary.json").read_text())["settings"]
+    assert base["episodes"] == 1 and base["moving_speed"]["mean"] == pytest.approx(0.1)
+
+
 # -- runs through `vla-steer eval` ---------------------------------------------------------------------
 
 
@@ -233,6 +259,122 @@ def test_two_shards_make_the_grid_and_a_rerun_resumes_without_duplicates(node, t
     check_store(one, want)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_rerun_with_other_parameters_is_refused_naming_what_differs(node, checkpoint, tmp_path):
+    """Resuming counts stored episodes as done: only if they ran as this run would run them."""
+    out = tmp_path / "grid"
+    lift = ["--env", "robosuite_lift", "--settings", "off", "fast=4"]
+    r = run(eval_cmd(node, out, *lift))
+    assert r.returncode == 0, r.stderr[-4000:]
+    before = [i.id for i in open_store(out).episodes()]
+
+    def refused(cmd: list[str], *why: str) -> None:
+        r = run(cmd)
+        assert r.returncode == 2 and "error: --out " in r.stderr, (r.returncode, r.stderr[-3000:])
+        assert all(w in r.stderr for w in why), r.stderr
+        assert [i.id for i in open_store(out).episodes()] == before  # nothing ran, nothing mixed in
+
+    longer = eval_cmd(node, out, *lift, "--episodes", "2")
+    longer[longer.index("--max-steps") + 1] = "4"
+    refused(longer, "ran with max_steps 3, this run has 4 (--max-steps)")
+    refused(
+        eval_cmd(node, out, *lift, "--execute-steps", "1"),
+        "execute_steps None, this run has 1 (--execute-steps)",
+    )
+    other = tmp_path / "other" / "robosuite_lift.yaml"  # the same name, another table
+    other.parent.mkdir()
+    other.write_text(
+        (shipped("sims") / "robosuite_lift.yaml").read_text().replace("control_freq: 20", "control_freq: 10")
+    )
+    refused(eval_cmd(node, out, "--env", str(other), "--settings", "off"), "config_sha256", "--env config")
+    bare = free_address()  # the same policy without the knobs: another node
+    proc = serve_process(checkpoint, bare, directions=False)
+    try:
+        refused(eval_cmd(bare, out, "--env", "robosuite_lift", "--settings", "off"), "policy_fingerprint")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    sim_out = tmp_path / "sim"
+    r = run(
+        [
+            VLA_STEER,
+            "sim",
+            "--server",
+            node,
+            "--env",
+            "robosuite_lift",
+            "--max-steps",
+            "3",
+            "--out",
+            str(sim_out),
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(eval_cmd(node, sim_out, "--env", "robosuite_lift", "--settings", "off"))
+    assert r.returncode == 2 and "was not recorded by `vla-steer eval`" in r.stderr, r.stderr[-3000:]
+    r = run(eval_cmd(node, out, *lift, "--episodes", "2"))  # as before: resumes
+    assert r.returncode == 0 and "resuming: 2 of 4 episodes" in r.stderr, r.stderr[-3000:]
+    check_store(out, {("robosuite_lift", s, seed) for s in ("off", "fast=4") for seed in (0, 1)})
+
+
+INTERRUPTED = """
+import json, os, signal, sys, threading, time
+from sim.grid import Grid
+from sim.scheduler import Progress, local_slots, run_cells
+from tests.sim.test_grid import _children
+
+run = {"server": sys.argv[1], "out": sys.argv[2], "max_steps": 300, "execute_steps": None, "settle": 0,
+       "activations": None, "request_timeout": 5.0, "connect_timeout": 10.0, "server_key": None, "keypair": None}
+
+
+def interrupt():  # Ctrl-C as soon as the worker process exists: it is still importing its simulator
+    while not _children(os.getpid()):
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+threading.Thread(target=interrupt, daemon=True).start()
+try:
+    run_cells(Grid.build(["robosuite_lift"], [{}], 10).cells(), local_slots(1, run), Progress(10, 0))
+except KeyboardInterrupt:
+    pass
+slots = [t.name for t in threading.enumerate() if t.name.startswith("grid-slot")]
+print(json.dumps({"slots": slots, "workers": _children(os.getpid())}), flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_a_worker_starts_kills_it_and_ends_the_slots(node, tmp_path):
+    """A caller that catches the KeyboardInterrupt (a notebook, a script) is left with no worker and no
+    slot thread running on; the CLI exits anyway (and its workers with it)."""
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED, node, str(tmp_path / "grid")], capture_output=True,
+                       text=True, timeout=240, env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == {"slots": [], "workers": []}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_failing_cell_stops_the_other_workers_at_their_next_episode(node, tmp_path):
+    """Before: the other worker ran its whole cell (10 long episodes) before the grid stopped."""
+    broken = tmp_path / "broken.yaml"  # a valid config robosuite cannot build: fails in its worker
+    broken.write_text(
+        (shipped("sims") / "robosuite_lift.yaml").read_text().replace("robot: Panda", "robot: Nobody")
+    )
+    out = tmp_path / "grid"
+    cmd = eval_cmd(
+        node, out, "--env", str(broken), "--env", "robosuite_lift", "--episodes", "10", "--workers", "2"
+    )
+    cmd[cmd.index("--max-steps") + 1] = "200"
+    r = run(cmd)
+    assert r.returncode in (2, 4) and "error: " in r.stderr, r.stderr[-3000:]
+    lift = [i for i in open_store(out).episodes() if i.complete] if out.exists() else []
+    assert len(lift) < 10, len(lift)
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -274,19 +416,62 @@ def test_a_grid_killed_mid_run_is_finished_by_a_rerun(node, tmp_path):
     assert [row["episodes"] for row in json.loads((out / "eval.json").read_text())] == [3, 3]
 
 
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+def _listening(pids: list[int]) -> set[str]:
+    """The addresses these processes listen on (TCP), from /proc: ip:port as the kernel shows them (hex)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # LISTEN
+                out.add(f[1])
+    return out
+
+
+LOOPBACK = ("0100007F:", "0000000000000000FFFF00000100007F:", "00000000000000000000000001000000:")
+
+
 @needs_libero
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_libero_grid_on_a_local_ray_cluster(checkpoint, tmp_path):
-    """`--ray`: a local cluster sized to this machine; the policy node and the LIBERO worker are actors."""
+    """`--ray`: a local cluster on this 2-core machine; the policy node and two LIBERO workers are actors,
+    everything Ray starts listens on loopback only, and the node's output goes to a log under --out."""
     pytest.importorskip("ray")
     out = tmp_path / "grid"
     cmd = [VLA_STEER, "eval", "--ray", "--policy", str(checkpoint / "policy.yaml"), "--directions",
            str(checkpoint / "directions"), "--env", "libero_spatial:0,1", "--settings", "off", "fast=4",
-           "--episodes", "2", "--max-steps", "3", "--out", str(out)]  # fmt: skip
-    r = run(cmd, timeout=840)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "grid: 8/8 episodes" in r.stderr
+           "--episodes", "2", "--max-steps", "3", "--workers", "2", "--out", str(out)]  # fmt: skip
+    log = out / "logs" / "policy-node-1.log"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        wait_for(lambda: log.exists() and "serving tiny-vla" in log.read_text(), timeout=600, interval=0.5,
+                 what="the policy node to serve")  # fmt: skip
+        listening = _listening([proc.pid, *_descendants(proc.pid)])
+        assert listening and all(a.startswith(LOOPBACK) for a in listening), listening
+        stdout, stderr = proc.communicate(timeout=780)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stderr[-4000:]
+    assert "grid: 8/8 episodes" in stderr
     got = check_store(
         out, {(f"libero_spatial:{t}", s, seed) for t in (0, 1) for s in ("off", "fast=4") for seed in (0, 1)}
     )

@@ -25,6 +25,8 @@ from vla_steer.wire import (
     Code,
     ProtocolError,
     RemoteError,
+    Reply,
+    Request,
     RequestTimeout,
     Server,
     TelemetrySubscriber,
@@ -253,6 +255,67 @@ def test_slow_infer_does_not_delay_control_messages() -> None:
             policy.release.set()
             t.join(10)
         assert done.is_set()
+
+
+class BatchingPolicy(FakePolicy):
+    """A FakePolicy that batches (`batch_max`), logging what it runs: ("batch", tags), ("infer", tag), "reset"."""
+
+    batch_max = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ran: list = []
+
+    def infer(self, req: Request) -> Reply:
+        if not req.payload["observation"].get("hold"):
+            self.ran.append(("infer", req.payload["observation"]["tag"]))
+        return super().infer(req)
+
+    def infer_batch(self, reqs: list[Request]) -> list[Reply]:
+        self.ran.append(("batch", [r.payload["observation"]["tag"] for r in reqs]))
+        return [super(BatchingPolicy, self).infer(r) for r in reqs]
+
+    def reset(self, req: Request) -> dict[str, Any]:
+        self.ran.append("reset")
+        return super().reset(req)
+
+
+def test_a_reset_ends_a_batch_so_each_clients_requests_run_in_order() -> None:
+    policy = BatchingPolicy()
+    with (
+        serving(policy) as srv,
+        Client(srv.address) as holder,
+        zmq.Context() as ctx,
+        raw_socket(ctx, srv.address) as a,
+        raw_socket(ctx, srv.address) as b,
+    ):
+        t = threading.Thread(target=holder.infer, args=({"hold": True},), kwargs={"timeout": 30.0})
+        t.start()
+        try:
+            assert policy.started.wait(10.0)
+            # Queued behind the held inference: a's infer 1, b's infer 2, then a's reset and infer 3, sent
+            # without waiting for replies (a pipelining client): infer 3 must not join the batch before the reset.
+            a.send_multipart(encode("infer", {"observation": {"tag": 1}}, request_id=1))
+            wait_for(
+                lambda: srv._pending == 2, what="a's infer queued"
+            )  # (the server's queue, read directly)
+            b.send_multipart(encode("infer", {"observation": {"tag": 2}}, request_id=1))
+            wait_for(lambda: srv._pending == 3, what="b's infer queued")
+            a.send_multipart(encode("reset", {}, request_id=2))
+            a.send_multipart(encode("infer", {"observation": {"tag": 3}}, request_id=3))
+            wait_for(lambda: srv._pending == 5, what="a's reset and infer queued")
+        finally:
+            policy.release.set()
+            t.join(10)
+        replies = [_receive(a) for _ in range(3)]
+        assert [(m.kind, m.request_id) for m in replies] == [("infer", 1), ("reset", 2), ("infer", 3)]
+        assert _receive(b).kind == "infer"
+    assert policy.ran == [("batch", [1, 2]), "reset", ("infer", 3)]
+
+
+def _receive(sock: zmq.Socket) -> Any:
+    assert sock.poll(10_000), "no reply from server"
+    return decode(sock.recv_multipart(copy=False))
 
 
 def test_full_inference_queue_answers_busy() -> None:

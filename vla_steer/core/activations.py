@@ -3,19 +3,25 @@
 The recorder reads the input of `down_proj`, the coefficients `m`, at the last token position of every
 forward (the prefill, then each decoded token). Its hook runs before the Steerer's, so it records what
 the model computed, not the value steering imposed; the steering state is logged beside it.
+
+What a node's client may ask for (`select`): a concept name (the coefficients of that concept's neurons) or
+`layer:N` (every coefficient of layer N of the language stack); `recording` records them for one inference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from vla_steer.core.backbone import Backbone
+from vla_steer.wire import Code, ProtocolError
 
 MAX_NEURONS = 4096
+Selection = list[tuple[str, str, list[tuple[int, int]]]]  # (name, steered stack, neurons) per activation
 LAYER_PREFIX = "layer:"
 _LAYER = re.compile(r"layer:([0-9]{1,6})")  # ASCII digits only; fullmatch, so no trailing newline
 
@@ -89,3 +95,78 @@ class ActivationRecorder:
             if n:
                 out[:, cols] = torch.stack(self._rows[layer][:n]).numpy()
         return out
+
+
+def select(
+    names: Iterable[str],
+    backbone: Backbone,
+    concepts: Mapping[str, tuple[str, list[tuple[int, int]]]],
+    max_neurons: int,
+) -> Selection:
+    """The activations a request names, each once, in order: `layer:N` of the language `backbone`, or a
+    concept of `concepts` (name -> (stack, neurons)). A bad name or a selection over `max_neurons` is a
+    ProtocolError naming the field "activations"."""
+    out: Selection = []
+    for name in dict.fromkeys(names):
+        try:
+            layer = layer_of(name)
+        except ValueError as e:
+            raise ProtocolError(Code.BAD_PAYLOAD, str(e), "activations") from None
+        if layer is not None:
+            if layer >= backbone.n_layers:
+                raise ProtocolError(
+                    Code.BAD_PAYLOAD,
+                    f"activation {name!r}: the model has {backbone.n_layers} layers",
+                    "activations",
+                )
+            out.append((name, "language", [(layer, i) for i in range(backbone.d_mlp)]))
+        elif name in concepts:
+            out.append((name, *concepts[name]))
+        else:
+            raise ProtocolError(
+                Code.BAD_PAYLOAD,
+                f"unknown activation {name!r}: ask for a concept ({sorted(concepts)}) or 'layer:N'",
+                "activations",
+            )
+    total = sum(len(ns) for _, _, ns in out)
+    if total > max_neurons:
+        raise ProtocolError(
+            Code.TOO_LARGE,
+            f"{total} neurons requested; this node records at most {max_neurons}",
+            "activations",
+        )
+    return out
+
+
+@contextlib.contextmanager
+def recording(
+    selection: Selection, backbones: Mapping[str, Backbone], max_neurons: int
+) -> Iterator[Callable[[], dict[str, np.ndarray]]]:
+    """Record `selection` during the block (one recorder per stack); the function it yields returns, after
+    the forward, name -> float32 [forwards, neurons]."""
+    groups: dict[str, list[tuple[str, list[tuple[int, int]]]]] = {}
+    for name, key, neurons in selection:
+        groups.setdefault(key, []).append((name, neurons))
+    with contextlib.ExitStack() as stack:
+        recorders = [
+            (
+                stack.enter_context(
+                    ActivationRecorder(
+                        backbones[key], [n for _, ns in group for n in ns], max_neurons=max_neurons
+                    )
+                ),
+                group,
+            )
+            for key, group in groups.items()
+        ]
+
+        def result() -> dict[str, np.ndarray]:
+            out = {}
+            for rec, group in recorders:
+                values, col = rec.result(), 0
+                for name, neurons in group:
+                    out[name] = np.ascontiguousarray(values[:, col : col + len(neurons)])
+                    col += len(neurons)
+            return out
+
+        yield result

@@ -6,23 +6,29 @@ for), reset, and knobs (list / get / set / enable / disable / off,
 from any client while inferences run). Every infer reply's telemetry carries the action, the steering
 state in force and the time spent in the policy.
 
-Activation names a client may ask for: a concept name (the coefficients of that concept's neurons) or
-`layer:N` (every coefficient of layer N); each comes back as float32 [forwards, neurons], the last
-token position of the prefill and of each decoded token, recorded before steering is applied.
+Activation names a client may ask for (see `vla_steer.core.activations.select`): a concept name or
+`layer:N`; each comes back as float32 [forwards, neurons], the last token position of the prefill and of
+each decoded token, recorded before steering is applied.
+
+Episodes: a client's reset gives it its own episode state (pi0: its noise generator), kept by routing id
+for the newest MAX_EPISODES clients. A client without one (it never reset, it reconnected and so has a
+new routing id, or its episode was evicted) runs on the policy's shared state, which any client's reset
+restarts: its replies say `info["shared_episode"] = True` and the node logs it once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from vla_steer.core.activations import ActivationRecorder, layer_of
+from vla_steer.core.activations import Selection, recording, select
 from vla_steer.core.discovery.direction import Direction
 from vla_steer.core.policy import ActionChunk, Policy
 from vla_steer.core.steering import Setting, Steerer
@@ -39,10 +45,15 @@ from vla_steer.wire import (
 
 MAX_RECORDED_NEURONS = 65536
 MAX_EPISODES = 4096  # clients whose episode state the node keeps
+log = logging.getLogger(__name__)
 
 
 class PolicyNode:
-    """Request handlers for `vla_steer.wire.Server`: `Server(PolicyNode(policy, directions), address)`."""
+    """Request handlers for `vla_steer.wire.Server`: `Server(PolicyNode(policy, directions), address)`.
+
+    `batch_max`: the most concurrent infer requests run as one forward (1: one at a time, also for a policy
+    that cannot batch); the Server takes it from the node, so hello's `info["inference"]` is what happens.
+    """
 
     def __init__(
         self,
@@ -52,10 +63,14 @@ class PolicyNode:
         mode: str = "clamp",
         positions: str = "all",
         max_recorded_neurons: int = MAX_RECORDED_NEURONS,
+        batch_max: int = 1,
     ):
+        if not (isinstance(batch_max, int) and batch_max >= 1):
+            raise ValueError(f"batch_max must be an int >= 1, got {batch_max!r}")
         self.policy = policy
         # (getattr: duck-typed policies that do not derive from Policy are served one request at a time)
         self.batching = bool(getattr(policy, "batching", False))
+        self.batch_max = batch_max if self.batching else 1
         # One Steerer per steered stack: "language" (the vocabulary-projectable backbone) and any other a
         # direction names in provenance["backbone"] (pi0's "action_expert").
         self.steerer = Steerer(policy.backbone, positions=positions)
@@ -75,8 +90,10 @@ class PolicyNode:
                 self.steerers[key] = Steerer(backbones[key], positions=positions)
             self.steerers[key].add_direction(d, mode=mode, strength=0.0, enabled=False)
         self.max_recorded_neurons = max_recorded_neurons
-        self.episode: str | None = None  # the latest reset's, whichever client sent it
         self._episodes: dict[bytes, _Episode] = {}  # client routing id -> its episode, oldest reset first
+        new_episode = getattr(policy, "new_episode", None)
+        self._keeps_episodes = new_episode is not None and new_episode() is not None  # pi0: per-client noise
+        self._warned_shared = False
         self.inferences = 0
 
     @property
@@ -99,8 +116,9 @@ class PolicyNode:
                 "state_dim": spec.state_dim,
                 "action_space": spec.action_space,
                 "positions": self.steerer.positions,
-                # concurrent requests share one forward ("batched") or run one at a time ("sequential")
-                "inference": "batched" if self.batching else "sequential",
+                # concurrent requests share one forward ("batched", up to batch_max) or run one at a time
+                "inference": "batched" if self.batch_max > 1 else "sequential",
+                "batch_max": self.batch_max,
             },
             conventions=spec.conventions,
         )
@@ -112,7 +130,8 @@ class PolicyNode:
         """Several clients' infer requests in batched forwards (one per `policy.batch_key`), each under its
         own steering setting and with its own episode; a reply or the error it caused per request, in
         order. Requests asking for activations, and every request to a policy that cannot batch, run one
-        at a time."""
+        at a time. A batched forward that fails is rerun one sample at a time, so only a sample that fails
+        alone gets an error (a pi0 sample rerun draws its episode's next noise: the failed forward took one)."""
         out: list[Reply | Exception | None] = [None] * len(reqs)
         batch: list[tuple[int, _Prepared]] = []
         for i, req in enumerate(reqs):
@@ -131,13 +150,17 @@ class PolicyNode:
             except Exception as e:  # noqa: BLE001
                 out[i] = e
         for group in groups.values():
-            try:
-                if len(group) == 1:
-                    replies = [self._infer_one(group[0][1])]
-                else:
-                    replies = self._infer_many([p for _, p in group])
-            except Exception as e:  # noqa: BLE001 - the forward failed for every sample in it
-                replies = [e] * len(group)
+            preps = [p for _, p in group]
+            replies: list[Reply | Exception] | None = None
+            if len(preps) > 1:
+                try:
+                    replies = self._infer_many(preps)
+                except Exception:  # noqa: BLE001 - which sample failed it is found below
+                    log.warning(
+                        "a batched forward of %d failed: rerunning each alone", len(preps), exc_info=True
+                    )
+            if replies is None:
+                replies = [_attempt(self._infer_one, p) for p in preps]
             for (i, _), reply in zip(group, replies, strict=True):
                 out[i] = reply
         return out
@@ -153,9 +176,26 @@ class PolicyNode:
             raise ProtocolError(Code.BAD_PAYLOAD, str(e), "observation") from None
         if obs.state is not None:
             _check_representable(obs.state, self.steerer.dtype)
-        selection = self._selection(req.payload.get("activations") or [])
+        concepts = {
+            name: (key, [(n.layer, n.index) for n in st.neurons(name)])
+            for key, st in self.steerers.items()
+            for name in st.concepts
+        }
+        selection = select(
+            req.payload.get("activations") or [], self.policy.backbone, concepts, self.max_recorded_neurons
+        )
         setting = self.resolve_steer(req.payload.get("steer"))
-        return _Prepared(obs, selection, setting, self._episodes.get(req.client, _NO_EPISODE))
+        episode = self._episodes.get(req.client)
+        if episode is None and self._keeps_episodes:
+            episode = _SHARED_EPISODE
+            if not self._warned_shared:
+                self._warned_shared = True
+                log.warning(
+                    "a client without an episode of its own (no reset since it connected, or evicted by "
+                    "%d newer ones) runs on the policy's shared state; its replies say info['shared_episode']",
+                    MAX_EPISODES,
+                )
+        return _Prepared(obs, selection, setting, episode or _NO_EPISODE)
 
     def _infer_one(self, p: _Prepared) -> Reply:
         t0 = time.perf_counter()
@@ -168,19 +208,14 @@ class PolicyNode:
                 steering = {k: v for st in self.steerers.values() for k, v in st.applied_state().items()}
             else:
                 steering = _state_of(p.setting)
-            recorders = []
-            for key, group in _by_backbone(p.selection).items():
-                neurons = [n for _, ns in group for n in ns]
-                rec = ActivationRecorder(
-                    self.steerers[key].backbone, neurons, max_neurons=self.max_recorded_neurons
-                )
-                recorders.append((stack.enter_context(rec), group))
+            backbones = {key: st.backbone for key, st in self.steerers.items()}
+            recorded = stack.enter_context(recording(p.selection, backbones, self.max_recorded_neurons))
             if self.batching:
                 chunk = self.policy.infer_batch([p.obs], [p.episode.state])[0]
             else:
                 chunk = self.policy.infer(p.obs)
-            activations = {k: v for rec, group in recorders for k, v in _split(rec.result(), group).items()}
-        return self._reply(chunk, activations, steering, (time.perf_counter() - t0) * 1e3, p.episode.name)
+            activations = recorded()
+        return self._reply(chunk, activations, steering, (time.perf_counter() - t0) * 1e3, p.episode)
 
     def _infer_many(self, batch: list[_Prepared]) -> list[Reply | Exception]:
         t0 = time.perf_counter()
@@ -194,7 +229,7 @@ class PolicyNode:
         out: list[Reply | Exception] = []
         for p, s, chunk in zip(batch, settings, chunks, strict=True):
             try:
-                out.append(self._reply(chunk, {}, _state_of(s), policy_ms, p.episode.name, len(batch)))
+                out.append(self._reply(chunk, {}, _state_of(s), policy_ms, p.episode, len(batch)))
             except ProtocolError as e:
                 out.append(e)
         return out
@@ -205,7 +240,7 @@ class PolicyNode:
         activations: dict[str, np.ndarray],
         steering: dict[str, dict],
         policy_ms: float,
-        episode: str | None,
+        episode: _Episode,
         batch: int = 1,
     ) -> Reply:
         actions = np.asarray(chunk.actions, dtype=np.float32)
@@ -217,19 +252,22 @@ class PolicyNode:
                 f"policy produced invalid actions (shape {actions.shape}, finite: {bool(np.all(np.isfinite(actions)))})",
             )
         self.inferences += 1
+        shared = {"shared_episode": True} if episode is _SHARED_EPISODE else {}
         info = {
             "steering": steering,
             "policy_ms": policy_ms,
-            "episode": episode,
+            "episode": episode.name,
             "batch": batch,
+            **shared,
             **chunk.info,
         }
         telemetry = {
             "actions": actions.tolist(),
             "steering": steering,
             "policy_ms": policy_ms,
-            "episode": episode,
+            "episode": episode.name,
             "batch": batch,
+            **shared,
         }
         return Reply(InferResult(actions, activations, info), telemetry)
 
@@ -259,10 +297,9 @@ class PolicyNode:
     def reset(self, req: Request) -> dict[str, Any]:
         """A new episode for the requesting client (its own policy state, e.g. pi0's noise sequence)."""
         self.policy.reset()
-        self.episode = req.payload.get("episode")
-        self._episodes.pop(req.client, None)
-        new_episode = getattr(self.policy, "new_episode", None)
-        self._episodes[req.client] = _Episode(self.episode, new_episode() if new_episode else None)
+        self._episodes.pop(req.client, None)  # re-inserted: the newest reset last
+        state = self.policy.new_episode() if self._keeps_episodes else None
+        self._episodes[req.client] = _Episode(req.payload.get("episode"), state)
         while len(self._episodes) > MAX_EPISODES:  # any peer can reset: bounded, the oldest go
             self._episodes.pop(next(iter(self._episodes)))
         return {}
@@ -312,45 +349,6 @@ class PolicyNode:
             for st in self.steerers.values():
                 st.off()
 
-    # -- activations -------------------------------------------------------------------------------
-
-    def _selection(self, names: list[str]) -> list[tuple[str, str, list[tuple[int, int]]]]:
-        """(name, backbone key, neurons) per requested activation; `layer:N` is the language backbone's."""
-        bb = self.policy.backbone
-        out = []
-        concepts = set(self._owner)
-        keys = {id(st): key for key, st in self.steerers.items()}
-        for name in dict.fromkeys(names):  # each name once, in order
-            try:
-                layer = layer_of(name)
-            except ValueError as e:
-                raise ProtocolError(Code.BAD_PAYLOAD, str(e), "activations") from None
-            if layer is not None:
-                if layer >= bb.n_layers:
-                    raise ProtocolError(
-                        Code.BAD_PAYLOAD,
-                        f"activation {name!r}: the model has {bb.n_layers} layers",
-                        "activations",
-                    )
-                out.append((name, "language", [(layer, i) for i in range(bb.d_mlp)]))
-            elif name in concepts:
-                st = self._owner[name]
-                out.append((name, keys[id(st)], [(n.layer, n.index) for n in st.neurons(name)]))
-            else:
-                raise ProtocolError(
-                    Code.BAD_PAYLOAD,
-                    f"unknown activation {name!r}: ask for a concept ({sorted(concepts)}) or 'layer:N'",
-                    "activations",
-                )
-        total = sum(len(ns) for _, _, ns in out)
-        if total > self.max_recorded_neurons:
-            raise ProtocolError(
-                Code.TOO_LARGE,
-                f"{total} neurons requested; this node records at most {self.max_recorded_neurons}",
-                "activations",
-            )
-        return out
-
 
 @dataclass(frozen=True)
 class _Episode:
@@ -358,7 +356,8 @@ class _Episode:
     state: Any  # the policy's new_episode() state
 
 
-_NO_EPISODE = _Episode(None, None)  # a client that never reset: the policy's shared state
+_NO_EPISODE = _Episode(None, None)  # a client without an episode, of a policy that keeps none
+_SHARED_EPISODE = _Episode(None, None)  # one without an episode of its own: the policy's shared state
 
 
 @dataclass
@@ -366,7 +365,7 @@ class _Prepared:
     """One checked infer request, ready for a forward."""
 
     obs: Observation
-    selection: list[tuple[str, str, list[tuple[int, int]]]]
+    selection: Selection
     setting: dict[str, Setting] | None
     episode: _Episode
 
@@ -389,16 +388,8 @@ def _check_representable(state: np.ndarray, dtype: torch.dtype) -> None:
         )
 
 
-def _by_backbone(selection: list[tuple[str, str, list]]) -> dict[str, list[tuple[str, list]]]:
-    out: dict[str, list[tuple[str, list]]] = {}
-    for name, key, neurons in selection:
-        out.setdefault(key, []).append((name, neurons))
-    return out
-
-
-def _split(values: np.ndarray, selection: list[tuple[str, list]]) -> dict[str, np.ndarray]:
-    out, col = {}, 0
-    for name, neurons in selection:
-        out[name] = np.ascontiguousarray(values[:, col : col + len(neurons)])
-        col += len(neurons)
-    return out
+def _attempt(fn: Callable[[_Prepared], Reply], p: _Prepared) -> Reply | Exception:
+    try:
+        return fn(p)
+    except Exception as e:  # noqa: BLE001 - the server turns it into this request's error reply
+        return e

@@ -324,20 +324,23 @@ class Steerer:
         with self._forward:
             if setting is not None and self._frozen:
                 raise RuntimeError("a consistent(setting) block cannot nest in another consistent() block")
-            if isinstance(setting, Setting):
-                self._write(self._compose(setting.concepts.values()))
-                self._dirty = True  # the hooks hold the request's setting: the next forward re-syncs
-            elif setting is not None:
-                self._write_rows(setting)
-            elif not self._frozen:
-                self._sync()
             self._frozen += 1
-            try:
+            try:  # a write failing midway (out of memory) leaves nothing behind: see `finally`
+                if isinstance(setting, Setting):
+                    self._dirty = (
+                        True  # the hooks hold (some of) the request's setting: the next forward re-syncs
+                    )
+                    self._write(self._compose(setting.concepts.values()))
+                elif setting is not None:
+                    self._write_rows(setting)
+                elif self._frozen == 1:
+                    self._sync()
                 yield self
             finally:
                 self._frozen -= 1
-                for buf in self._buffers.values():
-                    buf.rows = None
+                if setting is not None:
+                    for buf in self._buffers.values():
+                        buf.rows = None
 
     def live(self) -> Setting:
         """The live settings as a `Setting` (a copy: later knob changes do not alter it)."""
@@ -538,11 +541,13 @@ class Steerer:
             self._dirty = False
 
     def _write_rows(self, settings: Sequence[Setting]) -> None:
-        """Per-sample rows [B, 1, d_mlp] in every hooked layer, one per setting. Needs `_forward`."""
+        """Per-sample rows [B, 1, d_mlp] in every hooked layer, one per setting: all built, then all set, so a
+        failure (out of memory) sets none. Needs `_forward`."""
         composed = {}  # each distinct setting composed once
         for s in settings:
             if s.key not in composed:
                 composed[s.key] = self._compose(s.concepts.values())
+        rows = {}
         for layer, buf in self._buffers.items():
             keep, fill = [], []
             for s in settings:
@@ -554,7 +559,9 @@ class Steerer:
                     keep.append(torch.ones(buf.keep.shape, dtype=torch.float64))
                     fill.append(torch.zeros(buf.keep.shape, dtype=torch.float64))
             like = {"dtype": buf.keep.dtype, "device": buf.keep.device}
-            buf.rows = (torch.stack(keep)[:, None].to(**like), torch.stack(fill)[:, None].to(**like))
+            rows[layer] = (torch.stack(keep)[:, None].to(**like), torch.stack(fill)[:, None].to(**like))
+        for layer, buf in self._buffers.items():
+            buf.rows = rows[layer]
 
     def _write(self, composed: dict[int, tuple[torch.Tensor, ...]]) -> None:
         """Copy composed settings into every hooked layer's buffers. Needs `_forward`."""

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 LIVENESS_S = 1.0  # a peer silent for this long is considered gone
+MAX_PENDING = 32  # infer/reset requests a server queues by default; more are answered "busy"
 HANDLED_KINDS = ("hello", "infer", "reset", "knobs", "control")  # the server answers heartbeats itself
 _MAX_CLIENT_NAME = 256  # characters of a heartbeat's client name the server keeps
 _MAX_FRAMES = MAX_ARRAYS + 3  # routing id, REQ delimiter, header, one frame per array
@@ -112,6 +113,11 @@ class Server:
     respect to the worker (the steering knobs are built for that). Reply arrays are sent zero-copy: return
     arrays you will not mutate afterwards.
 
+    Batching: with `batch_max > 1` (default: the handler's own `batch_max` attribute, e.g. `PolicyNode`'s,
+    so what its hello says is what happens; a different explicit value is refused) the worker hands
+    concurrent infer requests to the handler's `infer_batch` together; a reset ends a batch, so each
+    client's requests run in the order it sent them.
+
     Size: a request (header + every frame) over `max_message_bytes` gets a "too_large" error, and its
     frames are released as they are read (only the routing id and header are kept, to address the error).
     A single frame over `max_message_bytes` is cut off by zmq itself (MAXMSGSIZE, checked on the frame's
@@ -134,17 +140,22 @@ class Server:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         require_finite_observations: bool = True,
         worker_kinds: Iterable[str] = ("infer", "reset"),
-        max_pending: int = 32,
+        max_pending: int = MAX_PENDING,
         liveness: float = LIVENESS_S,
         telemetry_heartbeats: bool = False,
         forget_clients_after: float | None = None,
         max_clients: int = 4096,
-        batch_max: int = 1,
+        batch_max: int | None = None,
         batch_wait: float = 0.0,
     ):
         self._handlers = _resolve_handlers(handler)
         if not self._handlers:
             raise ValueError(f"handler {handler!r} has none of the methods {HANDLED_KINDS}")
+        own = None if isinstance(handler, Mapping) else getattr(handler, "batch_max", None)
+        if batch_max is None:
+            batch_max = 1 if own is None else own
+        elif own is not None and batch_max != own:  # the handler says what it does (e.g. in its hello)
+            raise ValueError(f"batch_max={batch_max!r}, but the handler's batch_max is {own!r}: set it there")
         if not (isinstance(batch_max, int) and 1 <= batch_max <= max_pending):
             raise ValueError(f"batch_max must be an int in 1..max_pending ({max_pending}), got {batch_max!r}")
         if not 0.0 <= batch_wait <= 1.0:

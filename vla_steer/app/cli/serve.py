@@ -57,10 +57,13 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
+    from vla_steer.wire.server import MAX_PENDING
+
     openpi = openpi_settings(args)  # bad flags fail before anything heavy is imported or loaded
-    if not 1 <= args.batch_max <= 32:
+    if not 1 <= args.batch_max <= MAX_PENDING:
         raise ValueError(
-            f"--batch-max must be 1..32 (the node queues at most 32 requests), got {args.batch_max}"
+            f"--batch-max must be 1..{MAX_PENDING} (the node queues at most {MAX_PENDING} requests), "
+            f"got {args.batch_max}"
         )
     if not 0 <= args.batch_wait_ms <= 1000:
         raise ValueError(f"--batch-wait-ms must be 0..1000, got {args.batch_wait_ms}")
@@ -76,7 +79,7 @@ def cmd_serve(args) -> int:
     check_directions(directions, stack_dims(target), args.directions)
     check_listen(args)
     policy = load_policy(target)
-    node = PolicyNode(policy, directions, mode=args.mode, positions=args.positions)
+    node = PolicyNode(policy, directions, mode=args.mode, positions=args.positions, batch_max=args.batch_max)
     server = Server(
         node,
         args.bind,
@@ -84,7 +87,6 @@ def cmd_serve(args) -> int:
         keypair=args.keypair,
         allowed_clients=args.allow_clients,
         allow_insecure=args.allow_insecure,
-        batch_max=args.batch_max,
         batch_wait=args.batch_wait_ms / 1e3,
     )
     stop = threading.Event()

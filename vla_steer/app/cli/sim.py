@@ -38,7 +38,7 @@ def add_parsers(sub) -> None:
         description="Every setting runs the same seeds, so baseline and steered episodes start alike. Tasks may "
         "be robosuite configs and whole LIBERO suites (run by workers in the LIBERO venv, "
         "$VLA_STEER_LIBERO_PYTHON, default .venv-libero). Rerunning into the same --out skips the episodes "
-        "already complete there. Example: vla-steer eval --env robosuite_lift --env libero_spatial:0,3 "
+        "already complete there (and is refused if they ran with another policy, step limit or config). Example: vla-steer eval --env robosuite_lift --env libero_spatial:0,3 "
         f"--settings off fast=4 fast=8 --episodes 10 --workers 2 --out runs/grid. {EXIT_CODES}",
     )
     p.add_argument("--env", action="append", required=True, help=GRID_ENV_HELP)
@@ -94,7 +94,7 @@ def cmd_eval(args) -> int:
 
     from sim import grid as grids
     from sim import session
-    from sim.worker import WorkerFailed
+    from sim.worker import WorkerFailed, interpreter, task_config
     from vla_steer.core.rollouts import write_video
     from vla_steer.wire import parse_setting
 
@@ -103,23 +103,38 @@ def cmd_eval(args) -> int:
     cells = grid.shard(*grids.parse_shard(args.shard)) if args.shard else grid.cells()
     _check_run(args, {t.label: _cameras(t) for t in grid.tasks})
     _check_scale(args)
+    for kind in sorted({c.task.kind for c in cells}):
+        interpreter(kind)  # a missing LIBERO venv is said now, not by a worker after the weights load
     out = args.out.resolve()
-    todo = grids.remaining(cells, grids.done_episodes(out))
+    run = {
+        "server": args.server, "out": str(out), "max_steps": args.max_steps, "execute_steps": args.execute_steps,
+        "settle": 0, "activations": session.names(args.activations), "request_timeout": args.timeout,
+        "connect_timeout": 10.0, "server_key": _abs(args.server_key), "keypair": _abs(args.keypair),
+    }  # fmt: skip
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    ran = {
+        t.label: grids.run_fields(t, task_config(t.as_dict(), args.max_steps)[1], args.execute_steps, run["settle"])
+        for t in tasks
+    }  # fmt: skip
+    done = grids.done_episodes(out)
+    grids.check_resume(cells, done, ran, out)
+    todo = grids.remaining(cells, done)
     total = sum(len(c.seeds) for c in cells)
     skipped = total - sum(len(c.seeds) for c in todo)
     if skipped:
         print(f"resuming: {skipped} of {total} episodes are complete in {out} already", file=sys.stderr)
-    run = {
-        "server": args.server, "out": str(out), "max_steps": args.max_steps, "execute_steps": args.execute_steps,
-        "activations": session.names(args.activations), "request_timeout": args.timeout, "connect_timeout": 10.0,
-        "server_key": _abs(args.server_key), "keypair": _abs(args.keypair),
-    }  # fmt: skip
+
+    def check_policy(info) -> None:  # the node the missing episodes would run against ran the done ones
+        grids.check_resume(cells, done, {t.label: grids.policy_fields(info) for t in tasks}, out)
+
     code = 0
-    if todo:
+    if not todo and args.ray is not None:
+        print("nothing left to run: no Ray cluster started (so its policy is not checked)", file=sys.stderr)
+    else:  # locally the node is checked even with nothing left to run: are the stored episodes its own?
         from sim.scheduler import Progress
 
         try:
-            _run_cells(args, todo, settings, run, Progress(total, skipped))
+            _run_cells(args, todo, settings, run, Progress(total, skipped), check_policy)
         except session.NoPolicyNode as e:
             print(f"error: {e}", file=sys.stderr)
             return session.NO_POLICY_NODE
@@ -134,15 +149,16 @@ def cmd_eval(args) -> int:
     return code
 
 
-def _run_cells(args, todo, settings, run, progress) -> None:
-    """The cells on local worker processes against --server, or on Ray against its policy nodes."""
+def _run_cells(args, todo, settings, run, progress, check_policy) -> None:
+    """The cells on local worker processes against --server, or on Ray against its policy nodes; each node
+    checked first (it answers, has the knobs, and `check_policy` accepts it)."""
     from sim import session
     from sim.scheduler import local_slots, run_cells
     from vla_steer.wire import Client
 
     if args.ray is None:
         with Client(args.server, server_key=args.server_key, keypair=args.keypair, timeout=args.timeout) as c:
-            session.check_node(c, settings, 10.0)
+            check_policy(session.check_node(c, settings, 10.0))
         run_cells(todo, local_slots(args.workers, run), progress)
         return
     from sim.ray_grid import RayCluster
@@ -158,11 +174,11 @@ def _run_cells(args, todo, settings, run, progress) -> None:
         *(a for o in args.option for a in ("-o", o)),
     ]
     print(f"starting Ray ({args.ray}) and {args.policy_nodes} policy node(s)", file=sys.stderr, flush=True)
-    cluster = RayCluster(args.ray, serve, args.policy_nodes)
+    cluster = RayCluster(args.ray, serve, args.policy_nodes, args.workers, Path(run["out"]) / "logs")
     try:
-        with Client(cluster.addresses[0], timeout=args.timeout) as c:
-            session.check_node(c, settings, 60.0)
-        run_cells(todo, cluster.slots(args.workers, run), progress)
+        for info in cluster.check(settings):
+            check_policy(info)
+        run_cells(todo, cluster.slots(run), progress)
     finally:
         cluster.shutdown()
 

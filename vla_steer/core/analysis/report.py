@@ -171,6 +171,10 @@ def analyze(
     rows = store_metrics(store)
     if getattr(store, "duplicates", 0):
         progress(f"{store.duplicates} episodes recorded twice (same task, setting and seed) are counted once")
+    if getattr(store, "damaged", 0):
+        progress(
+            f"{store.damaged} damaged episodes of a grid are left out (a rerun of the grid records them again)"
+        )
     names = ", ".join(str(d) for d in run_dirs)
     if not rows:
         raise ValueError(f"{names}: no complete episodes to analyse")

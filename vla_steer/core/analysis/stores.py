@@ -4,7 +4,9 @@
 episode ids are qualified by the store's position (`1:000003-1a2b3c4d`), since each store numbers its own.
 An episode recorded twice (a complete episode whose task, setting and seed, as `vla-steer eval` records
 them, another complete one already has: a shard run into two stores, a grid rerun into a fresh one) is
-counted once, the first in store order, so pooled statistics do not weigh it double.
+counted once, the first usable one (complete and undamaged) in store order, so pooled statistics do not
+weigh it double; a damaged one of a grid is left out, as the grid's `eval.json` leaves it out (a rerun of
+the grid records it again). `EpisodeInfo.grid_key` and `usable` say both, for the grid and for this.
 """
 
 from __future__ import annotations
@@ -21,18 +23,21 @@ class Stores:
             raise ValueError("no rollout store to read")
         self.stores = list(stores)
         self.duplicates = 0  # episodes left out by the last `episodes()` as recorded already
+        self.damaged = 0  # grid episodes left out by the last `episodes()` as damaged
 
     def _qualify(self, i: int, episode_id: str) -> str:
         return episode_id if len(self.stores) == 1 else f"{i}:{episode_id}"
 
     def episodes(self) -> list[EpisodeInfo]:
-        seen: set[tuple[object, object, int]] = set()
-        out, self.duplicates = [], 0
+        seen: set[tuple[str, str, int]] = set()
+        out, self.duplicates, self.damaged = [], 0, 0
         for i, store in enumerate(self.stores):
             for info in store.episodes():
-                m = info.meta
-                key = (m.get("task_label"), m.get("setting_label"), m.get("seed"))
-                if info.complete and key[0] is not None and isinstance(key[2], int):
+                key = info.grid_key
+                if info.complete and key is not None:
+                    if not info.usable:
+                        self.damaged += 1
+                        continue
                     if key in seen:
                         self.duplicates += 1
                         continue

@@ -40,6 +40,21 @@ class EpisodeInfo:
         return bool(self.damage or self.lost_steps)
 
     @property
+    def usable(self) -> bool:
+        """Complete and undamaged: an episode a grid counts as done (`sim.grid`) and the analysis pools once."""
+        return self.complete and not self.damaged
+
+    @property
+    def grid_key(self) -> tuple[str, str, int] | None:
+        """(task_label, setting_label, seed), as `vla-steer eval` and `sim` record them: which episode of a grid
+        this is (two records with one key are one episode run twice); None for an episode without them."""
+        m = self.meta
+        task, setting, seed = m.get("task_label"), m.get("setting_label"), m.get("seed")
+        if isinstance(task, str) and isinstance(setting, str) and isinstance(seed, int):
+            return task, setting, seed
+        return None
+
+    @property
     def status(self) -> str:
         """ "damaged" (unreadable bytes: `repair` can clean the log), "steps lost" (a clean log that misses
         recorded steps, e.g. after a repair), "ok" (complete) or "incomplete" (no "end": a crash or abort)."""
