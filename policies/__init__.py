@@ -47,7 +47,7 @@ class OpenVLAPolicyConfig(_Config):
     kind: Literal["openvla"]
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     unnorm_key: str | None = None
-    center_crop: bool = False
+    center_crop: bool | None = None  # None: on for LIBERO fine-tunes (unnorm_key libero_*), else off
     image_key: str = "agentview"
     control_hz: float = Field(5.0, gt=0)
     constrain_to_bins: bool = False
@@ -68,6 +68,7 @@ class Pi0PolicyConfig(_Config):
     openpi_image_keys: list[str] | None = None
     state_dim: int | None = Field(None, gt=0)
     action_dim: int | None = Field(None, gt=0)
+    relative_action_dims: int | None = Field(None, gt=0)  # openpi pi0_libero: 6 (its DeltaActions mask)
 
 
 class Pi0FastPolicyConfig(_Config):
@@ -145,7 +146,7 @@ def load_policy(config: str | Path | PolicyConfig) -> Policy:
             cfg.path, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, n_action_steps=cfg.n_action_steps,
             num_inference_steps=cfg.num_inference_steps, tokenizer=cfg.tokenizer, image_keys=cfg.image_keys,
             norm_stats=cfg.norm_stats, openpi_image_keys=cfg.openpi_image_keys, state_dim=cfg.state_dim,
-            action_dim=cfg.action_dim,
+            action_dim=cfg.action_dim, relative_action_dims=cfg.relative_action_dims,
         )  # fmt: skip
     if cfg.kind == "pi0_fast":
         from policies.pi0_fast import PI0FastPolicy

@@ -119,6 +119,15 @@ class TinyVLA(nn.Module, Policy):
             {cfg.image_key: shape},
             cfg.state_dim,
             cfg.action_space,
+            # no crop, images at exactly the announced size; the gripper is the training data's
+            {
+                "family": "tiny_vla",
+                "gripper": None,
+                "action_frame": "absolute",
+                "relative_mask": None,
+                "center_crop": None,
+                "resize": None,
+            },  # fmt: skip
         )
         labeler = TokenLabeler.from_tokenizer(
             tokenizer, vocab_size=language_model.config.vocab_size, action_bins=self.bins

@@ -48,10 +48,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle, to_osc_action
-from vla_steer.core.config import load_yaml_model, resolve_config
+from sim.conventions import check_policy
+from sim.libero_profile import process_image
+from vla_steer.core.config import read_yaml_file, resolve_config, shipped, validate_model
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 # openpi's examples/libero/main.py: the longest demonstration of each suite, plus margin.
@@ -68,24 +70,36 @@ SETTLE_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # LIBERO's "dummy action":
 
 
 class LiberoConfig(BaseModel):
-    """A LIBERO sim config (`vla_steer/configs/sims/libero_*.yaml`); see the module docstring for the conventions."""
+    """A LIBERO sim config (`vla_steer/configs/sims/libero_*.yaml`), possibly built on an evaluation profile
+    (`vla_steer/configs/profiles/`, `sim.libero_profile`); see the module docstring for the conventions."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["libero"] = "libero"
     suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"]
     task_id: int = Field(0, ge=0)
     task_order_index: int = Field(0, ge=0)  # LIBERO's task permutation; 0 = canonical order
-    max_steps: int | None = Field(None, gt=0)  # None: MAX_STEPS[suite]
+    profile: str | None = None  # the evaluation profile the conventions below come from
+    reference: str | None = None  # the reference evaluation code a profile follows
+    max_steps: int | dict[str, int] | None = None  # per episode, or per suite; None: MAX_STEPS[suite]
     settle_steps: int = Field(10, ge=0)
     # policy image key -> LIBERO camera; a one-image policy whose key is not here takes the first camera
     cameras: dict[str, Literal["agentview", "robot0_eye_in_hand"]] = Field(
         default_factory=lambda: {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
     )
     image_size: tuple[int, int] | None = None  # (H, W); None: the policy's (hello reply), else 224x224
+    render_size: int | None = Field(None, gt=0)  # None: render at the policy's size, no resizing
+    jpeg_quality: int | None = Field(None, ge=1, le=100)  # a JPEG round trip before resizing
+    resize: Literal["none", "tf_lanczos3", "pil_bilinear_pad", "torch_bilinear_pad"] = "none"
     rotate_images_180: bool = True
     state: Literal["eef_pos_axisangle_gripper"] = "eef_pos_axisangle_gripper"
     gripper: Literal["close_positive", "open_positive", "open_unit"] = "close_positive"
     binarize_gripper: bool = False
+    execute_steps: int | None = Field(None, gt=0)  # actions executed per chunk; None: the whole chunk
+    seeding: Literal["per_episode", "once_per_task"] = "per_episode"
+    env_seed: int | None = None  # once_per_task: the seed the env gets before a task's first episode
+    first_seed: int = Field(0, ge=0)  # the default --seed: episode i is seeded first_seed + i
+    prompt: Literal["task_language"] = "task_language"  # the policy formats it (its template, case)
+    expect: dict[str, Any] = Field(default_factory=dict)  # conventions the policy must announce
     libero_config_path: str | None = None  # a directory with config.yaml (assets, bddl_files, init_states)
     env_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed on to LIBERO's OffScreenRenderEnv
 
@@ -96,34 +110,108 @@ class LiberoConfig(BaseModel):
             raise ValueError("needs at least one policy image key -> LIBERO camera")
         return v
 
+    @model_validator(mode="after")
+    def _consistent(self) -> LiberoConfig:
+        if self.resize != "none" and self.render_size is None:
+            raise ValueError(f"resize {self.resize!r} needs render_size (the size rendered before resizing)")
+        if self.seeding == "once_per_task" and self.env_seed is None:
+            raise ValueError("seeding once_per_task needs env_seed (the reference's environment seed)")
+        if isinstance(self.max_steps, dict):
+            unknown = sorted(set(self.max_steps) - set(SUITES))
+            if unknown or self.suite not in self.max_steps:
+                raise ValueError(f"max_steps per suite needs {self.suite!r} and only suites {list(SUITES)}")
+        return self
+
     def step_limit(self) -> int:
+        if isinstance(self.max_steps, dict):
+            return self.max_steps[self.suite]
         return self.max_steps if self.max_steps is not None else MAX_STEPS[self.suite]
 
     def conventions(self) -> dict[str, Any]:
         """What a rollout from this config means by its actions, state and images (episode metadata)."""
         return {
+            "profile": self.profile,
+            "reference": self.reference,
             "suite": self.suite,
             "task_id": self.task_id,
             "task_order_index": self.task_order_index,
             "init_state": "seed % n_init_states",
+            "seeding": self.seeding,
+            "env_seed": self.env_seed,
             "settle_steps": self.settle_steps,
             "settle_action": list(SETTLE_ACTION),
             "max_steps": self.step_limit(),
+            "execute_steps": self.execute_steps,
             "action": "osc_pose_delta_normalised",
             "gripper": self.gripper,
             "binarize_gripper": self.binarize_gripper,
             "state": self.state,
             "state_names": ["eef_x", "eef_y", "eef_z", "eef_ax", "eef_ay", "eef_az", "finger_l", "finger_r"],
+            "render_size": self.render_size,
+            "jpeg_quality": self.jpeg_quality,
+            "resize": self.resize,
             "rotate_images_180": self.rotate_images_180,
             "cameras": dict(self.cameras),
+            "prompt": self.prompt,
+            "expect": dict(self.expect),
             "control_freq": 20,
         }
 
 
-def load_libero_config(path: str | Path) -> LiberoConfig:
-    """Parse and validate a sim config (a path, or a shipped config's name); errors name the file, the key
-    and what is allowed."""
-    return load_yaml_model(resolve_config(path, "sims"), LiberoConfig, "sim config")
+# Keys that belong to a task, not to a profile's conventions.
+TASK_KEYS = ("kind", "suite", "task_id", "task_order_index", "profile", "libero_config_path", "env_kwargs")
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in shipped("profiles").glob("*.yaml"))
+
+
+def load_libero_config(
+    path: str | Path, *, profile: str | None = None, suite: str | None = None, task_id: int | None = None
+) -> LiberoConfig:
+    """A sim config (a path, or a shipped config's name) or an evaluation profile (a shipped profile's name,
+    or a YAML file with neither `suite` nor `profile`), with `suite` / `task_id` set if given. `profile`
+    (--profile): the sim config's task keys (`TASK_KEYS`) under that profile's conventions. A sim config
+    that names a profile itself may not set a key the profile sets. Errors name the file and the key."""
+    try:
+        source = resolve_config(path, "sims")
+    except FileNotFoundError as e:
+        if str(path) not in profile_names():
+            raise FileNotFoundError(f"{e}; nor a profile ({', '.join(profile_names())})") from None
+        source = resolve_config(path, "profiles")
+    raw = read_yaml_file(source, "sim config")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping of settings")
+    # A profile: a shipped one, or a file that names neither a suite nor a profile.
+    is_profile = source.parent == shipped("profiles") or not ({"suite", "profile"} & set(raw))
+    base: dict[str, Any] = {}
+    name = profile or raw.get("profile")
+    if is_profile:
+        if profile is not None:
+            raise ValueError(f"--profile {profile}: {source} is a profile itself")
+        base, raw, name = raw, {}, source.stem
+    elif name is not None:
+        if profile is not None:  # --profile: the sim config's task, run under the profile's conventions
+            if raw.get("profile") not in (None, profile):
+                raise ValueError(f"--profile {profile}: {source} names profile {raw['profile']!r}")
+            raw = {k: v for k, v in raw.items() if k in TASK_KEYS}
+        base = read_yaml_file(resolve_config(name, "profiles"), "profile")
+        if not isinstance(base, dict):
+            raise ValueError(f"profile {name}: expected a mapping of settings")
+        both = sorted((set(base) & set(raw)) - {"profile"})
+        if both:
+            raise ValueError(
+                f"{source}: {both} are set by profile {name!r} too; remove them from the sim config (or "
+                "drop the profile): a profile's conventions are not overridden silently"
+            )
+    task = sorted(set(base) & set(TASK_KEYS))
+    if task:
+        raise ValueError(f"profile {name}: {task} belong to a sim config, not a profile")
+    merged = {**base, **raw} | ({"profile": name} if name else {})
+    merged |= {k: v for k, v in (("suite", suite), ("task_id", task_id)) if v is not None}
+    if "suite" not in merged:
+        raise ValueError(f"{source} is a profile: name the suite (--suite, one of {', '.join(SUITES)})")
+    return validate_model(merged, LiberoConfig, f"{source}" + (f" (profile {name})" if name else ""))
 
 
 class LiberoEnv:
@@ -151,6 +239,12 @@ class LiberoEnv:
             )
         if info is not None and info.action_dim != self.action_dim:
             raise ValueError(f"the policy's actions have {info.action_dim} dims; LIBERO takes 7 (see docs)")
+        if info is not None:  # before anything is built: a contradiction is refused fast
+            check_policy(
+                info.conventions, gripper=config.gripper, expect=config.expect, profile=config.profile,
+                profiles=profile_names(), chunk_length=info.chunk_length, execute_steps=config.execute_steps,
+            )  # fmt: skip
+        self.chunk_length = info.chunk_length if info is not None else None
         self.image_shapes = image_shapes(config.image_size, config.cameras, info)
         self.cameras = camera_map(config.cameras, self.image_shapes)
 
@@ -169,9 +263,12 @@ class LiberoEnv:
         )
 
         shapes = {cam: self.image_shapes[key] for key, cam in self.cameras.items()}
+        if config.render_size is not None:  # rendered at the reference's size, then resized
+            shapes = {cam: (config.render_size, config.render_size, 3) for cam in shapes}
         if len({s[:2] for s in shapes.values()}) > 1:
             raise ValueError(f"LIBERO renders all cameras at one size; the policy wants {self.image_shapes}")
         (h, w, _) = next(iter(shapes.values()))
+        self.render_shape = (h, w)
         kwargs: dict[str, Any] = dict(
             bddl_file_name=self.bddl_file,
             camera_names=list(shapes),
@@ -191,17 +288,28 @@ class LiberoEnv:
         self._eef_site = inner.robots[0].gripper.important_sites["grip_site"]
         self._obs: dict[str, Any] | None = None
         self._episodes = 0
+        self._last_seed: int | None = None
         self.init_state_index: int | None = None
 
     # -- the SimEnv interface -------------------------------------------------------------------
 
     def reset(self, seed: int | None = None) -> SimObservation:
-        """New episode from initial state `seed % 50` (or the next one, without a seed), then settle."""
+        """New episode from initial state `seed % 50` (or the next one, without a seed), then settle.
+
+        Seeding `per_episode`: `env.seed(seed)` first. `once_per_task` (OpenVLA's and openpi's scripts,
+        which seed the env once when they build it and then run init states 0, 1, ... in order):
+        `env.seed(env_seed)` before the first episode and whenever the seeds start over (the next steering
+        setting's episodes), so every setting meets the reference's sequence of episodes."""
         if seed is None:
             seed = self._episodes
+        seed = int(seed)
         self._episodes += 1
-        self.init_state_index = int(seed) % len(self.init_states)
-        self.env.seed(int(seed))
+        self.init_state_index = seed % len(self.init_states)
+        if self.config.seeding == "per_episode":
+            self.env.seed(seed)
+        elif self._last_seed is None or seed <= self._last_seed:
+            self.env.seed(int(self.config.env_seed or 0))
+        self._last_seed = seed
         self.env.reset()
         self._obs = self.env.set_init_state(self.init_states[self.init_state_index])
         settle = np.array(SETTLE_ACTION)
@@ -232,8 +340,10 @@ class LiberoEnv:
         self.close()
 
     def record_meta(self) -> dict[str, Any]:
-        """What every episode of this env records about it (`sim.session`): task, suite, config, conventions."""
+        """What every episode of this env records about it (`sim.session`): task, suite, config, conventions
+        (with the policy's chunk length, the actions executed from each, and the rendered resolution)."""
         cfg = self.config
+        executed = cfg.execute_steps or self.chunk_length
         return {
             "sim": "libero",
             "task": self.task_name,
@@ -241,8 +351,18 @@ class LiberoEnv:
             "task_id": cfg.task_id,
             "robot": "Panda",
             "sim_config": cfg.model_dump(mode="json"),
-            "conventions": cfg.conventions(),
+            "conventions": cfg.conventions()
+            | {
+                "chunk_length": self.chunk_length,
+                "executed_per_chunk": executed,
+                "render_resolution": list(self.render_shape),
+                "policy_resolution": {k: list(s[:2]) for k, s in self.image_shapes.items()},
+            },
         }
+
+    def episode_meta(self) -> dict[str, Any]:
+        """What differs per episode (recorded with each episode): its initial state."""
+        return {"init_state_index": self.init_state_index, "n_init_states": len(self.init_states)}
 
     # -- conversions ----------------------------------------------------------------------------
 
@@ -250,7 +370,7 @@ class LiberoEnv:
         obs = self._obs
         if obs is None:
             raise RuntimeError("call reset() first")
-        images = {key: self._image(obs[f"{cam}_image"]) for key, cam in self.cameras.items()}
+        images = {key: self._image(obs[f"{cam}_image"], key) for key, cam in self.cameras.items()}
         ee_pos = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
         ee_quat = np.asarray(obs["robot0_eef_quat"], dtype=np.float64)
         fingers = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
@@ -267,10 +387,13 @@ class LiberoEnv:
             t_sim=float(sim.data.time),
         )
 
-    def _image(self, img: np.ndarray) -> np.ndarray:
-        frame = img if self._opengl else img[::-1]  # the renderer's frame, bottom row first
-        frame = frame[::-1, ::-1] if self.config.rotate_images_180 else frame[::-1]
-        return np.ascontiguousarray(frame, dtype=np.uint8)
+    def _image(self, img: np.ndarray, key: str) -> np.ndarray:
+        upright = img[::-1] if self._opengl else img  # the renderer's frame is bottom row first
+        cfg = self.config
+        return process_image(
+            upright, self.image_shapes[key][:2], rotate=cfg.rotate_images_180, jpeg_quality=cfg.jpeg_quality,
+            resize=cfg.resize,
+        )  # fmt: skip
 
 
 __all__ = [

@@ -11,6 +11,8 @@ Action (7 floats, OpenVLA/LIBERO style): `dx dy dz droll dpitch dyaw gripper`.
     `gripper`: "open_positive" (default: OpenVLA's RLDS convention rescaled to [-1, 1], +1 = open, so
     robosuite gets -g), "close_positive" (already robosuite's, +1 = close), or "open_unit" (raw
     OpenVLA output in [0, 1], 1 = open: robosuite gets 1 - 2g). `binarize_gripper` sends only the sign.
+    A policy that announces its gripper in its hello reply (OpenVLA: open_unit) is refused under any other
+    mapping, naming the setting to change (`sim.conventions.check_policy`, the LIBERO node's check too).
 
 State (8 floats, `state: eef_pos_axisangle_gripper`, what openpi's LIBERO example feeds pi0):
     `robot0_eef_pos` (3, world frame, m) + `robot0_eef_quat` (x, y, z, w) as axis-angle (3, no sign
@@ -39,6 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.base import SimObservation, StepResult, camera_map, image_shapes, quat2axisangle, to_osc_action
+from sim.conventions import check_policy
 from vla_steer.core.config import load_yaml_model, resolve_config
 
 # Default instruction per robosuite task (override with `instruction:` in the config).
@@ -147,6 +150,8 @@ class RobosuiteEnv:
         self.send_state = state_dim is not None
         if info is not None and info.action_dim != self.action_dim:
             raise ValueError(f"the policy's actions have {info.action_dim} dims; this env takes 7 (see docs)")
+        if info is not None:  # e.g. OpenVLA's [0, 1] gripper under the default open_positive: refused
+            check_policy(info.conventions, gripper=config.gripper)
 
         controller = load_composite_controller_config(robot=config.robot)
         arm = controller["body_parts"].get("right") or controller["body_parts"].get("arms", {}).get("right")

@@ -126,12 +126,13 @@ def run_episodes(
     names or "layer:N") are requested with every inference and recorded with each step.
 
     Every executed step goes to `recorder` (one episode of its store per episode run, with the episode's
-    name in its metadata; ended with success and seed, or aborted on an error) and to `on_step`. In the
-    `Step`: the observation the action was executed from, with ee_pos, ee_quat, ee_vel at the same moment;
-    action_chunk [chunk, action_dim] and action (the executed row, as the policy sent it); reward; t_wall
-    (time.time() after the step) and t_sim (sim seconds after the step); steering (the reply's
-    info["steering"]) and activations (the reply's, name -> array). The runner never reuses or mutates
-    these arrays, so a recorder may keep them without copying.
+    name and the env's `episode_meta()` in its metadata; ended with success, seed and its summary, length
+    and inferences among it, or aborted on an error) and to `on_step`. In the `Step`: the observation the
+    action was executed from, with ee_pos, ee_quat, ee_vel at the same moment; action_chunk [chunk,
+    action_dim] and action (the executed row, as the policy sent it); reward; t_wall (time.time() after the
+    step) and t_sim (sim seconds after the step); steering (the reply's info["steering"]) and activations
+    (the reply's, name -> array). The runner never reuses or mutates these arrays, so a recorder may keep
+    them without copying.
     """
     if n_episodes < 0 or max_steps <= 0:
         raise ValueError("n_episodes must be >= 0 and max_steps > 0")
@@ -158,6 +159,7 @@ def run_episodes(
             obs = env.reset(ep_seed)
             state.policy_s += t_reset - t
             state.sim_s += time.perf_counter() - t_reset
+            per_episode = getattr(env, "episode_meta", dict)()  # e.g. LIBERO's init state index
             success = env.success()
             done = success and not settle
             while step < max_steps and not done:
@@ -200,7 +202,7 @@ def run_episodes(
                         activations=acts,
                     )
                     if recorder is not None:
-                        recorder.step(executed, episode=name)
+                        recorder.step(executed, episode=name, **per_episode)
                     if on_step is not None:
                         on_step(RunStep(name, step, k, success, executed, info))
                     obs = new

@@ -91,10 +91,12 @@ def check_node(client: Client, settings: Sequence[Mapping[str, float]], connect_
 
 
 def run_meta(info: ServerInfo, max_steps: int) -> dict[str, object]:
-    """What every episode of a run records about the run: the policy, the step limit, the sim stack."""
+    """What every episode of a run records about the run: the policy (and its announced conventions), the
+    step limit, the sim stack."""
     return {
         "policy": info.policy,
         "policy_info": dict(info.info),
+        "policy_conventions": dict(info.conventions),  # what the policy announced its actions mean
         "max_steps": max_steps,
         "versions": versions(),
     }

@@ -137,15 +137,19 @@ def _emit(event: str, **data: Any) -> None:
     print(PREFIX + json.dumps({"event": event, **data}), flush=True)
 
 
-def task_config(task: Mapping[str, Any], max_steps: int | None) -> tuple[Any, int]:
-    """The task's sim config (a LIBERO task's id and step limit written into it, so it records what ran) and
-    its step limit (given, else the task's default); the driver resolves it alike to check a resume."""
+def task_config(
+    task: Mapping[str, Any], max_steps: int | None, execute_steps: int | None = None
+) -> tuple[Any, int]:
+    """The task's sim config (a LIBERO task's id, and the flags' step limit and actions per chunk, written
+    into it, so it records what ran) and its step limit (given, else the task's default); the driver
+    resolves it alike to check a resume."""
     if task["kind"] == "libero":
         from sim.libero_env import load_libero_config
 
         update: dict[str, Any] = {"task_id": task["task_id"]}
-        if max_steps is not None:
-            update["max_steps"] = max_steps
+        for key, value in (("max_steps", max_steps), ("execute_steps", execute_steps)):
+            if value is not None:
+                update[key] = value
         cfg = load_libero_config(task["config"]).model_copy(update=update)
         return cfg, cfg.step_limit()
     from sim.grid import DEFAULT_MAX_STEPS
@@ -189,7 +193,9 @@ def serve(lines: Iterator[str]) -> int:
             for line in lines:
                 cell = Cell.from_dict(json.loads(line)["cell"])
                 task = cell.task
-                cfg, max_steps = task_config(task.as_dict(), run.get("max_steps"))
+                cfg, max_steps = task_config(task.as_dict(), run.get("max_steps"), run.get("execute_steps"))
+                # a LIBERO config's actions per chunk (its profile's, or the flag's); robosuite: the flag's
+                execute_steps = getattr(cfg, "execute_steps", run.get("execute_steps"))
                 if env_key != task:  # a new task: its environment replaces the last one
                     last, env = env, None
                     if last is not None:
@@ -202,7 +208,7 @@ def serve(lines: Iterator[str]) -> int:
                 for seed in cell.seeds:
                     (result,) = evaluate(
                         client, env, [dict(cell.setting)], task=task.label, episodes=1, max_steps=max_steps,
-                        recorder=recorder, meta=meta, seed=seed, execute_steps=run.get("execute_steps"),
+                        recorder=recorder, meta=meta, seed=seed, execute_steps=execute_steps,
                         activations=run.get("activations"), settle=run["settle"], progress=lambda _: None,
                     )  # fmt: skip
                     _emit("episode", task=task.label, setting=cell.label, seed=seed, id=result.episode_ids[0],

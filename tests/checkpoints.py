@@ -60,9 +60,13 @@ def write_checkpoint(layout: str, root: Path) -> Path:
 
 
 def write_sim_config(layout: str, path: Path) -> Path:
+    """A robosuite Lift config for `layout`, with the gripper mapping its policy announces (OpenVLA's [0, 1];
+    the sim refuses another) or robosuite's default."""
     cams = ", ".join(f"{k}: {v}" for k, v in CAMERAS[layout].items())
+    gripper = "gripper: open_unit\n" if layout == "openvla" else ""
     path.write_text(
         f"kind: robosuite\ntask: Lift\nrobot: Panda\ncameras: {{{cams}}}\nstate: eef_pos_axisangle_gripper\n"
+        + gripper
     )
     return path
 

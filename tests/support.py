@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 # The installed command, as a user runs it (the venv's console script beside this interpreter).
 VLA_STEER = str(Path(sys.executable).with_name("vla-steer"))
+ROOT = Path(__file__).resolve().parents[1]
+# The LIBERO node's own venv (robosuite 1.4): scripts/make_libero_venv.sh, or $VLA_STEER_LIBERO_PYTHON.
+LIBERO_PYTHON = Path(os.environ.get("VLA_STEER_LIBERO_PYTHON", ROOT / ".venv-libero" / "bin" / "python"))
 
 
 def free_address() -> str:
@@ -51,6 +55,37 @@ def serve_process(
         _, err = proc.communicate(timeout=10)
         raise AssertionError(f"vla-steer serve did not start: {line}{err}")
     return proc
+
+
+@contextlib.contextmanager
+def serving(policy: Path | str, *options: str) -> Iterator[str]:
+    """`vla-steer serve --policy POLICY OPTIONS...` on a free loopback address, yielded once it says it is
+    serving; killed on the way out, whatever happened."""
+    address = free_address()
+    proc = subprocess.Popen(
+        [VLA_STEER, "serve", "--policy", str(policy), "--bind", address, *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    started = False
+    try:
+        line = proc.stdout.readline()
+        started = f"on {address}" in line
+        if started:
+            yield address
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    if not started:
+        raise AssertionError(f"vla-steer serve did not start: {line}{err}")
+
+
+def run_libero(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`LIBERO_PYTHON ARGS` from the checkout, as a user runs the LIBERO node: its own venv, this tree's code."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(
+        [str(LIBERO_PYTHON), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=env | {"MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")},
+    )  # fmt: skip
 
 
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):

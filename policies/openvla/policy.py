@@ -88,6 +88,14 @@ class OpenVLAPolicy(Policy):
             image_keys={image_key: (size, size, 3)},
             state_dim=None,
             action_space="ee_delta",
+            conventions={
+                "family": "openvla",
+                "gripper": "open_unit",  # [0, 1], 1 = open: the statistics leave the gripper un-normalised
+                "action_frame": "absolute",
+                "relative_mask": None,
+                "center_crop": processing.CROP_SCALE if image_processor.center_crop else None,
+                "resize": image_processor.transforms[0].strategy,
+            },
         )
         lm = model.language_model
         labeler = TokenLabeler.from_tokenizer(
@@ -104,7 +112,7 @@ class OpenVLAPolicy(Policy):
         device: str = "cpu",
         dtype: str | torch.dtype = "auto",
         unnorm_key: str | None = None,
-        center_crop: bool = False,
+        center_crop: bool | None = None,
         image_key: str = "agentview",
         control_hz: float = 5.0,
         constrain_to_bins: bool = False,
@@ -112,7 +120,9 @@ class OpenVLAPolicy(Policy):
         """Load a checkpoint directory (or hub id) in the official layout.
 
         `unnorm_key`: which dataset's statistics un-normalise the actions (needed when there are several;
-        the error lists them). `center_crop`: the LIBERO fine-tunes' 90%-area centre crop.
+        the error lists them). `center_crop`: the LIBERO fine-tunes' 90%-area centre crop (they were trained
+        with random-crop augmentation); None: on exactly when the statistics are a LIBERO dataset's
+        (`libero_*`), as the official LIBERO script defaults.
         `constrain_to_bins`: restrict decoding to the 256 action tokens (off: the official greedy argmax
         over the whole vocabulary, a non-action token then clips to the edge bin).
         """
@@ -128,6 +138,8 @@ class OpenVLAPolicy(Policy):
         model = PrismaticModel.from_pretrained(directory, dtype=torch_dtype, device=device)
         # The Llama config keeps AutoTokenizer from reading config.json's unknown model_type "openvla".
         tokenizer = AutoTokenizer.from_pretrained(directory, config=model.config.llama_config())
+        if center_crop is None:
+            center_crop = stats.key.startswith("libero")
         image_processor = processing.ImageProcessor.for_checkpoint(
             directory, model.config, center_crop=center_crop
         )

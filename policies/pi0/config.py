@@ -269,7 +269,9 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
     """Parse a checkpoint's config.json (LeRobot or openpi flavour); errors name the file and key.
 
     `overrides`: `n_action_steps`, `num_inference_steps`, and for openpi checkpoints `image_keys`
-    (list of names), `state_dim`, `action_dim` (which the openpi config does not record).
+    (list of names), `state_dim`, `action_dim` and `relative_action_dims` (which the openpi config does not
+    record: openpi's `pi0_libero` trains with `extra_delta_transform`, actions relative to the state on the
+    first 6 dims, `DeltaActions(make_bool_mask(6, -1))`; the state is added back after un-normalising).
     """
     path = Path(path)
     source = str(path)
@@ -315,11 +317,22 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
             f"{source}: proj_width {data['proj_width']} differs from the expert width {arch.expert.width}"
         )
 
+    relative_dims = overrides.get("relative_action_dims")
+    if relative_dims is not None and not openpi:
+        raise ValueError(
+            f"{source}: relative_action_dims is for openpi checkpoints; a LeRobot config.json records its "
+            "own use_relative_actions"
+        )
     if openpi:
         keys = overrides.get("image_keys") or ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
         images = [Feature(k, "VISUAL", (3, size, size)) for k in keys]
         state_dim = overrides.get("state_dim") or arch.max_state_dim
-        action_dim = overrides.get("action_dim") or arch.max_action_dim
+        action_dim = int(overrides.get("action_dim") or arch.max_action_dim)
+        if relative_dims is not None and not 1 <= int(relative_dims) <= action_dim:
+            raise ValueError(
+                f"relative_action_dims must be in 1..{action_dim} (the action dims), got {relative_dims}"
+            )
+        rel = int(relative_dims or 0)
         cfg = PI0Config(
             architecture=arch,
             images=images,
@@ -332,6 +345,8 @@ def read_config(path: str | Path, **overrides: Any) -> PI0Config:
             layout="openpi",
             tokenizer_max_length=int(data.get("max_token_len", DEFAULT_PROMPT_LENGTH[variant])),
             dtype=data.get("precision", data.get("dtype")),
+            relative_actions=rel > 0,
+            relative_mask=(True,) * rel + (False,) * (action_dim - rel) if rel else (),
             variant=variant,
         )
         return cfg

@@ -54,6 +54,13 @@ HUB_PATTERNS = (
 )
 
 
+def absolute_actions(actions: np.ndarray, state: Any, mask: tuple[bool, ...]) -> np.ndarray:
+    """State-relative actions made absolute: the raw state added where `mask` is true (LeRobot's
+    AbsoluteActionsProcessorStep; openpi's `AbsoluteActions`, pi0_libero's mask: 6 true, then false)."""
+    s = np.asarray(state, np.float32).reshape(-1)[: len(mask)]
+    return actions + s * np.asarray(mask, np.float32)
+
+
 class PI0Policy(Policy):
     MODEL: type[PI0Model] = PI0Model
     VARIANT = "pi0"  # the checkpoints this class loads (`PI0Config.variant`)
@@ -98,6 +105,14 @@ class PI0Policy(Policy):
             image_keys={self.image_keys[f.name]: (f.shape[1], f.shape[2], 3) for f in real},
             state_dim=cfg.state_dim,
             action_space="checkpoint",  # whatever the fine-tune's dataset recorded (LIBERO: ee deltas)
+            conventions={
+                "family": self.VARIANT,  # pi0 or pi05: the profiles differ (relative actions, prompt)
+                "gripper": None,  # as the fine-tune's dataset recorded it (LIBERO's: +1 close)
+                "action_frame": "absolute",  # a state-relative checkpoint's actions get the state back here
+                "relative_mask": list(cfg.relative_mask) if cfg.relative_actions else None,
+                "center_crop": None,
+                "resize": "pad_bilinear",  # another size is resized with padding (LeRobot, openpi)
+            },
         )
         pg = model.paligemma_with_expert.paligemma
         self._backbones = {
@@ -153,13 +168,16 @@ class PI0Policy(Policy):
         openpi_image_keys: list[str] | None = None,
         state_dim: int | None = None,
         action_dim: int | None = None,
+        relative_action_dims: int | None = None,
         name: str | None = None,
     ) -> PI0Policy:
         """Load a LeRobot or openpi checkpoint directory (config.json + model.safetensors) of this variant.
 
         `dtype`: float32 (default) or bfloat16; `seed`: deterministic noise (re-seeded at every reset);
         `image_keys`: checkpoint image feature -> observation key (None: an empty camera, -1 and masked);
-        `norm_stats`: a stats JSON overriding the checkpoint's; `openpi_image_keys`, `state_dim`, `action_dim`: what an openpi config lacks.
+        `norm_stats`: a stats JSON overriding the checkpoint's; `openpi_image_keys`, `state_dim`,
+        `action_dim`, `relative_action_dims` (openpi's state-relative first N action dims, `pi0_libero`: 6):
+        what an openpi config lacks.
         """
         directory = local_checkpoint(path, HUB_PATTERNS, f"a {cls.VARIANT}")
         if not (directory / ckpt.WEIGHTS).exists():
@@ -178,6 +196,7 @@ class PI0Policy(Policy):
             image_keys=openpi_image_keys,
             state_dim=state_dim,
             action_dim=action_dim,
+            relative_action_dims=relative_action_dims,
         )
         if cfg.variant != cls.VARIANT:
             raise ValueError(f"{directory} holds a {cfg.variant} checkpoint; load it as kind {cfg.variant}")
@@ -319,9 +338,8 @@ class PI0Policy(Policy):
 
     def _chunk(self, obs: Observation, normed: np.ndarray) -> ActionChunk:
         actions = self.action_norm.unnormalize(normed)
-        if self.cfg.relative_actions:  # LeRobot's AbsoluteActionsProcessorStep: + the raw state, masked
-            state = np.asarray(obs.state, np.float32).reshape(-1)[: self.cfg.action_dim]
-            actions = actions + state * np.asarray(self.cfg.relative_mask, np.float32)
+        if self.cfg.relative_actions:
+            actions = absolute_actions(actions, obs.state, self.cfg.relative_mask)
         return ActionChunk(
             actions=np.ascontiguousarray(actions[: self.cfg.n_action_steps]),
             info={"chunk_size": self.cfg.chunk_size, "num_inference_steps": self.cfg.num_inference_steps},

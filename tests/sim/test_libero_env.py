@@ -8,7 +8,6 @@ LIBERO tests skip, saying how to build it; the config and conversion tests alway
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import LIBERO_PYTHON, run_libero
 
 from policies import load_policy
 from sim.base import to_osc_action
@@ -28,7 +28,6 @@ from vla_steer.wire import Server
 
 ROOT = Path(__file__).resolve().parents[2]
 SIMS = shipped("sims")
-LIBERO_PYTHON = Path(os.environ.get("VLA_STEER_LIBERO_PYTHON", ROOT / ".venv-libero" / "bin" / "python"))
 SPATIAL_0 = "pick up the black bowl between the plate and the ramekin and place it on the plate"
 
 needs_libero = pytest.mark.skipif(
@@ -36,22 +35,6 @@ needs_libero = pytest.mark.skipif(
     reason=f"no LIBERO venv at {LIBERO_PYTHON}: build it with `bash scripts/make_libero_venv.sh` "
     "(or `make libero`), or point $VLA_STEER_LIBERO_PYTHON at its python",
 )
-
-
-def _libero_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return env | {"MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
-
-
-def _run_libero(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(LIBERO_PYTHON), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_libero_env(),
-    )
 
 
 # -- configs and conversions (no LIBERO needed) ----------------------------------------------------
@@ -162,7 +145,7 @@ ENV_CHECK = textwrap.dedent(
 @needs_libero
 @pytest.mark.slow
 def test_libero_env_seeds_settles_and_orients_images():
-    r = _run_libero(["-c", ENV_CHECK])
+    r = run_libero(["-c", ENV_CHECK])
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert out["instruction"] == SPATIAL_0 and out["n_init_states"] == 50 and out["init_state_index"] == 3
@@ -198,7 +181,7 @@ def test_libero_node_records_an_episode_against_the_policy_node(served, tmp_path
         "--episodes", "1", "--max-steps", "10", "--out", str(out), "--steer", "fast=4", "--activations", "fast",
         "--seed", "2",
     ]  # fmt: skip
-    r = _run_libero(args)
+    r = run_libero(args)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "success rate 0% over 1 episodes" in r.stdout
     (info,) = open_store(out).episodes()
@@ -231,5 +214,5 @@ def test_libero_node_without_a_policy_node_exits_3(tmp_path):
         "-m", "sim.libero_node", "--env", "libero_goal", "--server", "tcp://127.0.0.1:9",  # a shipped name
         "--connect-timeout", "0.5", "--out", str(tmp_path / "run"),
     ]  # fmt: skip
-    r = _run_libero(args, timeout=60)
+    r = run_libero(args, timeout=60)
     assert r.returncode == 3 and "no policy node answered" in r.stderr

@@ -11,7 +11,8 @@ import threading
 
 import numpy as np
 import pytest
-from support import VLA_STEER, free_address, serve_process, wait_for
+from checkpoints import write_checkpoint
+from support import VLA_STEER, free_address, serve_process, serving, wait_for
 
 from policies import load_policy
 from sim.base import StepResult
@@ -118,6 +119,23 @@ def test_env_rejects_a_policy_it_cannot_serve(robosuite):
         RobosuiteEnv(
             RobosuiteConfig(), ServerInfo("p", 7, 1, 10.0, {"a": (32, 32, 3)}, info={"state_dim": 5})
         )
+
+
+def test_cli_sim_refuses_a_policy_whose_gripper_the_config_maps_otherwise(robosuite, tmp_path):
+    """`vla-steer serve` a tiny OpenVLA (its gripper in [0, 1], 1 = open: `open_unit` in its hello) and
+    `vla-steer sim` under robosuite's default `open_positive`: exit 2 naming the setting, nothing recorded.
+    (With `gripper: open_unit` the same checkpoint runs: tests/app/test_journey.py, layout openvla.)"""
+    ckpt = write_checkpoint("openvla", tmp_path)
+    out = tmp_path / "run"
+    with serving(ckpt, "--option", "unnorm_key=tiny_suite") as address:
+        r = subprocess.run(
+            [VLA_STEER, "sim", "--env", "robosuite_lift", "--server", address, "--out", str(out)],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "the policy's gripper is 'open_unit' but the sim config maps `gripper: open_positive`" in r.stderr
+    assert "set `gripper: open_unit` in the sim config" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() or not list(open_store(out).episodes())
 
 
 def _project(sim, camera: str, point: np.ndarray, h: int, w: int) -> tuple[float, float]:

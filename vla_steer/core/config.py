@@ -4,7 +4,7 @@ A key given twice in one mapping is an error, not "the last one wins": a second 
 must not silently replace the first.
 
 Torch-free: the LIBERO node reads its sim config from its own environment. The shipped configs are package
-data (`vla_steer/configs/{concepts,policies,sims,robots}`), so an installed wheel finds them by name.
+data (`vla_steer/configs/{concepts,policies,sims,robots,profiles}`), so an installed wheel finds them by name.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 Model = TypeVar("Model", bound=BaseModel)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("concepts", "policies", "sims", "robots")
+GROUPS = ("concepts", "policies", "sims", "robots", "profiles")
 
 
 def shipped(group: str) -> Path:
@@ -76,18 +76,29 @@ def load_yaml(path: str | Path) -> object:
 
 def load_yaml_model(path: str | Path, model: type[Model], what: str = "config") -> Model:
     """`model` validated from the YAML file at `path` (an empty file is an empty mapping)."""
+    return validate_model(read_yaml_file(path, what), model, str(path))
+
+
+def read_yaml_file(path: str | Path, what: str = "config") -> object:
+    """The YAML document in `path` (an empty file is an empty mapping); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         raw = load_yaml(path)
-        return model.model_validate(raw if raw is not None else {})
     except DuplicateKeyError as e:
         raise ValueError(f"{path}: {e} (a second line would silently replace the first)") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
+    return raw if raw is not None else {}
+
+
+def validate_model(raw: object, model: type[Model], source: str) -> Model:
+    """`model` validated from parsed YAML; a ValueError names `source`, each key and its rule."""
+    try:
+        return model.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()
         )
-        raise ValueError(f"{path}: {problems}") from None
+        raise ValueError(f"{source}: {problems}") from None

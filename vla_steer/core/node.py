@@ -120,6 +120,7 @@ class PolicyNode:
                 "inference": "batched" if self.batch_max > 1 else "sequential",
                 "batch_max": self.batch_max,
             },
+            conventions=spec.conventions,
         )
 
     def infer(self, req: Request) -> Reply:

@@ -30,6 +30,9 @@ class PolicySpec:
     image_keys: dict[str, tuple[int, int, int]]  # key -> (H, W, 3) uint8
     state_dim: int | None = None
     action_space: str = "ee_delta"  # what the action vector means; documented per policy
+    # What inputs and outputs mean (gripper range, action frame, image preprocessing), announced in the
+    # hello reply so a simulator can refuse a setup that contradicts them: keys in `wire.ServerInfo`.
+    conventions: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

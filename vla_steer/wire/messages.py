@@ -138,6 +138,7 @@ _REPLIES: dict[str, _Spec] = {
         "control_hz": (True, _t_number, "a number"),
         "image_keys": (True, _t_shape_map, "a map of image key -> shape"),
         "concepts": (True, _t_names, "a list of names"),
+        "conventions": (False, _t_plain_map, "a map of plain values (see ServerInfo)"),
         **_INFO,
     },
     "infer": {
@@ -221,7 +222,17 @@ def error_payload(code: str, message: str, field: str | None = None) -> dict[str
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """The "hello" reply: what a client needs to know to drive the policy."""
+    """The "hello" reply: what a client needs to know to drive the policy.
+
+    `conventions`: what the policy's inputs and outputs mean, so that a simulator can refuse a setup that
+    contradicts them (`sim.libero_profile`). Keys (all optional; an absent one is unknown):
+    `family` (openvla | pi0 | pi05 | tiny_vla), `gripper` (how the last action dim reads: open_unit =
+    [0, 1] with 1 open, OpenVLA's; close_positive = [-1, 1] with +1 close, LIBERO's; open_positive),
+    `action_frame` ("absolute": execute as returned; a state-relative checkpoint's policy has added the
+    state back), `relative_mask` (the action dims the policy made absolute by adding the state, or null),
+    `center_crop` (the area fraction the policy crops from each image itself, or null), `resize` (how the
+    policy resizes an image of another size than `image_keys`').
+    """
 
     policy: str
     action_dim: int
@@ -230,6 +241,7 @@ class ServerInfo:
     image_keys: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # key -> (H, W, C)
     concepts: tuple[str, ...] = ()
     info: Mapping[str, Any] = field(default_factory=dict)  # policy-specific extras (e.g. unnorm_key)
+    conventions: Mapping[str, Any] = field(default_factory=dict)
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -241,6 +253,7 @@ class ServerInfo:
             "image_keys": {k: [int(d) for d in s] for k, s in self.image_keys.items()},
             "concepts": list(self.concepts),
             "info": dict(self.info),
+            "conventions": dict(self.conventions),
         }
 
     @classmethod
@@ -253,6 +266,7 @@ class ServerInfo:
             image_keys={k: tuple(s) for k, s in payload["image_keys"].items()},
             concepts=tuple(payload["concepts"]),
             info=dict(payload.get("info", {})),
+            conventions=dict(payload.get("conventions", {})),
         )
 
 

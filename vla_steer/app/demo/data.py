@@ -13,11 +13,11 @@ import itertools
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 from vla_steer.app.demo.expert import HEIGHTS, SPEEDS, LiftExpert
+from vla_steer.wire import ServerInfo
 
 IMAGE_KEY = "wrist"
 IMAGE_SIZE = 64
@@ -40,8 +40,13 @@ def make_env():
     from sim.robosuite_env import RobosuiteConfig, RobosuiteEnv
 
     # What the policy node's hello reply will announce, so the env sends the state as it will at test time.
-    info = SimpleNamespace(
-        image_keys={IMAGE_KEY: (IMAGE_SIZE, IMAGE_SIZE, 3)}, action_dim=7, info={"state_dim": STATE_DIM}
+    info = ServerInfo(
+        "demo-expert",
+        7,
+        1,
+        CONTROL_HZ,
+        {IMAGE_KEY: (IMAGE_SIZE, IMAGE_SIZE, 3)},
+        info={"state_dim": STATE_DIM},
     )
     return RobosuiteEnv(RobosuiteConfig(**DEMO_SIM), info)
 
