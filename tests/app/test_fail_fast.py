@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 from checkpoints import write_checkpoint, write_sim_config
-from support import VLA_STEER
+from support import VLA_STEER, free_address
 
 from policies.pi0 import checkpoint as ckpt_files
 from policies.resolve import LanguageModel, detect_kind, resolve_policy, resolve_target
@@ -191,6 +191,27 @@ def test_eval_checks_the_grid_before_connecting(tmp_path):
     )
     assert "--ray needs --policy" in refused("eval", "--env", "robosuite_lift", "--ray", "--out", out)
     assert not (tmp_path / "runs").exists()
+
+
+def test_eval_starts_at_the_profiles_first_seed_and_refuses_tasks_that_disagree(tmp_path):
+    """LeRobot's LIBERO evaluations seed episode i with 1000 + i: a grid over a config naming that profile
+    starts there unless --seed says otherwise; with a task starting at 0 beside it, --seed must decide."""
+    from sim.grid import Grid
+    from vla_steer.app.cli.sim import _first_seed
+
+    lerobot = tmp_path / "lerobot_spatial.yaml"
+    lerobot.write_text("kind: libero\nsuite: libero_spatial\nprofile: lerobot_pi0_libero\n")
+    assert _first_seed(Grid.build([f"{lerobot}:0,1"], [{}], 2).tasks) == 1000
+    assert _first_seed(Grid.build(["libero_spatial:0", "robosuite_lift"], [{}], 2).tasks) == 0
+    out = str(tmp_path / "runs")
+    err = refused("eval", "--env", f"{lerobot}:0", "--env", "robosuite_lift", "--out", out)
+    assert "--seed: the tasks' configs start at different seeds" in err and "1000" in err
+    r = subprocess.run(  # with --seed, past that check: to the policy node, which is not running (3)
+        [VLA_STEER, "eval", "--env", f"{lerobot}:0", "--env", "robosuite_lift", "--seed", "7", "--out", out,
+         "--server", free_address()],
+        capture_output=True, text=True, timeout=120, env=ENV,
+    )  # fmt: skip
+    assert r.returncode == 3, r.stderr
 
 
 def test_eval_says_the_libero_venv_is_missing_before_connecting(tmp_path):

@@ -130,7 +130,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--activations", default="", help="comma-separated concepts or layer:N to record with every step"
     )
     p.add_argument("--out", type=Path, required=True, help="rollout store directory (appended to)")
-    p.add_argument("--seed", type=int, default=0, help="episode i of every setting uses seed + i")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="episode i of every setting uses seed + i (default: 0, or the LIBERO configs' first_seed)",
+    )
     p.add_argument(
         "--timeout",
         type=float,

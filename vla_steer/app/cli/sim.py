@@ -77,7 +77,7 @@ def cmd_sim(args) -> int:
     _check_run(args, {args.env.stem: cfg.cameras})
     code, results = session.run_command(
         args.server, {args.env.stem: cfg}, [parse_strengths(args.steer)], out=args.out, episodes=args.episodes,
-        max_steps=args.max_steps or DEFAULT_MAX_STEPS, seed=args.seed, execute_steps=args.execute_steps,
+        max_steps=args.max_steps or DEFAULT_MAX_STEPS, seed=args.seed or 0, execute_steps=args.execute_steps,
         activations=session.names(args.activations), server_key=args.server_key, keypair=args.keypair,
         request_timeout=args.timeout,
     )  # fmt: skip
@@ -86,6 +86,20 @@ def cmd_sim(args) -> int:
     (args.out / "eval.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
     _videos(args, [i for r in results for i in r.episode_ids], write_video)
     return 0
+
+
+def _first_seed(tasks) -> int:
+    """The grid's first seed when --seed is not given: its LIBERO configs' (profiles') `first_seed`, 0 for
+    the others. Tasks that start at different seeds cannot share the grid's matched seeds: --seed decides."""
+    from sim.worker import task_config
+
+    seeds = {t.label: getattr(task_config(t.as_dict(), None)[0], "first_seed", 0) for t in tasks}
+    if len(set(seeds.values())) > 1:
+        raise ValueError(
+            f"--seed: the tasks' configs start at different seeds ({seeds}, their first_seed); every setting "
+            "runs the same seeds, so pass --seed to choose"
+        )
+    return next(iter(seeds.values()))
 
 
 def cmd_eval(args) -> int:
@@ -99,7 +113,9 @@ def cmd_eval(args) -> int:
     from vla_steer.wire import parse_setting
 
     settings = [parse_setting(t) for t in args.settings]
-    grid = grids.Grid.build(args.env, settings, args.episodes, args.seed)
+    grid = grids.Grid.build(args.env, settings, args.episodes, args.seed or 0)
+    if args.seed is None:  # a profile's episode order (LeRobot's evaluations start at seed 1000)
+        grid = dataclasses.replace(grid, seed=_first_seed(grid.tasks))
     cells = grid.shard(*grids.parse_shard(args.shard)) if args.shard else grid.cells()
     _check_run(args, {t.label: _cameras(t) for t in grid.tasks})
     _check_scale(args)
