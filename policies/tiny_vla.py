@@ -52,6 +52,9 @@ class TinyVLAConfig:
     patch_size: int = 8
     vision_dim: int = 32
     vision_layers: int = 1
+    # "patch": one strided convolution per patch (ViT); "conv": a stack of stride-2 3x3 convolutions down to
+    # the same grid, whose overlapping receptive fields localise an object to a fraction of a patch.
+    vision_stem: str = "patch"
     action_dim: int = 7
     n_bins: int = 256
     chunk_length: int = 1
@@ -83,7 +86,19 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: TinyVLAConfig):
         super().__init__()
         n = (cfg.image_size // cfg.patch_size) ** 2
-        self.patch = nn.Conv2d(3, cfg.vision_dim, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.vision_stem == "patch":
+            self.patch = nn.Conv2d(3, cfg.vision_dim, cfg.patch_size, stride=cfg.patch_size)
+        elif cfg.vision_stem == "conv":
+            halvings = cfg.patch_size.bit_length() - 1
+            if cfg.patch_size != 2**halvings or halvings < 1:
+                raise ValueError(f"vision_stem 'conv' needs a power-of-two patch_size, not {cfg.patch_size}")
+            widths = [3] + [max(16, cfg.vision_dim // 2 ** (halvings - 1 - i)) for i in range(halvings)]
+            layers: list[nn.Module] = []
+            for i in range(halvings):
+                layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1), nn.GELU()]
+            self.patch = nn.Sequential(*layers[:-1])
+        else:
+            raise ValueError(f"vision_stem must be 'patch' or 'conv', not {cfg.vision_stem!r}")
         self.pos = nn.Parameter(torch.randn(1, n, cfg.vision_dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
             cfg.vision_dim, 4, 2 * cfg.vision_dim, dropout=0.0, batch_first=True

@@ -3,7 +3,10 @@
 Each episode draws a speed ("slow", "normal", "fast") and a carrying height ("low", "normal", "high"),
 runs the expert (`vla_steer.app.demo.expert`) in the same robosuite node configuration the demo evaluates in
 (`DEMO_SIM`), and stores what the policy will see (the wrist image and the 8-d state) with the expert's
-action. Instructions are not stored: training phrases each episode's labels anew every time it is drawn
+action. Most episodes execute the expert's action plus Gaussian noise while recording the clean action
+(DART, Laskey et al. 2017): the policy then sees states off the expert's path labelled with the way back,
+which is what keeps a cloned policy from drifting off its demonstrations in closed loop. An episode whose
+expert did not lift the cube is dropped. Instructions are not stored: training phrases each episode's labels anew every time it is drawn
 (`vla_steer.app.demo.language`), so the model meets many wordings of one behaviour.
 """
 
@@ -51,34 +54,52 @@ def make_env():
     return RobosuiteEnv(RobosuiteConfig(**DEMO_SIM), info)
 
 
+NOISE = (0.0, 0.25)  # DART: per episode, executed-action noise std (normalised xyz units) drawn from this range
+CLEAN_SHARE = 0.25  # episodes executed without noise
+
+
 def _episodes(jobs: list[tuple[int, str, str]]) -> dict[str, np.ndarray]:
-    """Run the expert for each (seed, speed, height); concatenated step arrays."""
+    """Run the expert for each (seed, speed, height); concatenated step arrays of the episodes it lifted."""
     env = make_env()
-    out: dict[str, list] = {k: [] for k in ("images", "states", "actions", "episode", "speed", "height")}
+    keys = ("images", "states", "actions", "episode", "speed", "height")
+    out: dict[str, list] = {k: [] for k in keys}
     try:
         for seed, speed, height in jobs:
+            rng = np.random.default_rng(seed)
+            noise = 0.0 if rng.random() < CLEAN_SHARE else rng.uniform(*NOISE)
             obs = env.reset(seed)
             expert = LiftExpert(SPEEDS[speed], HEIGHTS[height])
             held = 0
+            episode: dict[str, list] = {k: [] for k in keys}
             for _ in range(MAX_STEPS):
                 action = expert.act(obs.ee_pos, np.asarray(env.ground_truth["cube_pos"]))
-                out["images"].append(obs.images[IMAGE_KEY])
-                out["states"].append(obs.state)
-                out["actions"].append(action.astype(np.float32))
-                out["episode"].append(seed)
-                out["speed"].append(list(SPEEDS).index(speed))
-                out["height"].append(list(HEIGHTS).index(height))
-                obs = env.step(action).observation
+                episode["images"].append(obs.images[IMAGE_KEY])
+                episode["states"].append(obs.state)
+                episode["actions"].append(action.astype(np.float32))
+                episode["episode"].append(seed)
+                episode["speed"].append(list(SPEEDS).index(speed))
+                episode["height"].append(list(HEIGHTS).index(height))
+                executed = action.copy()
+                executed[:3] = np.clip(executed[:3] + rng.normal(0.0, noise, 3), -1.0, 1.0)
+                obs = env.step(executed).observation
                 if expert.phase == "lift" and abs(obs.ee_pos[2] - expert.table_z - expert.height) < 0.01:
                     held += 1
                     if held > HOLD_STEPS:
                         break
+            if env.success():
+                for k in keys:
+                    out[k] += episode[k]
     finally:
         env.close()
-    return {k: np.stack(v) for k, v in out.items()}
+    return {k: np.stack(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
-def generate(path: str | Path, episodes_per_setting: int = 16, seed: int = 0, workers: int = 2) -> Path:
+TRAIN_SEEDS = 10_000  # demonstrations start at this seed; the demo evaluates seeds from 0, never trained on
+
+
+def generate(
+    path: str | Path, episodes_per_setting: int = 16, seed: int = TRAIN_SEEDS, workers: int = 2
+) -> Path:
     """Write `path` (.npz): images [N, 64, 64, 3] uint8, states [N, 8], actions [N, 7], and per step its
     episode seed and speed/height label indices (into SPEEDS / HEIGHTS)."""
     settings = list(itertools.product(SPEEDS, HEIGHTS))
