@@ -6,9 +6,11 @@ changes are known; everything from the store's files to the report is the real c
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -23,7 +25,8 @@ SETTINGS = {  # setting -> (speed factor, carrying height offset m)
     (("fast", 4.0),): (1.15, 0.0),
     (("slow", 8.0),): (0.7, 0.0),
     (("up", 8.0),): (1.0, 0.05),
-    (("fast:random", 8.0),): (1.0, 0.0),
+    (("fast:random", 8.0),): (1.0, 0.0),  # the one-draw name of earlier runs
+    (("fast:random2", 8.0),): (1.02, 0.0),
 }
 
 
@@ -43,8 +46,9 @@ def write_episode(
         z = 0.9 + (0.1 + dz if carrying else 0.0)
         act = np.full((7, n_neurons), np.linalg.norm(v), dtype=np.float32)  # neuron 0..: tracks speed
         act[:, 1] = z
+        frame = np.full((8, 8, 3), t * 6, dtype=np.uint8)  # the camera: brighter as time goes on
         w.step(ee_pos=np.array([pos[0], 0.0, z]), ee_vel=v, action=np.zeros(7), reward=float(carrying),
-               t_wall=float(t), activations={"fast": act})  # fmt: skip
+               t_wall=float(t), activations={"fast": act}, images={"wrist": frame})  # fmt: skip
     w.end(success=True, seed=seed)
 
 
@@ -81,12 +85,24 @@ def test_analysis_recovers_planted_changes_with_confidence_intervals(run_dir, tm
     assert up.mean == pytest.approx(0.05, abs=1e-9) and up.low > 0
     control = a.setting("fast", 8.0, control=True).change["moving_speed"]
     assert control.mean == pytest.approx(0.0, abs=1e-9) and control.low <= 0 <= control.high
+    draws = a.controls("fast", 8.0)
+    assert [(d.setting.draw, d.setting.label) for d in draws] == [
+        (0, "fast (random)=8"),
+        (2, "fast (random 2)=8"),
+    ]
+    assert draws[1].change["moving_speed"].mean == pytest.approx(0.02, abs=1e-9)
+    assert a.controls("fast", 4.0) == [] and a.controls("slow", 8.0) == []
+    success = a.setting("fast", 8.0).success  # 12 of 12: a Wilson interval, not a degenerate [1, 1]
+    assert success.mean == 1.0 and success.high == 1.0 and 0.7 < success.low < 0.8 and success.n == 12
     assert a.best("fast", "moving_speed", 1.0).setting.strength == 8.0
 
     summary = json.loads((tmp_path / "summary.json").read_text())
-    rows = {(s["direction"], s["strength"], s["control"]): s for s in summary["settings"]}
+    rows = {(s["direction"], s["strength"], s["control"] and s["draw"] + 1): s for s in summary["settings"]}
     assert rows[("fast", 8.0, False)]["episodes"] == 12 and rows[("fast", 8.0, False)]["success_rate"] == 1.0
-    assert rows[("fast", 8.0, True)]["mode"] == "clamp"
+    assert (
+        rows[("fast", 8.0, 1)]["mode"] == "clamp" and rows[("fast", 8.0, 3)]["label"] == "fast (random 2)=8"
+    )
+    assert rows[("fast", 8.0, False)]["success"]["ci95"][1] == 1.0
     lo, hi = rows[("baseline", 0.0, False)]["moving_speed"]["ci95"]
     assert lo < rows[("baseline", 0.0, False)]["moving_speed"]["mean"] < hi
     assert summary["directions"]["fast"]["neurons"][0]["tokens"] == ["fast", "quick"]
@@ -96,6 +112,13 @@ def test_analysis_recovers_planted_changes_with_confidence_intervals(run_dir, tm
 
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "L3.7" in html and "fast (random)=8" in html
+    # One dose-response figure per direction (effect and success vs strength, control draws beside), and the
+    # side-by-side motion strip of the baseline and each direction's strongest setting.
+    assert {"dose_fast", "dose_slow", "dose_up", "motion", "trajectories"} <= set(a.figures)
+    assert "fast: dose-response" in html and "Side by side" in html
+    for key in ("dose_fast", "motion"):
+        img = plt.imread(io.BytesIO(a.figures[key]), format="png")
+        assert img.shape[0] > 100 and img.shape[1] > 300 and img[..., :3].std() > 0.05  # drawn, not blank
 
 
 def test_analyze_cli_and_its_errors(run_dir, tmp_path, capsys):

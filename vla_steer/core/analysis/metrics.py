@@ -33,16 +33,19 @@ class Setting:
     strength: float
     control: bool = False  # random neurons of the same size instead of the direction's
     mode: str = "clamp"
+    draw: int = 0  # which random control of the direction (`fast:random2`: 2; `fast:random`: 0)
 
     @property
     def label(self) -> str:
         if self.direction == "baseline":
             return "baseline"
-        return f"{self.direction}{' (random)' if self.control else ''}={self.strength:g}"
+        if not self.control:
+            return f"{self.direction}={self.strength:g}"
+        return f"{self.direction} (random{f' {self.draw}' if self.draw else ''})={self.strength:g}"
 
     @classmethod
     def from_meta(cls, meta: dict) -> Setting:
-        """From an episode's `setting` metadata ({"fast": 8.0}, {"fast:random": 8.0} or {})."""
+        """From an episode's `setting` metadata ({"fast": 8.0}, {"fast:random2": 8.0} or {})."""
         setting = meta.get("setting") or {}
         mode = str(meta.get("steer_mode", "clamp"))
         if not setting:
@@ -51,8 +54,10 @@ class Setting:
             name = ",".join(sorted(setting))
             return cls(name, float(np.mean(list(setting.values()))), mode=mode)
         ((name, strength),) = setting.items()
-        control = name.endswith(":random")
-        return cls(name.removesuffix(":random"), float(strength), control, mode)
+        base, _, draw = name.partition(":random")
+        if ":random" in name and (draw == "" or draw.isdigit()):
+            return cls(base, float(strength), True, mode, int(draw or 0))
+        return cls(name, float(strength), False, mode)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 from vla_steer.core.analysis import plots
 from vla_steer.core.analysis.metrics import EpisodeMetrics, Setting, by_setting, linear_speed, store_metrics
 from vla_steer.core.analysis.probes import NeuronTrack, layer_histogram, neuron_tracks
-from vla_steer.core.analysis.stats import Estimate, mean_ci, relative_change
+from vla_steer.core.analysis.stats import Estimate, mean_ci, proportion_ci, relative_change
 from vla_steer.core.analysis.stores import Stores
 from vla_steer.core.discovery.direction import Direction, load_directions
 from vla_steer.core.rollouts import Store, open_store
@@ -42,6 +42,7 @@ class SettingSummary:
     success_rate: float
     metrics: dict[str, Estimate]
     change: dict[str, Estimate] = field(default_factory=dict)  # vs baseline
+    success: Estimate = Estimate(math.nan, math.nan, math.nan, 0)  # success rate with its Wilson 95% CI
 
     def as_dict(self) -> dict:
         s = self.setting
@@ -51,8 +52,10 @@ class SettingSummary:
             "mode": s.mode,
             "strength": s.strength,
             "control": s.control,
+            "draw": s.draw,
             "episodes": self.episodes,
             "success_rate": None if math.isnan(self.success_rate) else self.success_rate,
+            "success": self.success.as_dict(),
             **{k: v.as_dict() for k, v in self.metrics.items()},
             "change_vs_baseline": {k: v.as_dict() for k, v in self.change.items()},
         }
@@ -75,6 +78,11 @@ class Analysis:
             ):
                 return s
         raise KeyError(f"no setting {direction!r} (strength {strength}, control {control}) in this run")
+
+    def controls(self, direction: str, strength: float) -> list[SettingSummary]:
+        """Every random-control draw of `direction` run at `strength`."""
+        return [s for s in self.settings if s.setting.direction == direction and s.setting.control
+                and s.setting.strength == strength]  # fmt: skip
 
     def best(self, direction: str, metric: str, sign: float) -> SettingSummary | None:
         """The direction's strength with the largest change of `metric` in the direction of `sign`."""
@@ -130,7 +138,9 @@ def summarise(rows: list[EpisodeMetrics]) -> list[SettingSummary]:
         return {(r.seed if r.seed is not None else r.episode): getattr(r, metric) for r in group}
 
     out = []
-    order = sorted(groups, key=lambda s: (s.direction != "baseline", s.direction, s.control, s.strength))
+    order = sorted(
+        groups, key=lambda s: (s.direction != "baseline", s.direction, s.control, s.strength, s.draw)
+    )
     for s in order:
         g = groups[s]
         succ = [r.success for r in g if r.success is not None]
@@ -139,6 +149,7 @@ def summarise(rows: list[EpisodeMetrics]) -> list[SettingSummary]:
             len(g),
             float(np.mean(succ)) if succ else math.nan,
             {m: mean_ci([float(getattr(r, m)) for r in g]) for m in METRICS},
+            success=proportion_ci(succ),
         )
         if base is not None and s.direction != "baseline":
             summ.change = {m: relative_change(per_seed(g, m), per_seed(base, m)) for m in COMPARED}
@@ -192,19 +203,21 @@ def analyze(
     return analysis
 
 
+STRIP_FRAMES = 8  # frames per motion strip
+STRIP_EVERY = 6  # steps between them
+
+
 def _figures(a: Analysis, store: Store | Stores, control_hz: float | None) -> dict[str, bytes]:
     figs = {}
-    for metric in ("moving_speed", "carry_height", "length"):
-        curves: dict[str, dict[float, Estimate]] = {}
-        controls: dict[str, dict[float, Estimate]] = {}
-        for s in a.settings:
-            if metric in s.change:
-                target = controls if s.setting.control else curves
-                target.setdefault(s.setting.direction, {})[s.setting.strength] = s.change[metric]
-        if curves:
-            figs[f"dose_{metric}"] = plots.dose_response(curves, controls, metric)
+    base = next((s for s in a.settings if s.setting.direction == "baseline"), None)
+    # One dose-response figure per direction: its effect and success rate against strength, beside every
+    # random-control draw (the distribution the concept's effect must stand out of).
+    for name in sorted({s.setting.direction for s in a.settings if s.setting.direction != "baseline"}):
+        mine = [s for s in a.settings if s.setting.direction == name]
+        if any(not s.setting.control for s in mine):
+            figs[f"dose_{name}"] = plots.concept_dose(name, mine, base, ("moving_speed", "carry_height"))
     # Trajectories: the baseline and each direction's strongest setting, a few matched seeds each.
-    chosen = [s for s in a.settings if s.setting.direction == "baseline"]
+    chosen = [base] if base is not None else []
     for name in sorted({s.setting.direction for s in a.settings if s.setting.direction != "baseline"}):
         strongest = [s for s in a.settings if s.setting.direction == name and not s.setting.control]
         if strongest:
@@ -222,10 +235,36 @@ def _figures(a: Analysis, store: Store | Stores, control_hz: float | None) -> di
     if any(paths.values()):
         figs["trajectories"] = plots.trajectories({k: v for k, v in paths.items() if v}, dt)
         figs["speed_profiles"] = plots.speed_profiles({k: v for k, v in speeds.items() if v}, dt)
+    strips = _strips(a, store, chosen)
+    if strips:
+        figs["motion"] = plots.motion_strip(strips, STRIP_EVERY * dt if dt else None, STRIP_EVERY)
     hist = layer_histogram(a.directions)
     if hist:
         figs["layers"] = plots.layer_counts(hist)
     return figs
+
+
+def _strips(a: Analysis, store: Store | Stores, chosen: list[SettingSummary]) -> dict[str, list[np.ndarray]]:
+    """Frames every STRIP_EVERY steps of one episode per chosen setting, all of one seed (the first seed every
+    chosen setting ran), from the first camera recorded."""
+    episodes: dict[Setting, dict] = {s.setting: {} for s in chosen}
+    for r in a.episodes:
+        if r.setting in episodes and r.seed is not None:
+            episodes[r.setting].setdefault(r.seed, r.episode)
+    shared = set.intersection(*(set(v) for v in episodes.values())) if episodes else set()
+    if not shared:
+        return {}
+    seed = min(shared)
+    out = {}
+    for setting, by_seed in episodes.items():
+        ep = store.load(by_seed[seed], images=True, activations=False)
+        if not ep.images:
+            return {}
+        frames = next(iter(ep.images.values()))
+        out[f"{setting.label} (seed {seed})"] = [frames[i] for i in range(0, len(frames), STRIP_EVERY)][
+            :STRIP_FRAMES
+        ]
+    return out
 
 
 def _fmt(e: Estimate, scale: float = 1.0, digits: int = 3) -> str:
@@ -265,9 +304,12 @@ def render_html(a: Analysis, title: str, preface: str = "") -> str:
         )
     parts.append("</table>")
     captions = {
-        "dose_moving_speed": "Speed while moving, against steering strength",
-        "dose_carry_height": "Carrying height, against steering strength",
-        "dose_length": "Episode length, against steering strength",
+        **{
+            f"dose_{d}": f"{d}: dose-response (change vs baseline and success rate against strength; "
+            "hollow marks: random-neuron control draws)"
+            for d in {s.setting.direction for s in a.settings}
+        },
+        "motion": "Side by side: the policy's camera every few steps, one matched seed per setting",
         "trajectories": "End-effector trajectories: baseline and each direction at its largest strength",
         "speed_profiles": "Mean end-effector speed over time",
         "layers": "Concept neurons per layer",

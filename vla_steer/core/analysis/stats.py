@@ -43,6 +43,17 @@ def mean_ci(values: Sequence[float], seed: int = 0) -> Estimate:
     return Estimate(float(x.mean()), float(lo), float(hi), int(x.size))
 
 
+def proportion_ci(successes: Sequence[bool]) -> Estimate:
+    """A success rate with its 95% Wilson score interval (sound at 0% and 100%, unlike a bootstrap)."""
+    k, n = sum(bool(x) for x in successes), len(successes)
+    if n == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    z, p = 1.959964, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)
+
+
 def relative_change(
     steered: dict[int | str, float], baseline: dict[int | str, float], seed: int = 0
 ) -> Estimate:
