@@ -137,8 +137,14 @@ def test_demo_and_train_demo_refuse_bad_options(tmp_path):
     # (The demo itself runs end to end in test_demo.py's slow suite.)
     r = run_cli("demo", "--out", str(tmp_path), "--strengths", "8,fast")
     assert r.returncode == 2 and "--strengths: 'fast' is not a number" in r.stderr
-    r = run_cli("demo", "--out", str(tmp_path), "--episodes", "0")
-    assert r.returncode == 2 and "--episodes" in r.stderr
+    r = run_cli("demo", "--out", str(tmp_path), "--episodes", "1")
+    assert r.returncode == 2 and "--episodes must be >= 2" in r.stderr
+    r = run_cli("demo", "--out", str(tmp_path), "--controls", "0")
+    assert r.returncode == 2 and "--controls" in r.stderr
+    r = run_cli("demo", "--out", str(tmp_path), "--strengths", "8,-4")
+    assert r.returncode == 2 and "--strengths must be positive" in r.stderr
+    r = run_cli("demo", "--out", str(tmp_path), "--weights", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and "--weights" in r.stderr and "not a directory" in r.stderr
     r = run_cli("train-demo", "--out", str(tmp_path / "vla"), "--data", str(tmp_path / "none.npz"))
     assert r.returncode == 2 and "does not exist" in r.stderr
 

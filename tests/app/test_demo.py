@@ -19,9 +19,10 @@ from policies.demo import WEIGHTS
 from vla_steer.app.demo.data import IMAGE_KEY, make_env
 from vla_steer.app.demo.expert import HEIGHTS, SPEEDS, LiftExpert
 from vla_steer.app.demo.language import BASELINE_INSTRUCTION
-from vla_steer.app.demo.run import POLES, SIZE, STRENGTHS, random_control
+from vla_steer.app.demo.run import POLES, SIZE, STRENGTHS, settings_grid
 from vla_steer.core.config import resolve_config, shipped
 from vla_steer.core.discovery import discover, load_lexicons
+from vla_steer.core.discovery.controls import NeuronStats, matched_controls
 from vla_steer.core.discovery.lexicon import token_match_weights
 from vla_steer.core.rollouts import open_store
 from vla_steer.core.steering import Steerer
@@ -88,27 +89,39 @@ def _speed(policy, frames) -> float:
 
 def test_steering_moves_the_commanded_speed_the_way_the_direction_says(policy, directions, observations):
     found, _ = directions
+    stats = NeuronStats.measure(policy.backbone, lambda: [policy.infer(o) for o in observations])
+    concept = {(n.layer, n.index) for d in found.values() for n in d.neurons}
     steerer = Steerer(policy.backbone)
+    strength = max(STRENGTHS)
     try:
         base = _speed(policy, observations)
-        out = {}
+        out, controls = {}, {}
         for name in ("fast", "slow"):
             steerer.add(name, found[name].steer_neurons(), enabled=False)
-            control = random_control(found[name], policy.backbone.d_mlp, seed=0)
-            steerer.add(control.name, control.steer_neurons(), enabled=False)
-            with steerer.apply({name: STRENGTHS[-1]}):
+            with steerer.apply({name: strength}):
                 out[name] = _speed(policy, observations)
-            with steerer.apply({control.name: STRENGTHS[-1]}):
-                out[control.name] = _speed(policy, observations)
+            for control in matched_controls(found[name], stats, 3, seed=0, exclude=concept):
+                steerer.add(control.name, control.steer_neurons(), enabled=False)
+                with steerer.apply({control.name: strength}):
+                    controls.setdefault(name, []).append(_speed(policy, observations))
         assert out["fast"] > 1.25 * base and out["slow"] < 0.8 * base, (base, out)
-        # Random neurons of the same number, layers and signs move it far less (single frames, open loop:
-        # the closed-loop figures with CIs are the demo report's).
+        # Matched random neurons move it far less (single frames, open loop: the closed-loop figures with CIs
+        # are the demo report's).
         for name in ("fast", "slow"):
-            effect, control = abs(out[name] / base - 1), abs(out[f"{name}:random"] / base - 1)
-            assert control < 0.15 and control < effect / 3, (name, base, out)
+            effect = abs(out[name] / base - 1)
+            for speed in controls[name]:
+                assert abs(speed / base - 1) < min(0.15, effect / 3), (name, base, out, controls)
     finally:
         steerer.remove()
     assert _speed(policy, observations) == base  # hooks gone: bit-identical behaviour
+
+
+def test_the_demo_grid_runs_each_direction_its_dose_ladder_and_matched_controls():
+    grid = settings_grid(("fast", "up"), (4.0, 8.0), controls=2)
+    assert grid == [{}, {"fast": 4.0}, {"fast": 8.0}, {"up": 4.0}, {"up": 8.0}, {"fast:random1": 8.0},
+                    {"fast:random2": 8.0}, {"up:random1": 8.0}, {"up:random2": 8.0}]  # fmt: skip
+    full = settings_grid(("fast",), (4.0, 8.0), controls=1, control_strengths=(4.0, 8.0))
+    assert full == [{}, {"fast": 4.0}, {"fast": 8.0}, {"fast:random1": 4.0}, {"fast:random1": 8.0}]
 
 
 def _vla_steer(*args: str) -> subprocess.CompletedProcess:
@@ -136,16 +149,33 @@ def test_train_demo_generates_demonstrations_and_a_loadable_vla(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_demo_pipeline_end_to_end(tmp_path):
-    r = _vla_steer("demo", "--out", str(tmp_path), "--episodes", "1", "--workers", "2", "--strengths", "16")
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "4. analysis" in r.stdout and "random-neuron controls:" in r.stdout
+    args = ("demo", "--out", str(tmp_path), "--episodes", "2", "--workers", "2", "--strengths", "8",
+            "--controls", "1")  # fmt: skip
+    r = _vla_steer(*args)
+    assert r.returncode == 0, r.stderr[-4000:]  # claims missed on 2 episodes: reported, exit 0
+    assert (
+        "4. analysis" in r.stdout and "5. the demo's claims" in r.stdout and "random draws at 8" in r.stdout
+    )
     assert yaml.safe_load((tmp_path / "policy.yaml").read_text())["path"] == str(WEIGHTS)
     summary = json.loads((tmp_path / "summary.json").read_text())
     labels = {s["label"] for s in summary["settings"]}
-    assert labels == {"baseline"} | {f"{p}=16" for p in POLES} | {f"{p} (random)=16" for p in POLES}
-    assert all(s["episodes"] == 1 for s in summary["settings"])
+    assert labels == {"baseline"} | {f"{p}=8" for p in POLES} | {f"{p} (random 1)=8" for p in POLES}
+    assert all(s["episodes"] == 2 for s in summary["settings"])
     assert set(summary["directions"]) == set(POLES)
-    assert "data:image/png" in (tmp_path / "report.html").read_text()
+    demo = summary["demo"]
+    assert demo["command"].startswith("vla-steer demo --out") and demo["reported_strength"] == 8.0
+    targets = {v["target"] for v in demo["verdicts"]}
+    assert {"baseline_success", "fast", "slow_success", "up_controls", "down_specific", "wall_s"} <= targets
+    assert demo["all_held"] == all(v["held"] for v in demo["verdicts"])
+    for name in POLES:  # each control drawn to match its direction's neurons, the match on record
+        match = demo["control_match"][name]
+        assert set(match["controls"]) == {f"{name}:random1"} and match["direction"]["value_norm"] > 0
+    report = (tmp_path / "report.html").read_text()
+    assert "data:image/png" in report and "The demo&#x27;s claims" in report or "The demo's claims" in report
+    # --strict turns a missed claim into a failing exit, after the same run (here: too few episodes to hold).
+    if not demo["all_held"]:
+        r = _vla_steer(*args, "--strict", "--out", str(tmp_path / "strict"))
+        assert r.returncode == 1 and "MISSED" in r.stdout, r.stdout[-2000:]
     store = open_store(tmp_path / "rollouts")
     meta = store.episodes()[0].meta
     assert meta["sim"] == "robosuite" and meta["conventions"]["gripper"] == "open_positive"

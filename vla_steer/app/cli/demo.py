@@ -16,11 +16,30 @@ def add_parsers(sub) -> None:
         "and write an analysis report (OUT/report.html, OUT/summary.json).",
     )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="run directory (default: demo_out)")
-    p.add_argument("--episodes", type=int, default=20, help="episodes per setting (default: 20)")
+    p.add_argument(
+        "--episodes", type=int, default=None, help="episodes per setting (default: 20; --full: 30)"
+    )
     p.add_argument("--workers", type=int, default=2, help="parallel policy+sim node pairs (default: 2)")
     p.add_argument(
-        "--strengths", default="8,12", help="clamp values for each direction, comma-separated (default: 8,12)"
+        "--strengths",
+        default=None,
+        help="clamp values for each direction, comma-separated; the largest is the reported strength, where "
+        "the controls run (default: 4,8; --full: 2,4,...,12)",
     )
+    p.add_argument(
+        "--controls",
+        type=int,
+        default=None,
+        help="random-control draws per direction, each matched to the direction's neurons in layer, sign, "
+        "coefficient statistics and value-vector norm (default: 3; --full: 5)",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the thorough study: more strengths, episodes and control draws, controls at every strength "
+        "(about 1.5 h on 2 cores)",
+    )
+    p.add_argument("--strict", action="store_true", help="exit 1 when a claim of the demo is not met")
     p.add_argument(
         "--weights",
         type=Path,
@@ -50,16 +69,27 @@ def add_parsers(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from vla_steer.app.demo.run import run_demo
+    import shlex
+    import sys
 
-    strengths = parse_floats(args.strengths, "--strengths")
-    if args.episodes < 1 or args.workers < 1:
-        raise ValueError("--episodes and --workers must be >= 1")
-    run_demo(
-        args.out, episodes=args.episodes, workers=args.workers, strengths=strengths,
-        weights=args.weights, seed=args.seed,
+    from vla_steer.app.demo.run import CONTROLS, FULL, STRENGTHS, run_demo
+
+    strengths = parse_floats(args.strengths, "--strengths") if args.strengths else None
+    strengths = tuple(strengths or (FULL["strengths"] if args.full else STRENGTHS))
+    episodes = args.episodes if args.episodes is not None else (FULL["episodes"] if args.full else 20)
+    controls = args.controls if args.controls is not None else (FULL["controls"] if args.full else CONTROLS)
+    if episodes < 2 or args.workers < 1 or controls < 1:
+        raise ValueError("--episodes must be >= 2 (a CI needs two), --workers and --controls >= 1")
+    if any(s <= 0 for s in strengths):
+        raise ValueError(f"--strengths must be positive clamp values, got {args.strengths}")
+    if args.weights is not None and not args.weights.is_dir():
+        raise FileNotFoundError(f"--weights {args.weights} is not a directory")
+    demo = run_demo(
+        args.out, episodes=episodes, workers=args.workers, strengths=strengths, controls=controls,
+        full=args.full, weights=args.weights, seed=args.seed,
+        command=shlex.join(["vla-steer", *sys.argv[1:]]),
     )  # fmt: skip
-    return 0
+    return 1 if args.strict and not demo["all_held"] else 0
 
 
 def cmd_train_demo(args) -> int:

@@ -16,6 +16,7 @@ import itertools
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,9 +37,13 @@ DEMO_SIM = dict(
     reflections=False,
 )
 STATE_DIM = 8
+# The arms the demo VLA learns. The UR5e is the robot node's MuJoCo twin (`ur5e_mujoco_lift`, which names the
+# same gripper); robosuite 1.5's default UR5e gripper, the Robotiq85, jams before it closes on the cube
+# (robosuite#772), so the UR5e carries the Robotiq140.
+ROBOTS = {"Panda": {}, "UR5e": {"gripper_types": "Robotiq140Gripper"}}
 
 
-def make_env():
+def make_env(robot: str = "Panda"):
     os.environ.setdefault("MUJOCO_GL", "egl")
     from sim.robosuite_env import RobosuiteConfig, RobosuiteEnv
 
@@ -51,20 +56,24 @@ def make_env():
         {IMAGE_KEY: (IMAGE_SIZE, IMAGE_SIZE, 3)},
         info={"state_dim": STATE_DIM},
     )
-    return RobosuiteEnv(RobosuiteConfig(**DEMO_SIM), info)
+    config = RobosuiteConfig(**DEMO_SIM | {"robot": robot, "env_kwargs": ROBOTS[robot]})
+    return RobosuiteEnv(config, info)
 
 
-NOISE = (0.0, 0.25)  # DART: per episode, executed-action noise std (normalised xyz units) drawn from this range
+# DART: per episode, the executed actions' noise std (normalised xyz units) is drawn from this range.
+NOISE = (0.0, 0.25)
 CLEAN_SHARE = 0.25  # episodes executed without noise
 
 
-def _episodes(jobs: list[tuple[int, str, str]]) -> dict[str, np.ndarray]:
-    """Run the expert for each (seed, speed, height); concatenated step arrays of the episodes it lifted."""
-    env = make_env()
-    keys = ("images", "states", "actions", "episode", "speed", "height")
+def _episodes(jobs: list[tuple[int, str, str, str]]) -> dict[str, np.ndarray]:
+    """Run the expert for each (seed, speed, height, robot); concatenated step arrays of the episodes it
+    lifted."""
+    envs: dict[str, Any] = {}
+    keys = ("images", "states", "actions", "episode", "speed", "height", "robot")
     out: dict[str, list] = {k: [] for k in keys}
     try:
-        for seed, speed, height in jobs:
+        for seed, speed, height, robot in jobs:
+            env = envs.get(robot) or envs.setdefault(robot, make_env(robot))
             rng = np.random.default_rng(seed)
             noise = 0.0 if rng.random() < CLEAN_SHARE else rng.uniform(*NOISE)
             obs = env.reset(seed)
@@ -79,6 +88,7 @@ def _episodes(jobs: list[tuple[int, str, str]]) -> dict[str, np.ndarray]:
                 episode["episode"].append(seed)
                 episode["speed"].append(list(SPEEDS).index(speed))
                 episode["height"].append(list(HEIGHTS).index(height))
+                episode["robot"].append(list(ROBOTS).index(robot))
                 executed = action.copy()
                 executed[:3] = np.clip(executed[:3] + rng.normal(0.0, noise, 3), -1.0, 1.0)
                 obs = env.step(executed).observation
@@ -90,7 +100,8 @@ def _episodes(jobs: list[tuple[int, str, str]]) -> dict[str, np.ndarray]:
                 for k in keys:
                     out[k] += episode[k]
     finally:
-        env.close()
+        for env in envs.values():
+            env.close()
     return {k: np.stack(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
@@ -98,14 +109,21 @@ TRAIN_SEEDS = 10_000  # demonstrations start at this seed; the demo evaluates se
 
 
 def generate(
-    path: str | Path, episodes_per_setting: int = 16, seed: int = TRAIN_SEEDS, workers: int = 2
+    path: str | Path,
+    episodes_per_setting: int = 16,
+    seed: int = TRAIN_SEEDS,
+    workers: int = 2,
+    robots: dict[str, int] | None = None,
 ) -> Path:
     """Write `path` (.npz): images [N, 64, 64, 3] uint8, states [N, 8], actions [N, 7], and per step its
-    episode seed and speed/height label indices (into SPEEDS / HEIGHTS)."""
+    episode seed and speed/height/robot label indices (into SPEEDS / HEIGHTS / ROBOTS). `robots`: episodes
+    per setting of each arm (default: `episodes_per_setting` of the Panda)."""
     settings = list(itertools.product(SPEEDS, HEIGHTS))
+    robots = robots or {"Panda": episodes_per_setting}
     jobs = [
-        (seed + i * len(settings) + j, speed, height)
-        for i in range(episodes_per_setting)
+        (seed + r * 100_000 + i * len(settings) + j, speed, height, robot)
+        for r, (robot, count) in enumerate(robots.items())
+        for i in range(count)
         for j, (speed, height) in enumerate(settings)
     ]
     shards = [jobs[w::workers] for w in range(workers)]

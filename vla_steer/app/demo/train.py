@@ -34,9 +34,10 @@ def build_model(data: dict[str, np.ndarray], seed: int) -> TinyVLA:
         name="demo-vla",
         image_key=IMAGE_KEY,
         image_size=IMAGE_SIZE,
-        patch_size=16,
+        patch_size=8,
         vision_dim=64,
         vision_layers=2,
+        vision_stem="conv",
         control_hz=CONTROL_HZ,
         state_dim=STATE_DIM,
         state_mean=states.mean(0).tolist(),
@@ -44,6 +45,19 @@ def build_model(data: dict[str, np.ndarray], seed: int) -> TinyVLA:
         plan_words=2,
     )
     return TinyVLA.build(cfg, seed=seed, corpus=language.corpus(seed=seed), **MODEL)
+
+
+SHIFT = 4  # pixels: random-shift augmentation (DrQ), against overfitting a few hundred demonstrations
+
+
+def shifted(pixels: torch.Tensor, pad: int, rng: np.random.Generator) -> torch.Tensor:
+    """Each image moved by up to `pad` pixels each way, edges replicated."""
+    if pad == 0:
+        return pixels
+    h, w = pixels.shape[-2:]
+    padded = F.pad(pixels, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = rng.integers(0, 2 * pad + 1, (2, len(pixels)))
+    return torch.stack([p[:, y : y + h, x : x + w] for p, x, y in zip(padded, dx, dy, strict=True)])
 
 
 class Batches:
@@ -80,7 +94,7 @@ class Batches:
             rows.append(prompt + plan + action)
             labels.append([-100] * len(prompt) + plan + action)
         ids, lab = self._pad(rows, labels)
-        pixels = self.model.preprocess(self.data["images"][idx])
+        pixels = shifted(self.model.preprocess(self.data["images"][idx]), SHIFT, self.np_rng)
         return pixels, torch.as_tensor(self.data["states"][idx]), ids, lab
 
     def language(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
