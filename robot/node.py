@@ -29,7 +29,7 @@ from robot.actions import chunk_to_waypoints
 from robot.cameras import CameraStale, build_camera
 from robot.config import RobotConfig
 from robot.control import DEFAULT_CONTROL, REFUSED, check_operator_token, control_server, new_operator_token
-from robot.geometry import mat_to_quat, rotvec_to_mat
+from robot.geometry import mat_to_quat, quat_to_axisangle, rotvec_to_mat
 from robot.servo_process import ServoProcess
 from robot.shared import Mode, Status
 from vla_steer.core.rollouts import EpisodeRecorder, Event, Recorder
@@ -44,6 +44,19 @@ class NodeStats:
     inferences: int = 0
     errors: int = 0
     last_error: str | None = None
+
+
+def policy_state(kind: str, st: Status) -> np.ndarray:
+    """The state vector `observation.state` names (robot/config.py), from the servo loop's status."""
+    if kind == "joints_gripper":
+        return np.concatenate([st.q, [st.gripper]])
+    if kind == "robosuite_eef_pos_axisangle_fingers":  # sim/robosuite_env.py's, from the twin's readings
+        g = st.gripper_joints
+        if g.size < 2 or not np.all(np.isfinite(st.eef_quat)):
+            raise ValueError(f"state {kind!r} needs the MuJoCo twin's lift scene (no finger joints here)")
+        fingers = g if g.size == 2 else g[[0, g.size // 2]]
+        return np.concatenate([st.tcp_pose[:3], quat_to_axisangle(st.eef_quat), fingers])
+    return np.concatenate([st.tcp_pose, [st.gripper, -st.gripper]])
 
 
 class RobotNode:
@@ -70,6 +83,11 @@ class RobotNode:
         keypair: Keypair | str | Path | None = None,
         operator_token: str | None = None,
     ):
+        if backend != "mujoco" and config.scene != "static":
+            raise ValueError(
+                f"robot config {config.name}: scene {config.scene!r} is the MuJoCo twin's; the {backend} "
+                "backend drives a real arm"
+            )
         self.config = config
         # Resume over the control socket needs it (robot.control); generated per launch unless given.
         self.operator_token = operator_token or new_operator_token()
@@ -258,20 +276,18 @@ class RobotNode:
 
     def _build_cameras(self, info: ServerInfo) -> None:
         for key, shape in info.image_keys.items():
-            self.cameras[key] = build_camera(key, self.config.observation.cameras.get(key), tuple(shape))
+            cam = self.config.observation.cameras.get(key)
+            self.cameras[key] = build_camera(key, cam, tuple(shape), scene=self.config.scene)
 
     def _observation(self, st: Status) -> dict[str, Any]:
+        joints = st.sim_qpos if st.sim_qpos.size else st.q  # a simulated scene renders as a whole
         obs: dict[str, Any] = {
             "instruction": self.prompt,
-            "images": {k: cam.read(st.q) for k, cam in self.cameras.items()},
+            "images": {k: cam.read(joints) for k, cam in self.cameras.items()},
         }
         state_dim = self.info.info.get("state_dim") if self.info else None
-        kind = self.config.observation.state
         if state_dim:
-            if kind == "joints_gripper":
-                s = np.concatenate([st.q, [st.gripper]])
-            else:
-                s = np.concatenate([st.tcp_pose, [st.gripper, -st.gripper]])
+            s = policy_state(self.config.observation.state, st)
             obs["state"] = np.resize(np.nan_to_num(s), state_dim).astype(np.float32)
         return obs
 
