@@ -226,14 +226,16 @@ class MujocoCamera:
     the whole scene's joints (`sim_qpos`: gripper and cube too). The lift scene renders as robosuite's env
     does for the demo VLA (sim/robosuite_env.py): collision geoms hidden, reflections off."""
 
-    def __init__(self, name: str, shape: tuple[int, int, int], scene: str = "static"):
+    def __init__(
+        self, name: str, shape: tuple[int, int, int], scene: str = "static", gripper: str = "Robotiq85Gripper"
+    ):
         os.environ.setdefault("MUJOCO_GL", "egl")
         import mujoco
 
         from robot.backends.mujoco import build_scene
 
         self._mj = mujoco
-        self.scene = build_scene(scene)
+        self.scene = build_scene(scene, gripper=gripper)
         self.model = m = self.scene.model
         self.data = mujoco.MjData(m)
         self.data.qpos[:] = self.scene.qpos0()
@@ -262,13 +264,15 @@ class MujocoCamera:
         self.renderer.close()
 
 
-def build_camera(key: str, cam: Any, shape: tuple[int, int, int], scene: str = "static") -> Any:
+def build_camera(
+    key: str, cam: Any, shape: tuple[int, int, int], scene: str = "static", gripper: str = "Robotiq85Gripper"
+) -> Any:
     """The camera for policy image key `key` from its config (`robot.config.Camera`), or black frames;
-    `scene`: the MuJoCo twin's scene a `mujoco` camera renders."""
+    `scene` and `gripper`: the MuJoCo twin's scene a `mujoco` camera renders (robot config scene keys)."""
     if cam is None or cam.source == "blank":
         return BlankCamera(shape)
     if cam.source == "mujoco":
-        return MujocoCamera(cam.camera, shape, scene)
+        return MujocoCamera(cam.camera, shape, scene, gripper)
     if cam.source == "opencv":
         source: FrameSource = OpenCVSource(cam.device, cam.width, cam.height, cam.fps)
     elif cam.source == "realsense":

@@ -223,6 +223,10 @@ class RobotConfig(_Strict):
     # table with a block without contacts; lift = robosuite's Lift with a UR5e and its Robotiq85 gripper,
     # in robosuite's world frame (table top at z 0.8), a cube to lift, robosuite's cameras.
     scene: Literal["static", "lift"] = "static"
+    # The lift scene's gripper, one of robosuite's gripper_types: what the policy was trained with.
+    # robosuite 1.5's Robotiq85Gripper (its UR5e default) jams open at about 5 cm and cannot grasp the cube
+    # (robosuite issue #772); Robotiq140Gripper and PandaGripper grasp it.
+    scene_gripper: Literal["Robotiq85Gripper", "Robotiq140Gripper", "PandaGripper"] = "Robotiq85Gripper"
 
     @model_validator(mode="after")
     def _check(self) -> RobotConfig:

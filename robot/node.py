@@ -277,7 +277,9 @@ class RobotNode:
     def _build_cameras(self, info: ServerInfo) -> None:
         for key, shape in info.image_keys.items():
             cam = self.config.observation.cameras.get(key)
-            self.cameras[key] = build_camera(key, cam, tuple(shape), scene=self.config.scene)
+            self.cameras[key] = build_camera(
+                key, cam, tuple(shape), self.config.scene, self.config.scene_gripper
+            )
 
     def _observation(self, st: Status) -> dict[str, Any]:
         joints = st.sim_qpos if st.sim_qpos.size else st.q  # a simulated scene renders as a whole

@@ -68,8 +68,7 @@ def robosuite_ur5e_xml() -> Path:
 SCENES = ("static", "lift")
 LIFT_CUBE_HALF = 0.021  # m: robosuite's Lift draws the cube's half size from [0.020, 0.022]
 LIFT_TABLE_TOP = 0.8  # m: robosuite's Lift table top (world z)
-LIFT_GRIPPER_Q0 = (-0.026, -0.267, -0.200, -0.026, -0.267, -0.200)  # robosuite's Robotiq85 init_qpos
-_FINGER_CTRL_CLOSED = 0.8  # rad: the Robotiq85 actuators' ctrlrange is [0, 0.8], 0 open
+LIFT_GRIPPERS = ("Robotiq85Gripper", "Robotiq140Gripper", "PandaGripper")  # robosuite's gripper_types
 
 
 @dataclass(frozen=True)
@@ -84,6 +83,9 @@ class Scene:
     eef_body: str | None = None  # robosuite's eef body (robot0_eef_quat is its orientation)
     gripper_joints: tuple[str, ...] = ()  # robosuite's order (robot0_gripper_qpos)
     gripper_actuators: tuple[str, ...] = ()
+    gripper_q0: tuple[float, ...] = ()  # the gripper's joints as robosuite resets them
+    gripper_ctrl_open: tuple[float, ...] = ()  # its actuators' controls, held open / held closed in robosuite
+    gripper_ctrl_closed: tuple[float, ...] = ()
     cube_joint: str | None = None
 
     def qpos0(self) -> np.ndarray:
@@ -91,7 +93,7 @@ class Scene:
         table centre)."""
         m = self.model
         q = m.qpos0.copy()
-        for name, value in zip(self.gripper_joints, LIFT_GRIPPER_Q0, strict=False):
+        for name, value in zip(self.gripper_joints, self.gripper_q0, strict=True):
             q[m.joint(name).qposadr[0]] = value
         if self.cube_joint is not None:
             a = m.joint(self.cube_joint).qposadr[0]
@@ -117,10 +119,15 @@ def _servo_arm(spec: mujoco.MjSpec, joints: list, timestep: float) -> list[str]:
     return names
 
 
-def build_scene(scene: str = "static", timestep: float = PHYSICS_DT) -> Scene:
-    """The twin's MuJoCo model for `scene` ("static" or "lift"); see the module docstring."""
+def build_scene(
+    scene: str = "static", timestep: float = PHYSICS_DT, gripper: str = "Robotiq85Gripper"
+) -> Scene:
+    """The twin's MuJoCo model for `scene` ("static" or "lift", with robosuite's `gripper`); see the module
+    docstring."""
     if scene == "lift":
-        return _lift_scene(timestep)
+        if gripper not in LIFT_GRIPPERS:
+            raise ValueError(f"unknown lift scene gripper {gripper!r}; expected one of {LIFT_GRIPPERS}")
+        return _lift_scene(timestep, gripper)
     if scene != "static":
         raise ValueError(f"unknown MuJoCo scene {scene!r}; expected one of {SCENES}")
     spec = mujoco.MjSpec.from_file(str(robosuite_ur5e_xml()))
@@ -167,9 +174,16 @@ def build_model(scene: str = "static", timestep: float = PHYSICS_DT) -> mujoco.M
     return build_scene(scene, timestep).model
 
 
+def config_scene(config: RobotConfig) -> Scene:
+    """The scene a robot config asks for."""
+    return build_scene(config.scene, gripper=config.scene_gripper)
+
+
 @functools.cache
-def robosuite_lift_ur5e_xml() -> tuple[str, dict]:
-    """robosuite's Lift-with-UR5e MJCF (absolute asset paths) and the names robosuite gives its parts."""
+def robosuite_lift_ur5e_xml(gripper: str = "Robotiq85Gripper") -> tuple[str, dict]:
+    """robosuite's Lift-with-UR5e MJCF (absolute asset paths) with `gripper` (robosuite's gripper_types),
+    and what the twin needs to know of it: robosuite's names for its parts, the gripper's rest joints and
+    the actuator controls robosuite's gripper controller settles at for a held "open" and "close"."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     try:
         import robosuite
@@ -178,19 +192,34 @@ def robosuite_lift_ur5e_xml() -> tuple[str, dict]:
             "the MuJoCo twin's lift scene is robosuite's Lift: pip install robosuite==1.5.2 --no-deps"
         ) from e
     env = robosuite.make(
-        "Lift", robots="UR5e", has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False,
-        ignore_done=True, hard_reset=False,
+        "Lift", robots="UR5e", gripper_types=gripper, has_renderer=False, has_offscreen_renderer=False,
+        use_camera_obs=False, ignore_done=True, hard_reset=False,
     )  # fmt: skip
     try:
         robot = env.robots[0]
-        gripper = robot.gripper["right"]
+        grip = robot.gripper["right"]
+        sim = env.sim
+        ctrl_range = np.array(
+            [sim.model.actuator_ctrlrange[sim.model.actuator_name2id(a)] for a in grip.actuators]
+        )
+
+        def held(action: float) -> list[float]:  # robosuite's Robot.grip_action after the action is held
+            grip.current_action = np.zeros(grip.dof)
+            for _ in range(100):
+                formatted = grip.format_action(np.array([action]))
+            bias, weight = ctrl_range.mean(axis=1), (ctrl_range[:, 1] - ctrl_range[:, 0]) / 2
+            return (bias + weight * formatted).tolist()
+
         names = {
             "arm_joints": tuple(robot.robot_joints),
             "arm_motors": tuple(robot.robot_model.actuators),
             "eef_body": robot.robot_model.eef_name["right"],
-            "tcp_site": env.sim.model.site_id2name(robot.eef_site_id["right"]),
-            "gripper_joints": tuple(gripper.joints),
-            "gripper_actuators": tuple(gripper.actuators),
+            "tcp_site": sim.model.site_id2name(robot.eef_site_id["right"]),
+            "gripper_joints": tuple(grip.joints),
+            "gripper_actuators": tuple(grip.actuators),
+            "gripper_q0": tuple(float(x) for x in grip.init_qpos),
+            "gripper_ctrl_open": tuple(held(-1.0)),  # robosuite's gripper action: -1 open, +1 close
+            "gripper_ctrl_closed": tuple(held(1.0)),
             "cube_joint": env.cube.joints[0],
             "cube_geoms": tuple(env.cube.contact_geoms + env.cube.visual_geoms),
         }
@@ -199,8 +228,8 @@ def robosuite_lift_ur5e_xml() -> tuple[str, dict]:
         env.close()
 
 
-def _lift_scene(timestep: float) -> Scene:
-    xml, names = robosuite_lift_ur5e_xml()
+def _lift_scene(timestep: float, gripper: str) -> Scene:
+    xml, names = robosuite_lift_ur5e_xml(gripper)
     spec = mujoco.MjSpec.from_string(xml)
     for name in names["arm_motors"]:
         spec.delete(spec.actuator(name))
@@ -221,6 +250,9 @@ def _lift_scene(timestep: float) -> Scene:
         eef_body=names["eef_body"],
         gripper_joints=names["gripper_joints"],
         gripper_actuators=names["gripper_actuators"],
+        gripper_q0=names["gripper_q0"],
+        gripper_ctrl_open=names["gripper_ctrl_open"],
+        gripper_ctrl_closed=names["gripper_ctrl_closed"],
         cube_joint=names["cube_joint"],
     )
 
@@ -242,7 +274,7 @@ class MujocoBackend(Backend):
     # -- lifecycle
 
     def connect(self) -> None:
-        self.scene = scene = build_scene(self.config.scene)
+        self.scene = scene = config_scene(self.config)
         self.model = m = scene.model
         self.data = mujoco.MjData(m)
         self.kin = mujoco.MjData(m)  # for IK at the commanded configuration
@@ -251,6 +283,8 @@ class MujocoBackend(Backend):
         self.arm_v = np.array([m.joint(n).dofadr[0] for n in scene.arm_joints])
         self.arm_ctrl = np.array([m.actuator(n).id for n in scene.arm_actuators])
         self.finger_ctrl = np.array([m.actuator(n).id for n in scene.gripper_actuators], dtype=int)
+        self.finger_open = np.array(scene.gripper_ctrl_open)
+        self.finger_closed = np.array(scene.gripper_ctrl_closed)
         self.gripper_q = np.array([m.joint(n).qposadr[0] for n in scene.gripper_joints], dtype=int)
         self.eef_body = m.body(scene.eef_body).id if scene.eef_body else None
         self.lo = m.jnt_range[[m.joint(n).id for n in scene.arm_joints], 0].copy()
@@ -362,11 +396,14 @@ class MujocoBackend(Backend):
         self.qd_cmd[:] = 0.0
 
     def _drive_fingers(self) -> None:
-        """The gripper's actuators (lift scene) to the width: 0 open .. 0.8 closed, robosuite's ctrl range."""
+        """The gripper's actuators (lift scene) from the width: robosuite's held-open controls at
+        limits.gripper.max, its held-closed controls at min, linear in between."""
         if self.finger_ctrl.size:
             g = self.config.limits.gripper
-            closed = (g.max - self.gripper_width) / (g.max - g.min)
-            self.data.ctrl[self.finger_ctrl] = _FINGER_CTRL_CLOSED * min(max(closed, 0.0), 1.0)
+            closed = min(max((g.max - self.gripper_width) / (g.max - g.min), 0.0), 1.0)
+            self.data.ctrl[self.finger_ctrl] = self.finger_open + closed * (
+                self.finger_closed - self.finger_open
+            )
 
     # -- timing: physics advances here, then the clock catches up
 
