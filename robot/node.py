@@ -37,6 +37,7 @@ from vla_steer.wire import Client, Code, Keypair, ProtocolError, RemoteError, Re
 from vla_steer.wire.messages import Observation, Step
 
 log = logging.getLogger(__name__)
+CAMERA_BUILD_TIMEOUT = 120.0  # s: building the MuJoCo twin's lift scene for its cameras takes seconds
 
 
 @dataclass
@@ -130,6 +131,7 @@ class RobotNode:
         self._liveness = threading.Thread(target=self._watch_policy, name="robot-liveness", daemon=True)
         self.cameras: dict[str, Any] = {}
         self.camera_hold = False  # a camera is stale: the arm holds, no chunk is sent
+        self._cameras_built = threading.Event()  # set once built (or failed: the arm then holds)
         self._closed = False
 
     # -- lifecycle
@@ -157,6 +159,7 @@ class RobotNode:
         )
         self._liveness.start()
         self.info = self.client.hello(timeout=hello_timeout)
+        self._check_state(self.info)
         missing = sorted(set(self.info.image_keys) - set(self.config.observation.cameras))
         if missing and self.backend == "rtde":  # a real cell: black frames would steer it blind
             raise ValueError(
@@ -164,6 +167,12 @@ class RobotNode:
                 "configure: add a camera for each (source: opencv | realsense)"
             )
         self.control.start()
+        # The cameras first (the lift scene's model takes seconds to build, holding the interpreter): the
+        # arm starts only once observations can flow, so the build cannot age the liveness stamps past the
+        # servo loop's bound while the arm is already following.
+        self._thread.start()
+        if not self._cameras_built.wait(CAMERA_BUILD_TIMEOUT):
+            raise RuntimeError(f"the cameras were not built within {CAMERA_BUILD_TIMEOUT:g} s")
         if self.autostart:
             deadline = time.monotonic() + 5.0  # the servo loop refuses to resume on a stale stamp
             while self.shared.status().policy_alive_age > self.config.faults.policy_liveness:
@@ -171,8 +180,16 @@ class RobotNode:
                     raise RuntimeError(f"the policy node at {self.server} answers no heartbeats")
                 time.sleep(0.01)
             self.servo.resume()
-        self._thread.start()
         self._watcher.start()
+
+    def _check_state(self, info: ServerInfo) -> None:
+        """A state the config builds with a fixed layout must be the size the policy takes."""
+        kind, state_dim = self.config.observation.state, (info.info or {}).get("state_dim")
+        if kind == "robosuite_eef_pos_axisangle_fingers" and state_dim not in (None, 8):
+            raise ValueError(
+                f"robot config {self.config.name}: observation.state {kind!r} is 8 floats; the policy "
+                f"{info.policy} takes a state of {state_dim} (use another robot config, e.g. --config ur5e_mujoco)"
+            )
 
     def wait(self) -> None:
         while not self._stop.is_set() and self.servo.process.is_alive():
@@ -300,6 +317,8 @@ class RobotNode:
             self.stats.last_error = f"cameras: {e}"
             log.error("cannot build the cameras: %s", e)
             return
+        finally:
+            self._cameras_built.set()
         while not self._stop.is_set():
             try:
                 self._step()
