@@ -241,19 +241,9 @@ def _lift_scene(timestep: float, gripper: str) -> Scene:
     for site in spec.sites:  # robosuite hides every site at reset (its visualize(False))
         site.rgba = [*site.rgba[:3], 0.0]
     arm = _servo_arm(spec, [spec.joint(n) for n in names["arm_joints"]], timestep)
+    fields = set(Scene.__dataclass_fields__)  # robosuite's names the scene keeps, under the same keys
     return Scene(
-        "lift",
-        spec.compile(),
-        names["tcp_site"],
-        tuple(names["arm_joints"]),
-        tuple(arm),
-        eef_body=names["eef_body"],
-        gripper_joints=names["gripper_joints"],
-        gripper_actuators=names["gripper_actuators"],
-        gripper_q0=names["gripper_q0"],
-        gripper_ctrl_open=names["gripper_ctrl_open"],
-        gripper_ctrl_closed=names["gripper_ctrl_closed"],
-        cube_joint=names["cube_joint"],
+        "lift", spec.compile(), arm_actuators=tuple(arm), **{k: v for k, v in names.items() if k in fields}
     )
 
 
