@@ -222,39 +222,57 @@ class BlankCamera:
 
 
 class MujocoCamera:
-    """Renders camera `name` of the simulated UR5e scene at joints `q`."""
+    """Renders camera `name` of the MuJoCo twin's scene (robot/backends/mujoco.py) at the arm's joints, or at
+    the whole scene's joints (`sim_qpos`: gripper and cube too). The lift scene renders as robosuite's env
+    does for the demo VLA (sim/robosuite_env.py): collision geoms hidden, reflections off."""
 
-    def __init__(self, name: str, shape: tuple[int, int, int]):
+    def __init__(
+        self, name: str, shape: tuple[int, int, int], scene: str = "static", gripper: str = "Robotiq85Gripper"
+    ):
         os.environ.setdefault("MUJOCO_GL", "egl")
         import mujoco
 
-        from robot.backends.mujoco import build_model
+        from robot.backends.mujoco import build_scene
 
         self._mj = mujoco
-        self.model = build_model()
-        self.data = mujoco.MjData(self.model)
-        if mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, name) < 0:
-            cams = [self.model.camera(i).name for i in range(self.model.ncam)]
-            raise ValueError(f"the MuJoCo scene has no camera {name!r}; it has {cams}")
+        self.scene = build_scene(scene, gripper=gripper)
+        self.model = m = self.scene.model
+        self.data = mujoco.MjData(m)
+        self.data.qpos[:] = self.scene.qpos0()
+        self.arm_q = [m.joint(n).qposadr[0] for n in self.scene.arm_joints]
+        if mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_CAMERA, name) < 0:
+            cams = [m.camera(i).name for i in range(m.ncam)]
+            raise ValueError(f"the MuJoCo scene {scene!r} has no camera {name!r}; it has {cams}")
         self.name = name
-        self.renderer = mujoco.Renderer(self.model, height=shape[0], width=shape[1])
+        self.renderer = mujoco.Renderer(m, height=shape[0], width=shape[1])
+        self.option = mujoco.MjvOption()
+        if scene == "lift":  # as robosuite renders: collision geoms (group 0) hidden
+            self.option.geomgroup[0] = 0
+            self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
 
     def read(self, q: np.ndarray) -> np.ndarray:
-        self.data.qpos[:6] = q
+        """The frame at joints `q`: the arm's 6, or the scene's whole qpos."""
+        if len(q) == self.model.nq:
+            self.data.qpos[:] = q
+        else:
+            self.data.qpos[self.arm_q] = q
         self._mj.mj_forward(self.model, self.data)
-        self.renderer.update_scene(self.data, camera=self.name)
+        self.renderer.update_scene(self.data, camera=self.name, scene_option=self.option)
         return self.renderer.render().copy()
 
     def close(self) -> None:
         self.renderer.close()
 
 
-def build_camera(key: str, cam: Any, shape: tuple[int, int, int]) -> Any:
-    """The camera for policy image key `key` from its config (`robot.config.Camera`), or black frames."""
+def build_camera(
+    key: str, cam: Any, shape: tuple[int, int, int], scene: str = "static", gripper: str = "Robotiq85Gripper"
+) -> Any:
+    """The camera for policy image key `key` from its config (`robot.config.Camera`), or black frames;
+    `scene` and `gripper`: the MuJoCo twin's scene a `mujoco` camera renders (robot config scene keys)."""
     if cam is None or cam.source == "blank":
         return BlankCamera(shape)
     if cam.source == "mujoco":
-        return MujocoCamera(cam.camera, shape)
+        return MujocoCamera(cam.camera, shape, scene, gripper)
     if cam.source == "opencv":
         source: FrameSource = OpenCVSource(cam.device, cam.width, cam.height, cam.fps)
     elif cam.source == "realsense":

@@ -195,7 +195,15 @@ class GripperDevice(_Strict):
 
 class Observation(_Strict):
     cameras: dict[str, Camera] = {}  # policy image key -> source; keys the policy wants but lacks: blank
-    state: Literal["none", "eef_pos_axisangle_gripper", "joints_gripper"] = "none"
+    # The state sent to a policy that takes one (its hello reply's state_dim):
+    # - eef_pos_axisangle_gripper: tool pose (position, rotation vector) + [width, -width]: an arm without
+    #   finger joint readings (the real UR with a Robotiq 2F-85);
+    # - robosuite_eef_pos_axisangle_fingers: what robosuite's env sends (sim/robosuite_env.py): robot0_eef_pos
+    #   + axis-angle of robot0_eef_quat + the gripper's two driver joints; the MuJoCo twin's lift scene only;
+    # - joints_gripper: the 6 joints + width.
+    state: Literal[
+        "none", "eef_pos_axisangle_gripper", "robosuite_eef_pos_axisangle_fingers", "joints_gripper"
+    ] = "none"
     prompt: str = "pick up the object"
 
 
@@ -211,6 +219,14 @@ class RobotConfig(_Strict):
     action: Action = Action()
     observation: Observation = Observation()
     gripper: GripperDevice | None = None  # None: no gripper driver (the width is still filtered)
+    # The MuJoCo twin's scene (robot/backends/mujoco.py; the mujoco backend only): static = the arm over a
+    # table with a block without contacts; lift = robosuite's Lift with a UR5e and its Robotiq85 gripper,
+    # in robosuite's world frame (table top at z 0.8), a cube to lift, robosuite's cameras.
+    scene: Literal["static", "lift"] = "static"
+    # The lift scene's gripper, one of robosuite's gripper_types: what the policy was trained with.
+    # robosuite 1.5's Robotiq85Gripper (its UR5e default) jams open at about 5 cm and cannot grasp the cube
+    # (robosuite issue #772); Robotiq140Gripper and PandaGripper grasp it.
+    scene_gripper: Literal["Robotiq85Gripper", "Robotiq140Gripper", "PandaGripper"] = "Robotiq85Gripper"
 
     @model_validator(mode="after")
     def _check(self) -> RobotConfig:
@@ -223,6 +239,13 @@ class RobotConfig(_Strict):
                 f"faults.watchdog_min_hz {self.faults.watchdog_min_hz:g} is above controller_hz "
                 f"{self.controller_hz:g}: the loop kicks the watchdog once per period"
             )
+        if self.observation.state == "robosuite_eef_pos_axisangle_fingers" and self.scene != "lift":
+            raise ValueError(
+                "observation.state 'robosuite_eef_pos_axisangle_fingers' needs the finger joints of the "
+                f"MuJoCo twin's scene: lift (got scene: {self.scene}); a real arm sends eef_pos_axisangle_gripper"
+            )
+        if self.scene == "lift" and self.model != "ur5e":
+            raise ValueError(f"scene 'lift' is robosuite's Lift with a UR5e; model is {self.model!r}")
         lo, hi = self.limits.joint_min, self.limits.joint_max
         bad = [i for i, q in enumerate(self.home_q) if not lo[i] <= q <= hi[i]]
         if bad:

@@ -71,6 +71,16 @@ def mat_to_quat(m: np.ndarray) -> np.ndarray:
     return np.concatenate([r / theta * math.sin(theta / 2), [math.cos(theta / 2)]])
 
 
+def quat_to_axisangle(quat: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) -> axis * angle as robosuite's `quat2axisangle` computes it: no sign canonicalisation,
+    so q and -q give different vectors (angle in [0, 2 pi]); what robosuite-trained policies were fed."""
+    w = min(1.0, max(-1.0, float(quat[3])))
+    den = math.sqrt(1.0 - w * w)
+    if math.isclose(den, 0.0):
+        return np.zeros(3)
+    return np.asarray(quat[:3], dtype=float) * 2.0 * math.acos(w) / den
+
+
 def rotation_angle_between(a: np.ndarray, b: np.ndarray) -> float:
     """Angle of b a^T (radians)."""
     return float(np.linalg.norm(mat_to_rotvec(b @ a.T)))

@@ -29,7 +29,7 @@ from robot.actions import chunk_to_waypoints
 from robot.cameras import CameraStale, build_camera
 from robot.config import RobotConfig
 from robot.control import DEFAULT_CONTROL, REFUSED, check_operator_token, control_server, new_operator_token
-from robot.geometry import mat_to_quat, rotvec_to_mat
+from robot.geometry import mat_to_quat, quat_to_axisangle, rotvec_to_mat
 from robot.servo_process import ServoProcess
 from robot.shared import Mode, Status
 from vla_steer.core.rollouts import EpisodeRecorder, Event, Recorder
@@ -37,6 +37,7 @@ from vla_steer.wire import Client, Code, Keypair, ProtocolError, RemoteError, Re
 from vla_steer.wire.messages import Observation, Step
 
 log = logging.getLogger(__name__)
+CAMERA_BUILD_TIMEOUT = 120.0  # s: building the MuJoCo twin's lift scene for its cameras takes seconds
 
 
 @dataclass
@@ -44,6 +45,19 @@ class NodeStats:
     inferences: int = 0
     errors: int = 0
     last_error: str | None = None
+
+
+def policy_state(kind: str, st: Status) -> np.ndarray:
+    """The state vector `observation.state` names (robot/config.py), from the servo loop's status."""
+    if kind == "joints_gripper":
+        return np.concatenate([st.q, [st.gripper]])
+    if kind == "robosuite_eef_pos_axisangle_fingers":  # sim/robosuite_env.py's, from the twin's readings
+        g = st.gripper_joints
+        if g.size < 2 or not np.all(np.isfinite(st.eef_quat)):
+            raise ValueError(f"state {kind!r} needs the MuJoCo twin's lift scene (no finger joints here)")
+        fingers = g if g.size == 2 else g[[0, g.size // 2]]
+        return np.concatenate([st.tcp_pose[:3], quat_to_axisangle(st.eef_quat), fingers])
+    return np.concatenate([st.tcp_pose, [st.gripper, -st.gripper]])
 
 
 class RobotNode:
@@ -70,6 +84,11 @@ class RobotNode:
         keypair: Keypair | str | Path | None = None,
         operator_token: str | None = None,
     ):
+        if backend != "mujoco" and config.scene != "static":
+            raise ValueError(
+                f"robot config {config.name}: scene {config.scene!r} is the MuJoCo twin's; the {backend} "
+                "backend drives a real arm"
+            )
         self.config = config
         # Resume over the control socket needs it (robot.control); generated per launch unless given.
         self.operator_token = operator_token or new_operator_token()
@@ -112,6 +131,7 @@ class RobotNode:
         self._liveness = threading.Thread(target=self._watch_policy, name="robot-liveness", daemon=True)
         self.cameras: dict[str, Any] = {}
         self.camera_hold = False  # a camera is stale: the arm holds, no chunk is sent
+        self._cameras_built = threading.Event()  # set once built (or failed: the arm then holds)
         self._closed = False
 
     # -- lifecycle
@@ -139,6 +159,7 @@ class RobotNode:
         )
         self._liveness.start()
         self.info = self.client.hello(timeout=hello_timeout)
+        self._check_state(self.info)
         missing = sorted(set(self.info.image_keys) - set(self.config.observation.cameras))
         if missing and self.backend == "rtde":  # a real cell: black frames would steer it blind
             raise ValueError(
@@ -146,6 +167,12 @@ class RobotNode:
                 "configure: add a camera for each (source: opencv | realsense)"
             )
         self.control.start()
+        # The cameras first (the lift scene's model takes seconds to build, holding the interpreter): the
+        # arm starts only once observations can flow, so the build cannot age the liveness stamps past the
+        # servo loop's bound while the arm is already following.
+        self._thread.start()
+        if not self._cameras_built.wait(CAMERA_BUILD_TIMEOUT):
+            raise RuntimeError(f"the cameras were not built within {CAMERA_BUILD_TIMEOUT:g} s")
         if self.autostart:
             deadline = time.monotonic() + 5.0  # the servo loop refuses to resume on a stale stamp
             while self.shared.status().policy_alive_age > self.config.faults.policy_liveness:
@@ -153,8 +180,16 @@ class RobotNode:
                     raise RuntimeError(f"the policy node at {self.server} answers no heartbeats")
                 time.sleep(0.01)
             self.servo.resume()
-        self._thread.start()
         self._watcher.start()
+
+    def _check_state(self, info: ServerInfo) -> None:
+        """A state the config builds with a fixed layout must be the size the policy takes."""
+        kind, state_dim = self.config.observation.state, (info.info or {}).get("state_dim")
+        if kind == "robosuite_eef_pos_axisangle_fingers" and state_dim not in (None, 8):
+            raise ValueError(
+                f"robot config {self.config.name}: observation.state {kind!r} is 8 floats; the policy "
+                f"{info.policy} takes a state of {state_dim} (use another robot config, e.g. --config ur5e_mujoco)"
+            )
 
     def wait(self) -> None:
         while not self._stop.is_set() and self.servo.process.is_alive():
@@ -258,20 +293,20 @@ class RobotNode:
 
     def _build_cameras(self, info: ServerInfo) -> None:
         for key, shape in info.image_keys.items():
-            self.cameras[key] = build_camera(key, self.config.observation.cameras.get(key), tuple(shape))
+            cam = self.config.observation.cameras.get(key)
+            self.cameras[key] = build_camera(
+                key, cam, tuple(shape), self.config.scene, self.config.scene_gripper
+            )
 
     def _observation(self, st: Status) -> dict[str, Any]:
+        joints = st.sim_qpos if st.sim_qpos.size else st.q  # a simulated scene renders as a whole
         obs: dict[str, Any] = {
             "instruction": self.prompt,
-            "images": {k: cam.read(st.q) for k, cam in self.cameras.items()},
+            "images": {k: cam.read(joints) for k, cam in self.cameras.items()},
         }
         state_dim = self.info.info.get("state_dim") if self.info else None
-        kind = self.config.observation.state
         if state_dim:
-            if kind == "joints_gripper":
-                s = np.concatenate([st.q, [st.gripper]])
-            else:
-                s = np.concatenate([st.tcp_pose, [st.gripper, -st.gripper]])
+            s = policy_state(self.config.observation.state, st)
             obs["state"] = np.resize(np.nan_to_num(s), state_dim).astype(np.float32)
         return obs
 
@@ -282,6 +317,8 @@ class RobotNode:
             self.stats.last_error = f"cameras: {e}"
             log.error("cannot build the cameras: %s", e)
             return
+        finally:
+            self._cameras_built.set()
         while not self._stop.is_set():
             try:
                 self._step()

@@ -41,7 +41,7 @@ from robot.backends.base import Backend, RobotState
 from robot.config import RobotConfig
 from robot.geometry import mat_to_rotvec, rotvec_to_mat
 from robot.safety import GripperFilter, JointFilter, JointGuard, PoseFilter
-from robot.shared import Cmd, Mode, Reason, Shared
+from robot.shared import MAX_GRIPPER_JOINTS, MAX_SIM_QPOS, Cmd, Mode, Reason, Shared
 
 log = logging.getLogger(__name__)
 OVERRUN_S = 0.002  # a period this much longer than dt counts as an overrun
@@ -399,4 +399,22 @@ class ServoLoop:
                 program_running=st.program_running,
                 connected=st.connected,
             )
+            values.update(_sim_readings(st))
         self.sh.publish(**values)
+
+
+_NAN4 = np.full(4, np.nan)
+
+
+def _sim_readings(st: RobotState) -> dict[str, Any]:
+    """The simulated twin's robosuite-side readings as the shared block holds them (padded, with counts)."""
+    out: dict[str, Any] = {"eef_quat": _NAN4 if st.eef_quat is None else st.eef_quat}
+    if st.gripper_joints is not None:
+        n = len(st.gripper_joints)
+        out["n_gripper_joints"] = n
+        out["gripper_joints"] = np.pad(st.gripper_joints, (0, MAX_GRIPPER_JOINTS - n))
+    if st.sim_qpos is not None:
+        n = len(st.sim_qpos)
+        out["sim_nq"] = n
+        out["sim_qpos"] = np.pad(st.sim_qpos, (0, MAX_SIM_QPOS - n))
+    return out

@@ -22,6 +22,8 @@ import numpy as np
 MAX_WAYPOINTS = 64
 WAYPOINT_DIM = 7  # 6 (pose with rotation vector, or joints) + gripper width
 CMD_SLOTS = 16
+MAX_GRIPPER_JOINTS = 8  # robosuite's Robotiq85 has 6
+MAX_SIM_QPOS = 64  # the twin's lift scene has 19 (arm 6, gripper 6, cube 7)
 
 
 class Mode(enum.IntEnum):
@@ -73,6 +75,12 @@ _FIELDS: dict[str, int] = {
     "q": 6,
     "qd": 6,
     "gripper": 1,
+    # the MuJoCo twin's robosuite-side readings (robot.backends.base.RobotState); NaN / 0 joints elsewhere
+    "eef_quat": 4,
+    "n_gripper_joints": 1,
+    "gripper_joints": MAX_GRIPPER_JOINTS,
+    "sim_nq": 1,
+    "sim_qpos": MAX_SIM_QPOS,
     "cmd_pose": 6,  # the last command after the safety filter
     "safety_mode": 1,
     "robot_mode": 1,
@@ -109,6 +117,9 @@ class Status:
     q: np.ndarray
     qd: np.ndarray
     gripper: float
+    eef_quat: np.ndarray  # (x, y, z, w) of robosuite's eef body, or NaN
+    gripper_joints: np.ndarray  # empty without simulated gripper joints
+    sim_qpos: np.ndarray  # empty without a simulated scene
     cmd_pose: np.ndarray
     safety_mode: int
     robot_mode: int
@@ -134,6 +145,8 @@ class Status:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in self.__dict__.items():
+            if k == "sim_qpos":
+                continue  # the scene's cameras read it; the status page has no use for it
             if isinstance(v, np.ndarray):
                 out[k] = [float(x) for x in v]
             elif isinstance(v, enum.Enum):
@@ -261,6 +274,9 @@ class Shared:
             q=s["q"],
             qd=s["qd"],
             gripper=s["gripper"],
+            eef_quat=snap["eef_quat"],
+            gripper_joints=snap["gripper_joints"][: int(s["n_gripper_joints"])],
+            sim_qpos=snap["sim_qpos"][: int(s["sim_nq"])],
             cmd_pose=s["cmd_pose"],
             safety_mode=int(s["safety_mode"]),
             robot_mode=int(s["robot_mode"]),
@@ -285,4 +301,7 @@ class Shared:
         )
 
 
-_STATUS_FIELDS = [f for f in Status.__dataclass_fields__ if f != "policy_alive_age"]
+_STATUS_FIELDS = [f for f in Status.__dataclass_fields__ if f != "policy_alive_age"] + [
+    "n_gripper_joints",
+    "sim_nq",
+]

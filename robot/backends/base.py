@@ -28,6 +28,10 @@ class RobotState:
     emergency_stop: bool = False
     program_running: bool = True  # the ur_rtde control script is running on the controller
     connected: bool = True
+    # The MuJoCo twin's lift scene also reports what robosuite's observation holds (None elsewhere):
+    eef_quat: np.ndarray | None = None  # robot0_eef_quat: the eef body's orientation (x, y, z, w)
+    gripper_joints: np.ndarray | None = None  # robot0_gripper_qpos: the gripper's joints, robosuite's order
+    sim_qpos: np.ndarray | None = None  # the whole simulated scene's joints (cube included), for its cameras
     extra: dict = field(default_factory=dict)
 
     SAFE_MODES = (1, 2)  # NORMAL, REDUCED

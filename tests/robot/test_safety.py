@@ -191,6 +191,21 @@ def test_config_errors_name_file_key_and_allowed_values(tmp_path):
         load_robot_config(bad)
 
 
+def test_twin_scene_errors_name_file_key_and_what_fits(tmp_path):
+    text = (ROBOTS / "ur5e_mujoco_lift.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("scene: lift", "scene: kitchen"))
+    with pytest.raises(ValueError) as e:
+        load_robot_config(bad)
+    assert str(bad) in str(e.value) and "scene" in str(e.value) and "'lift'" in str(e.value)
+    bad.write_text(text.replace("scene_gripper: Robotiq140Gripper", "scene_gripper: Hand"))
+    with pytest.raises(ValueError, match="scene_gripper.*Robotiq140Gripper"):
+        load_robot_config(bad)
+    bad.write_text(text.replace("scene: lift", "scene: static"))  # robosuite's state needs its fingers
+    with pytest.raises(ValueError, match=f"{bad}.*robosuite_eef_pos_axisangle_fingers.*scene: lift"):
+        load_robot_config(bad)
+
+
 def test_config_by_name():
     assert load_robot_config("ur5e_mujoco").name == CFG.name
 

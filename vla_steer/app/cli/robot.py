@@ -15,6 +15,8 @@ from pathlib import Path
 from robot.control import DEFAULT_CONTROL, operator_token_path, read_operator_token
 
 DEFAULT_UI_PORT = 8765
+# What a new user's `vla-steer robot --backend mujoco` drives: the twin in the scene the bundled demo VLA knows.
+DEFAULT_MUJOCO_CONFIG = "ur5e_mujoco_lift"
 
 
 def add_robot_parser(sub) -> argparse.ArgumentParser:
@@ -23,16 +25,21 @@ def add_robot_parser(sub) -> argparse.ArgumentParser:
         help="drive a UR5/UR5e (or its MuJoCo twin) from a policy node, with a safe servo loop",
         description="Connect to the policy node, run the servo loop at the controller's rate in its own "
         "process (every command through the safety filter in the robot config), record every episode, and "
-        "serve the control socket the knobs UI uses (stop / resume / status). Examples: `vla-steer robot "
-        "--backend mujoco --server tcp://127.0.0.1:5555 --out runs/robot`; `vla-steer robot --backend rtde "
-        "--host 192.168.1.10 --config my_ur5e.yaml --out runs/ur5e`.",
+        "serve the control socket the knobs UI uses (stop / resume / status). Examples: `vla-steer serve "
+        "--policy demo_vla` then `vla-steer robot --backend mujoco --out runs/robot` (the twin lifts the cube "
+        "in robosuite's Lift scene); `vla-steer robot --backend mujoco --config ur5e_mujoco` for another "
+        "policy's dry run; `vla-steer robot --backend rtde --host 192.168.1.10 --config my_ur5e.yaml --out "
+        "runs/ur5e`.",
     )
     p.add_argument("--backend", choices=("rtde", "mujoco"), required=True)
     p.add_argument("--host", help="the robot's IP address (rtde backend)")
     p.add_argument(
         "--config",
         default=None,
-        help="robot config YAML, or the name of a shipped one (vla_steer/configs/robots; default: ur5e_mujoco for mujoco, ur5e for rtde)",
+        help="robot config YAML, or the name of a shipped one (vla_steer/configs/robots). Default for mujoco: "
+        "ur5e_mujoco_lift, the UR5e twin in robosuite's Lift scene (cube, table, wrist camera) with the bundled "
+        "demo VLA's action convention and scale (`vla-steer serve --policy demo_vla`); ur5e_mujoco is the "
+        "plain twin for other policies (OpenVLA-style metre deltas). Default for rtde: ur5e",
     )
     p.add_argument("--server", default="tcp://127.0.0.1:5555", help="the policy node's address")
     p.add_argument(
@@ -69,7 +76,7 @@ def cmd_robot(args) -> int:
     if args.backend == "rtde" and not args.host:
         raise ValueError("--backend rtde needs --host ROBOT_IP")
     check_rt_priority(args.rt_priority)  # fail fast: a refused priority is not silently dropped
-    config = args.config or ("ur5e_mujoco" if args.backend == "mujoco" else "ur5e")
+    config = args.config or (DEFAULT_MUJOCO_CONFIG if args.backend == "mujoco" else "ur5e")
     cfg = load_robot_config(config)
     print(safety_summary(cfg, config), flush=True)  # what will be enforced, before anything moves
     node = RobotNode(
@@ -89,6 +96,11 @@ def cmd_robot(args) -> int:
     from robot.control import write_operator_token
 
     token_file = args.operator_token_file or operator_token_path(args.control)
+    scene = (
+        f", scene {cfg.scene} with {cfg.scene_gripper}"
+        if args.backend == "mujoco" and cfg.scene != "static"
+        else ""
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -96,7 +108,7 @@ def cmd_robot(args) -> int:
         write_operator_token(token_file, node.operator_token)
         with node:
             print(
-                f"robot node: {cfg.name} ({args.backend}) at {cfg.controller_hz:g} Hz following "
+                f"robot node: {cfg.name} ({args.backend}{scene}) at {cfg.controller_hz:g} Hz following "
                 f"{node.info.policy} on {args.server}; control socket {node.control_address}\n"
                 f"operator token in {token_file} (the knobs page reads it to resume); "
                 "type 'resume' or 'stop' + Enter here",
