@@ -61,8 +61,10 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--data", type=Path, default=None, help="reuse demonstrations (.npz) instead of generating"
     )
-    p.add_argument("--episodes-per-setting", type=int, default=20, help="demonstrations per speed x height")
-    p.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
+    p.add_argument(
+        "--episodes-per-setting", type=int, default=48, help="demonstrations per speed x height (default: 48)"
+    )
+    p.add_argument("--steps", type=int, default=3500, help="training steps (default: 3500)")
     p.add_argument("--workers", type=int, default=2, help="processes generating demonstrations")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_demo)
@@ -96,9 +98,10 @@ def cmd_train_demo(args) -> int:
     import os
     import time
 
+    import numpy as np
     import torch
 
-    from vla_steer.app.demo.data import generate
+    from vla_steer.app.demo.data import TRAIN_SEEDS, generate
     from vla_steer.app.demo.train import train
 
     t0 = time.perf_counter()
@@ -106,8 +109,12 @@ def cmd_train_demo(args) -> int:
     if data is None:
         data = args.out.with_name(args.out.name + "_demonstrations.npz")
         print(f"generating {9 * args.episodes_per_setting} scripted demonstrations -> {data}")
-        generate(data, args.episodes_per_setting, seed=args.seed, workers=args.workers)
-        print(f"   {time.perf_counter() - t0:.0f} s")
+        # Seeds from TRAIN_SEEDS: the demo evaluates seeds 0, 1, ..., which no demonstration may share.
+        generate(data, args.episodes_per_setting, seed=TRAIN_SEEDS + args.seed, workers=args.workers)
+        kept = len(np.unique(np.load(data)["episode"]))
+        print(
+            f"   {kept} kept (an episode whose expert dropped the cube is not), {time.perf_counter() - t0:.0f} s"
+        )
     elif not data.is_file():
         raise FileNotFoundError(f"--data {data} does not exist")
     torch.set_num_threads(max(1, os.cpu_count() or 1))

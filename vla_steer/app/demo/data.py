@@ -102,7 +102,7 @@ def _episodes(jobs: list[tuple[int, str, str, str]]) -> dict[str, np.ndarray]:
     finally:
         for env in envs.values():
             env.close()
-    return {k: np.stack(v) if v else np.zeros((0,)) for k, v in out.items()}
+    return {k: np.stack(v) if v else np.zeros((0,)) for k, v in out.items()}  # (an empty shard is skipped)
 
 
 TRAIN_SEEDS = 10_000  # demonstrations start at this seed; the demo evaluates seeds from 0, never trained on
@@ -128,7 +128,9 @@ def generate(
     ]
     shards = [jobs[w::workers] for w in range(workers)]
     with ProcessPoolExecutor(workers) as pool:
-        parts = list(pool.map(_episodes, shards))
+        parts = [p for p in pool.map(_episodes, shards) if len(p["actions"])]
+    if not parts:
+        raise RuntimeError(f"the expert lifted the cube in none of its {len(jobs)} demonstrations")
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,12 @@ and a height word, drawn from their synonyms: "quick raised") and then the exper
 (cross-entropy over the whole vocabulary, as OpenVLA does). Every `language_every`-th step is a language
 batch instead: "describe" examples (instruction -> speed and height words) and sentences relating the
 manner words, with next-token loss on every token. Seeded; CPU-only by design.
+
+In a share of the action samples (`PLAN_ONLY`) the instruction is the bare task ("lift the cube") while the
+plan words, given rather than predicted (no loss on them), still say the demonstration's speed and height:
+there the plan alone tells the action tokens how to move, so the policy's actions follow its plan. That is
+what makes its plan the lever its concept neurons pull: a policy that read the manner straight from the
+instruction would ignore a steered plan.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def build_model(data: dict[str, np.ndarray], seed: int) -> TinyVLA:
     return TinyVLA.build(cfg, seed=seed, corpus=language.corpus(seed=seed), **MODEL)
 
 
+PLAN_ONLY = 0.3  # share of action samples whose plan, not their instruction, carries the speed and height
 SHIFT = 4  # pixels: random-shift augmentation (DrQ), against overfitting a few hundred demonstrations
 
 
@@ -87,12 +94,18 @@ class Batches:
         rows, labels = [], []
         for i in idx:
             speed, height = self.speeds[self.data["speed"][i]], self.heights[self.data["height"][i]]
-            prompt = self._ids(PROMPT.format(instruction=language.instruction(self.rng, speed, height)))
+            plan_only = self.rng.random() < PLAN_ONLY
+            said = (
+                self.rng.choice(language.TASKS)
+                if plan_only
+                else language.instruction(self.rng, speed, height)
+            )
+            prompt = self._ids(PROMPT.format(instruction=said))
             plan = [self._word(self.rng.choice(language.SPEED_WORDS[speed])),
                     self._word(self.rng.choice(language.HEIGHT_WORDS[height]))]  # fmt: skip
             action = [int(t) for t in self.model.bins.token(self.data["actions"][i])]
             rows.append(prompt + plan + action)
-            labels.append([-100] * len(prompt) + plan + action)
+            labels.append([-100] * (len(prompt) + len(plan) * plan_only) + plan * (not plan_only) + action)
         ids, lab = self._pad(rows, labels)
         pixels = shifted(self.model.preprocess(self.data["images"][idx]), SHIFT, self.np_rng)
         return pixels, torch.as_tensor(self.data["states"][idx]), ids, lab
@@ -138,10 +151,10 @@ def train(
     data_path: str | Path,
     out: str | Path,
     *,
-    steps: int = 1500,
+    steps: int = 3500,
     batch: int = 48,
     lr: float = 2e-3,
-    language_every: int = 3,
+    language_every: int = 4,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> TinyVLA:

@@ -103,7 +103,9 @@ def concept_dose(name: str, settings: Sequence, baseline, metrics: Sequence[str]
     its controls; `baseline`: the baseline's SettingSummary or None."""
     concept = sorted((s for s in settings if not s.setting.control), key=lambda s: s.setting.strength)
     controls = [s for s in settings if s.setting.control]
-    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.0 * (len(metrics) + 1), 3.4))
+    fig, axes = plt.subplots(
+        1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.4), layout="constrained"
+    )
     spread = 0.02 * max([s.setting.strength for s in settings] + [1.0])
 
     def bars(ax, xs, ests, scale, **kw):
