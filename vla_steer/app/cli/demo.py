@@ -24,7 +24,7 @@ def add_parsers(sub) -> None:
         "--strengths",
         default=None,
         help="clamp values for each direction, comma-separated; the largest is the reported strength, where "
-        "the controls run (default: 4,8; --full: 2,4,...,12)",
+        "the controls run (default: 12,24; --full: 8,16,24,32)",
     )
     p.add_argument(
         "--controls",

@@ -34,9 +34,9 @@ from vla_steer.core.discovery.direction import load_directions
 from vla_steer.core.rollouts import open_store
 
 POLES = ("fast", "slow", "up", "down")
-STRENGTHS = (4.0, 8.0)  # the dose ladder; the largest is the reported strength, where the controls run
+STRENGTHS = (12.0, 24.0)  # the dose ladder; the largest is the reported strength, where the controls run
 CONTROLS = 3  # random-control draws per direction
-FULL = dict(strengths=(2.0, 4.0, 6.0, 8.0, 10.0, 12.0), controls=5, episodes=30)  # `--full`
+FULL = dict(strengths=(8.0, 16.0, 24.0, 32.0), controls=5, episodes=30)  # `--full`
 SIZE = 16  # neurons per direction
 MAX_STEPS = 100
 SETTLE = 3  # steps held still after success before an episode ends
