@@ -4,13 +4,15 @@
    by `vla-steer train-demo` on scripted robosuite demonstrations whose instructions vary speed and carrying
    height) through the policy loader;
 2. discover its concept neurons by projecting every value vector onto the vocabulary and matching the
-   shipped concept lexicons (`vla_steer/configs/concepts`) -> directions fast / slow / up / down, and random-neuron controls of the
-   same size, layers and signs;
+   shipped concept lexicons (`vla_steer/configs/concepts`) -> directions fast / slow / up / down; draw
+   random-neuron controls matched to them (`vla_steer.core.discovery.controls`: layer, sign, coefficient
+   statistics over calibration episodes, value-vector norm), several draws per direction;
 3. run the evaluation grid on robosuite Lift (`sim.session`): a policy node and a robosuite node per worker,
-   talking over ZeroMQ; baseline episodes and every direction at several strengths plus the controls, on matched seeds,
-   recorded into a rollout store with the concept neurons' activations;
-4. analyse the store (`vla_steer.core.analysis`): dose-response with bootstrap CIs, trajectories, neurons and
-   their top tokens -> `report.html` and `summary.json`.
+   talking over ZeroMQ; baseline episodes, every direction at each strength of the dose ladder and the control
+   draws, on matched seeds, recorded into a rollout store with the concept neurons' activations;
+4. analyse the store (`vla_steer.core.analysis`): dose-response with CIs per direction beside its controls,
+   trajectories, a motion strip, neurons and their top tokens -> `report.html` and `summary.json`;
+5. check the demo's claims (`acceptance`, issue #19's targets) into `summary.json` and the report.
 """
 
 from __future__ import annotations
