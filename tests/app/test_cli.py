@@ -142,7 +142,11 @@ def test_demo_and_train_demo_refuse_bad_options(tmp_path):
     r = run_cli("demo", "--out", str(tmp_path), "--controls", "0")
     assert r.returncode == 2 and "--controls" in r.stderr
     r = run_cli("demo", "--out", str(tmp_path), "--strengths", "8,-4")
-    assert r.returncode == 2 and "--strengths must be positive" in r.stderr
+    assert r.returncode == 2 and "--strengths must be distinct, positive" in r.stderr
+    r = run_cli("demo", "--out", str(tmp_path), "--strengths", "8,8")
+    assert r.returncode == 2 and "--strengths must be distinct" in r.stderr
+    r = run_cli("demo", "--out", str(tmp_path), "--strengths", "8,inf")
+    assert r.returncode == 2 and "'inf' is not a finite number" in r.stderr
     r = run_cli("demo", "--out", str(tmp_path), "--weights", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and "--weights" in r.stderr and "not a directory" in r.stderr
     r = run_cli("train-demo", "--out", str(tmp_path / "vla"), "--data", str(tmp_path / "none.npz"))

@@ -82,8 +82,8 @@ def cmd_demo(args) -> int:
     controls = args.controls if args.controls is not None else (FULL["controls"] if args.full else CONTROLS)
     if episodes < 2 or args.workers < 1 or controls < 1:
         raise ValueError("--episodes must be >= 2 (a CI needs two), --workers and --controls >= 1")
-    if any(s <= 0 for s in strengths):
-        raise ValueError(f"--strengths must be positive clamp values, got {args.strengths}")
+    if any(s <= 0 for s in strengths) or len(set(strengths)) != len(strengths):  # (finite: parse_floats)
+        raise ValueError(f"--strengths must be distinct, positive clamp values, got {args.strengths}")
     if args.weights is not None and not args.weights.is_dir():
         raise FileNotFoundError(f"--weights {args.weights} is not a directory")
     demo = run_demo(
