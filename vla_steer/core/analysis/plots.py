@@ -21,33 +21,6 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def dose_response(
-    curves: Mapping[str, Mapping[float, Estimate]],
-    controls: Mapping[str, Mapping[float, Estimate]],
-    metric: str,
-) -> bytes:
-    """Relative change vs baseline (%) against strength, one line per direction; controls as hollow marks."""
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    for i, (name, points) in enumerate(sorted(curves.items())):
-        color = f"C{i}"
-        xs = sorted(points)
-        ys = np.array([points[x].mean for x in xs]) * 100
-        lo = ys - np.array([points[x].low for x in xs]) * 100
-        hi = np.array([points[x].high for x in xs]) * 100 - ys
-        ax.errorbar(xs, ys, yerr=[np.nan_to_num(lo), np.nan_to_num(hi)], marker="o", capsize=3, color=color,
-                    label=name)  # fmt: skip
-        for x, est in sorted(controls.get(name, {}).items()):
-            ax.errorbar([x], [est.mean * 100], yerr=[[max(0.0, (est.mean - est.low) * 100)],
-                        [max(0.0, (est.high - est.mean) * 100)]], marker="o", mfc="none", color=color,
-                        capsize=3, linestyle="none")  # fmt: skip
-    ax.axhline(0, color="0.5", lw=0.8)
-    ax.set_xlabel("steering strength (clamp value)")
-    ax.set_ylabel(f"{metric}: change vs baseline (%)")
-    ax.set_title(f"{metric}: dose-response (filled: direction, hollow: random neurons)", fontsize=9)
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
 def trajectories(paths: Mapping[str, Sequence[np.ndarray]], dt: float | None = None) -> bytes:
     """End-effector height over time and the x-z path, for each setting's episodes (one colour per setting)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(9.0, 3.4))
