@@ -37,6 +37,8 @@ class LocalSlot:
         self.closed = False
 
     def run(self, cell: Cell) -> Iterator[dict[str, Any]]:
+        if self.closed:  # closed before this cell began: spawn nothing
+            return
         if self.worker is None or self.worker.kind != cell.task.kind:
             self._end_worker()
             # Held before it is ready: `close` from another thread (Ctrl-C) kills a starting worker too.
@@ -117,18 +119,19 @@ def run_cells(cells: Sequence[Cell], slots: Sequence[Slot], progress: Progress) 
         threading.Thread(target=drive, args=(s,), name=f"grid-slot-{i}", daemon=True)
         for i, s in enumerate(slots)
     ]
-    for t in threads:
-        t.start()
-    try:
+    try:  # the starts too: a Ctrl-C between two of them must still end the ones begun
+        for t in threads:
+            t.start()
         for t in threads:
             while t.is_alive():
                 t.join(0.2)  # short joins: Ctrl-C reaches this thread
     except BaseException:
-        stop.set()
+        stop.set()  # a slot thread not yet running ends at its first check
         for s in slots:  # kill the workers now (starting ones too); their open episodes stay incomplete
             s.close()
         for t in threads:
-            t.join(30)  # each ends as its worker's pipe closes
+            if t.ident is not None:  # started
+                t.join(30)  # each ends as its worker's pipe closes
         raise
     if failures:
         first = failures[0]

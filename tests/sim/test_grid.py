@@ -339,7 +339,11 @@ try:
     run_cells(Grid.build(["robosuite_lift"], [{}], 10).cells(), local_slots(1, run), Progress(10, 0))
 except KeyboardInterrupt:
     pass
-slots = [t.name for t in threading.enumerate() if t.name.startswith("grid-slot")]
+slots = [t for t in threading.enumerate() if t.name.startswith("grid-slot")]
+for t in slots:  # where a slot thread is stuck, for the failure message
+    import traceback
+    print(t.name, "".join(traceback.format_stack(sys._current_frames()[t.ident])), file=sys.stderr)
+slots = [t.name for t in slots]
 print(json.dumps({"slots": slots, "workers": _children(os.getpid())}), flush=True)
 os._exit(0)
 """
@@ -353,7 +357,7 @@ def test_ctrl_c_while_a_worker_starts_kills_it_and_ends_the_slots(node, tmp_path
     r = subprocess.run([sys.executable, "-c", INTERRUPTED, node, str(tmp_path / "grid")], capture_output=True,
                        text=True, timeout=240, env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.splitlines()[-1]) == {"slots": [], "workers": []}
+    assert json.loads(r.stdout.splitlines()[-1]) == {"slots": [], "workers": []}, r.stderr[-3000:]
 
 
 @pytest.mark.slow
