@@ -96,7 +96,9 @@ def run_cells(cells: Sequence[Cell], slots: Sequence[Slot], progress: Progress) 
     failures: list[BaseException] = []
     stop = threading.Event()
 
-    def drive(slot: Slot) -> None:
+    ended = [threading.Event() for _ in slots]
+
+    def drive(slot: Slot, ended: threading.Event) -> None:
         try:
             while not stop.is_set():
                 try:
@@ -114,24 +116,28 @@ def run_cells(cells: Sequence[Cell], slots: Sequence[Slot], progress: Progress) 
             stop.set()
         finally:
             slot.close()
+            ended.set()
 
     threads = [
-        threading.Thread(target=drive, args=(s,), name=f"grid-slot-{i}", daemon=True)
-        for i, s in enumerate(slots)
+        threading.Thread(target=drive, args=(s, e), name=f"grid-slot-{i}", daemon=True)
+        for i, (s, e) in enumerate(zip(slots, ended, strict=True))
     ]
+    # Waited for through events, not Thread.join: on Python 3.11 a Ctrl-C that interrupts a join marks the
+    # still-running thread as stopped, and every later join returns at once.
     try:  # the starts too: a Ctrl-C between two of them must still end the ones begun
         for t in threads:
             t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)  # short joins: Ctrl-C reaches this thread
+        for e in ended:
+            while not e.wait(0.2):  # short waits: Ctrl-C reaches this thread
+                pass
     except BaseException:
         stop.set()  # a slot thread not yet running ends at its first check
         for s in slots:  # kill the workers now (starting ones too); their open episodes stay incomplete
             s.close()
-        for t in threads:
-            if t.ident is not None:  # started
-                t.join(30)  # each ends as its worker's pipe closes
+        deadline = time.monotonic() + 30
+        for t, e in zip(threads, ended, strict=True):
+            if t.ident is not None:  # started: it ends as its worker's pipe closes
+                e.wait(max(0.0, deadline - time.monotonic()))
         raise
     if failures:
         first = failures[0]

@@ -339,6 +339,9 @@ try:
     run_cells(Grid.build(["robosuite_lift"], [{}], 10).cells(), local_slots(1, run), Progress(10, 0))
 except KeyboardInterrupt:
     pass
+deadline = time.monotonic() + 5  # a slot thread that has ended its work may take a moment to be gone
+while time.monotonic() < deadline and any(t.name.startswith("grid-slot") for t in threading.enumerate()):
+    time.sleep(0.05)
 slots = [t for t in threading.enumerate() if t.name.startswith("grid-slot")]
 for t in slots:  # where a slot thread is stuck, for the failure message
     import traceback
