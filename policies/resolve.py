@@ -201,6 +201,15 @@ def _with_options(data: dict, options: dict, flag: str, text: str) -> PolicyConf
 # -- sizes, from config files only --------------------------------------------------------------------
 
 
+def says_plan(target: Target) -> bool:
+    """Whether the policy says plan words before its actions (the demo VLA), read from its config file:
+    what `--positions plan` needs."""
+    if target.kind != "tiny_vla":
+        return False
+    config = Path(target.path) / "policy_config.json"
+    return config.is_file() and int(_read_json(config).get("plan_words", 0)) > 0
+
+
 def stack_dims(target: Target) -> dict[str, tuple[int, int]] | None:
     """(layers, neurons per layer) of each steerable stack, read from config files; None for a hub id
     (its files are not here yet)."""

@@ -16,7 +16,9 @@ has no pretraining that keeps it from emitting words where actions belong.
 
 With `plan_words > 0` the policy first says, in that many words, how it will move ("fast high"), then
 decodes its action tokens conditioned on them: an embodied-chain-of-thought VLA (ECoT, Zawalski et al.
-2024) in miniature. The plan is decoded greedily among word tokens and returned in `info["plan"]`.
+2024) in miniature. The plan is decoded greedily among word tokens (or, with `plan_vocab`, among the words
+its grammar allows in each place) and returned in `info["plan"]`. Its backbone says it plans, and marks the
+forwards that decide the plan words, so a Steerer can steer only those (`positions="plan"`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class TinyVLAConfig:
     control_hz: float = 10.0
     constrain_to_bins: bool = True
     plan_words: int = 0  # words said before the action tokens (0: OpenVLA's format)
+    # The plan's grammar: for each plan word, the words it may be (None: any word token). A model trained on
+    # "<speed word> <height word>" plans then never says a height where a speed belongs.
+    plan_vocab: list[list[str]] | None = None
     # Per action dimension: un-normalise [-1, 1] to [q01, q99] where mask is true (OpenVLA's rule).
     action_q01: list[float] | None = None
     action_q99: list[float] | None = None
@@ -148,6 +153,8 @@ class TinyVLA(nn.Module, Policy):
             tokenizer, vocab_size=language_model.config.vocab_size, action_bins=self.bins
         )
         self._backbone = Backbone.from_model(language_model, tokenizer, labeler=labeler, name=cfg.name)
+        self._backbone.plans = cfg.plan_words > 0
+        self._plan_masks = self._plan_grammar()
         self.eval()
 
     # -- construction and persistence --------------------------------------------------------------
@@ -253,6 +260,29 @@ class TinyVLA(nn.Module, Policy):
         mask[self.tokenizer.all_special_ids] = float("-inf")
         return mask
 
+    def _plan_grammar(self) -> list[torch.Tensor]:
+        """One additive logit mask per plan word: the words `plan_vocab` allows there, or any word."""
+        cfg = self.cfg
+        if cfg.plan_vocab is None:
+            return [self.word_mask()] * cfg.plan_words
+        if len(cfg.plan_vocab) != cfg.plan_words or not all(cfg.plan_vocab):
+            raise ValueError(
+                f"{cfg.name}: plan_vocab must list the allowed words of each of the {cfg.plan_words} plan words, "
+                f"got {len(cfg.plan_vocab)} lists"
+            )
+        masks = []
+        for place, words in enumerate(cfg.plan_vocab):
+            mask = torch.full((self.language_model.config.vocab_size,), float("-inf"), device=self.device)
+            for word in words:
+                ids = self.tokenizer(word, add_special_tokens=False).input_ids
+                if len(ids) != 1 or ids[0] >= self.bins.first_id or ids[0] in self.tokenizer.all_special_ids:
+                    raise ValueError(
+                        f"{cfg.name}: plan word {place + 1}'s {word!r} is not one word token of the tokenizer"
+                    )
+                mask[ids[0]] = 0.0
+            masks.append(mask)
+        return masks
+
     def prompt_ids(self, instruction: str) -> list[int]:
         prompt = PROMPT.format(instruction=instruction.strip().lower())
         return self.tokenizer(prompt, add_special_tokens=False).input_ids
@@ -283,20 +313,24 @@ class TinyVLA(nn.Module, Policy):
         inputs = torch.cat([prefix, lm.get_input_embeddings()(prompt)], dim=1)
         bin_mask = torch.full((lm.config.vocab_size,), float("-inf"), device=self.device)
         bin_mask[self.bins.first_id : self.bins.vocab_size] = 0.0
-        word_mask = self.word_mask() if self.cfg.plan_words else None
-        out = lm(inputs_embeds=inputs, use_cache=True)
-        tokens = []
-        n = self.cfg.plan_words + self.cfg.action_dim
-        for step in range(n):
-            logits = out.logits[:, -1]
-            if step < self.cfg.plan_words:
-                logits = logits + word_mask
-            elif self.cfg.constrain_to_bins:
-                logits = logits + bin_mask
-            token = logits.argmax(-1, keepdim=True)
-            tokens.append(token)
-            if step + 1 < n:
-                out = next_token(lm, token, out)
+        plan_words, n = self.cfg.plan_words, self.cfg.plan_words + self.cfg.action_dim
+        backbone, tokens = self._backbone, []
+        try:
+            backbone.planning = plan_words > 0  # this forward's logits choose the first plan word
+            out = lm(inputs_embeds=inputs, use_cache=True)
+            for step in range(n):
+                logits = out.logits[:, -1]
+                if step < plan_words:
+                    logits = logits + self._plan_masks[step].to(logits.device)
+                elif self.cfg.constrain_to_bins:
+                    logits = logits + bin_mask
+                token = logits.argmax(-1, keepdim=True)
+                tokens.append(token)
+                if step + 1 < n:
+                    backbone.planning = step + 1 < plan_words
+                    out = next_token(lm, token, out)
+        finally:
+            backbone.planning = False
         return torch.cat(tokens, dim=1)
 
     def decode_actions(self, token_ids: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from support import VLA_STEER
 
@@ -18,7 +19,7 @@ from policies import load_policy
 from policies.demo import WEIGHTS
 from vla_steer.app.demo.data import IMAGE_KEY, make_env
 from vla_steer.app.demo.expert import HEIGHTS, SPEEDS, LiftExpert
-from vla_steer.app.demo.language import BASELINE_INSTRUCTION
+from vla_steer.app.demo.language import BASELINE_INSTRUCTION, HEIGHT_WORDS, SPEED_WORDS
 from vla_steer.app.demo.run import POLES, SIZE, STRENGTHS, settings_grid
 from vla_steer.core.config import resolve_config, shipped
 from vla_steer.core.discovery import discover, load_lexicons
@@ -114,6 +115,36 @@ def test_steering_moves_the_commanded_speed_the_way_the_direction_says(policy, d
     finally:
         steerer.remove()
     assert _speed(policy, observations) == base  # hooks gone: bit-identical behaviour
+
+
+def test_the_plan_keeps_its_grammar_and_plan_steering_reaches_only_the_plan(policy, directions, observations):
+    """Whatever is steered, the demo VLA says a speed word then a height word; with positions="plan" only
+    the forwards that decide those two words are steered, and the action tokens come from unsteered neurons."""
+    fast = directions[0]["fast"]
+    speeds = {w for ws in SPEED_WORDS.values() for w in ws}
+    heights = {w for ws in HEIGHT_WORDS.values() for w in ws}
+    neuron = fast.neurons[0]
+    clamped: list[
+        bool
+    ] = []  # per forward: did the first fast neuron hold its clamp value at the last position
+
+    def record(module, args):  # registered after the steerer's hook: sees what down_proj receives
+        clamped.append(bool(torch.isclose(args[0][0, -1, neuron.index].abs(), torch.tensor(32.0))))
+
+    for positions in ("last", "plan"):
+        with Steerer(policy.backbone, positions=positions) as steerer:
+            steerer.add("fast", fast.steer_neurons(), strength=32.0)
+            hook = policy.backbone.down_proj(neuron.layer).register_forward_pre_hook(record)
+            try:
+                clamped.clear()
+                plans = [policy.infer(o).info["plan"].split() for o in observations]
+            finally:
+                hook.remove()
+        assert all(p[0] in speeds and p[1] in heights for p in plans), plans
+        assert all(p[0] in SPEED_WORDS["fast"] for p in plans), plans
+        per_inference = [clamped[i : i + 9] for i in range(0, len(clamped), 9)]  # 2 plan words, 7 actions
+        expected = [True] * 9 if positions == "last" else [True, True] + [False] * 7
+        assert per_inference == [expected] * len(observations), (positions, per_inference)
 
 
 def test_the_demo_grid_runs_each_direction_its_dose_ladder_and_matched_controls():

@@ -149,6 +149,13 @@ def test_serve_asks_for_unnorm_key_before_loading(corrupt):
     assert "unnorm_key 'libero_10' is not in" in err
 
 
+def test_serve_refuses_plan_positions_for_a_policy_that_says_no_plan(corrupt):
+    err = refused(
+        "serve", "--policy", str(corrupt["openvla"]), "-o", "unnorm_key=tiny_suite", "--positions", "plan"
+    )
+    assert "--positions plan" in err and "says no plan" in err and "all or last" in err
+
+
 def test_serve_refuses_a_plain_language_model(llama_dir):
     assert "not a policy" in refused("serve", "--policy", str(llama_dir))
 

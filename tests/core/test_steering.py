@@ -119,6 +119,27 @@ def test_last_position_only(llama, ids):
         assert all(len(llama.down_proj(n.layer)._forward_pre_hooks) == 1 for n in NEURONS)
 
 
+def test_plan_positions_steer_only_while_the_policy_decides_its_plan(llama, ids):
+    base = logits(llama, ids)
+    with Steerer(llama, positions="last") as steerer:
+        steerer.add("c", NEURONS, strength=6.0)
+        last = logits(llama, ids)
+    with pytest.raises(ValueError, match="says no plan"):
+        Steerer(llama, positions="plan")  # a plain Llama says no plan
+    llama.plans = True
+    with Steerer(llama, positions="plan") as steerer:
+        steerer.add("c", NEURONS, strength=6.0)
+        assert torch.equal(logits(llama, ids), base)  # a forward that decides no plan word: untouched
+        llama.planning = True
+        assert torch.equal(logits(llama, ids), last)  # one that does: its last position, as "last" steers
+        llama.planning = False
+        steerer.set_positions("all")
+        assert not torch.allclose(logits(llama, ids), base)
+    llama.plans = False
+    with Steerer(llama) as steerer, pytest.raises(ValueError, match="says no plan"):
+        steerer.set_positions("plan")
+
+
 def test_steering_applies_to_every_decoded_token(llama, ids):
     """generate() with the KV cache: the prefill and each 1-token step are steered."""
     base = llama.root.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)

@@ -61,6 +61,10 @@ class Backbone:
     labeler: TokenLabeler | None = None
     input_embedding: torch.Tensor | None = None
     name: str = "backbone"
+    # A policy that says a plan before its actions (`plans`) sets `planning` during the forwards that decide
+    # the plan words: steering with positions="plan" acts only then.
+    plans: bool = False
+    planning: bool = field(default=False, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
 
     @classmethod

@@ -15,7 +15,11 @@ model's dtype cannot hold into a forward: a refused change leaves every setting 
 
 With every concept disabled the buffers are (keep 1, fill 0) and the output is bit-identical to the
 unhooked model; `remove()` takes the hooks out entirely. Changing `positions` re-installs the hooks (one
-recompile), since the position rule is code, not data.
+recompile), since the position rule is code, not data. Positions: `all`; `last` (the last position of each
+forward: for an autoregressive policy, each decoded token); `plan`, for a policy that says a plan before its
+actions (an ECoT-style VLA, `Backbone.plans`): the last position of only the forwards that decide the plan
+words, so the steered concept changes what the policy says it will do, and its action tokens are decoded by
+unsteered forwards that attend to that plan.
 
 Over 400 lines on purpose: the Steerer, its hook buffers and its two-lock scheme (settings vs forward) are
 one piece of concurrency that must be read in one place to be trusted.
@@ -36,7 +40,7 @@ from torch import nn
 from vla_steer.core.backbone import Backbone
 
 MODES = ("clamp", "add", "scale")
-POSITIONS = ("all", "last")
+POSITIONS = ("all", "last", "plan")
 
 # Strength bounds (see `strength_bound`). The paper steers OpenVLA with alpha in 2..20 and the MLP coefficients
 # of Llama-2 / Gemma rarely exceed a few hundred, so 1e4 is 500x the largest published alpha and far beyond
@@ -98,6 +102,12 @@ class _LayerBuffers:
         keep, fill = (self.keep, self.fill) if self.rows is None else self.rows
         return (torch.addcmul(fill, args[0], keep), *args[1:])
 
+    def hook_plan(self, backbone: Backbone):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            return self.hook_last(module, args) if backbone.planning else None
+
+        return hook
+
     def hook_last(self, module: nn.Module, args: tuple) -> tuple:
         # Token positions are on dim -2; a one-token decode step is its own last position.
         keep, fill = (self.keep, self.fill) if self.rows is None else (self.rows[0][:, 0], self.rows[1][:, 0])
@@ -146,8 +156,7 @@ class Steerer:
         self._applied: dict[str, dict] = {}
         self._batch_owner: int | None = None
         self._changes = 0  # depth of nested _change() blocks (a batch holds one open)
-        if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        _check_positions(positions, backbone)
         self._positions = positions
 
     # -- concepts ----------------------------------------------------------------------------------
@@ -248,9 +257,9 @@ class Steerer:
                 c.enabled = False
 
     def set_positions(self, positions: str) -> None:
-        """Steer every token position ('all') or only the last one of each forward ('last')."""
-        if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        """Steer every token position ('all'), only the last one of each forward ('last'), or only that of
+        the forwards that decide a policy's plan ('plan')."""
+        _check_positions(positions, self.backbone)
         with self._structural():
             if positions != self._positions:
                 self._positions = positions
@@ -395,9 +404,9 @@ class Steerer:
         if layer not in self._buffers:
             self._buffers[layer] = _LayerBuffers(down.in_features, down.weight.device, down.weight.dtype)
         buf = self._buffers[layer]
-        self._handles[layer] = down.register_forward_pre_hook(
-            buf.hook_last if self._positions == "last" else buf.hook_all
-        )
+        hooks = {"all": buf.hook_all, "last": buf.hook_last}
+        hook = buf.hook_plan(self.backbone) if self._positions == "plan" else hooks[self._positions]
+        self._handles[layer] = down.register_forward_pre_hook(hook)
         if not self._guard_handles:
             root = self.backbone.root
             self._guard_handles = [
@@ -618,3 +627,13 @@ def _parse_neuron(concept: str, n) -> Neuron:
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_positions(positions: str, backbone: Backbone) -> None:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    if positions == "plan" and not backbone.plans:
+        raise ValueError(
+            f"positions='plan' steers the forwards that decide a policy's plan words, and {backbone.name} says "
+            "no plan before its actions: use 'all' or 'last'"
+        )

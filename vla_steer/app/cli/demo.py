@@ -39,6 +39,14 @@ def add_parsers(sub) -> None:
         help="the thorough study: more strengths, episodes and control draws, controls at every strength "
         "(about 1.5 h on 2 cores)",
     )
+    p.add_argument(
+        "--positions",
+        choices=("all", "last", "plan"),
+        default="all",
+        help="where the concept neurons are steered: every token position (the paper's), the last position "
+        "of each forward, or only the forwards that decide the demo VLA's plan words, its actions then "
+        "following the steered plan (default: all)",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a claim of the demo is not met")
     p.add_argument(
         "--weights",
@@ -88,7 +96,7 @@ def cmd_demo(args) -> int:
         raise FileNotFoundError(f"--weights {args.weights} is not a directory")
     demo = run_demo(
         args.out, episodes=episodes, workers=args.workers, strengths=strengths, controls=controls,
-        full=args.full, weights=args.weights, seed=args.seed,
+        full=args.full, weights=args.weights, seed=args.seed, positions=args.positions,
         command=shlex.join(["vla-steer", *sys.argv[1:]]),
     )  # fmt: skip
     return 1 if args.strict and not demo["all_held"] else 0

@@ -28,7 +28,13 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--mode", choices=("clamp", "add", "scale"), default="clamp", help="steering mode of every knob"
     )
-    p.add_argument("--positions", choices=("all", "last"), default="all", help="token positions to steer")
+    p.add_argument(
+        "--positions",
+        choices=("all", "last", "plan"),
+        default="all",
+        help="token positions to steer: all, the last of each forward, or (a policy that says a plan first) "
+        "only the forwards that decide its plan words",
+    )
     p.add_argument(
         "--batch-max",
         type=int,
@@ -69,7 +75,7 @@ def cmd_serve(args) -> int:
         raise ValueError(f"--batch-wait-ms must be 0..1000, got {args.batch_wait_ms}")
 
     from policies import load_policy
-    from policies.resolve import resolve_policy, stack_dims
+    from policies.resolve import resolve_policy, says_plan, stack_dims
     from vla_steer.core.discovery.direction import load_directions
     from vla_steer.core.node import PolicyNode
     from vla_steer.wire import Server
@@ -77,6 +83,11 @@ def cmd_serve(args) -> int:
     target = resolve_policy(args.policy, kind=args.kind, settings=dict(args.option), device=args.device)
     directions = list(load_directions(args.directions).values()) if args.directions else []
     check_directions(directions, stack_dims(target), args.directions)
+    if args.positions == "plan" and not says_plan(target):
+        raise ValueError(
+            f"--positions plan steers the forwards that decide a policy's plan words; {args.policy} "
+            f"({target.kind}) says no plan before its actions: use --positions all or last"
+        )
     check_listen(args)
     policy = load_policy(target)
     node = PolicyNode(policy, directions, mode=args.mode, positions=args.positions, batch_max=args.batch_max)

@@ -75,7 +75,7 @@ def _worker(job: dict) -> None:
 
     directions = list(load_directions(job["directions"]).values())
     directions += list(load_directions(job["controls"]).values())
-    node = PolicyNode(load_policy(job["policy"]), directions)
+    node = PolicyNode(load_policy(job["policy"]), directions, positions=job["positions"])
     config = RobosuiteConfig(**DEMO_SIM, instruction=BASELINE_INSTRUCTION)
     with Server(node, "tcp://127.0.0.1:0").start() as server:
         session.run(
@@ -85,7 +85,7 @@ def _worker(job: dict) -> None:
         )  # fmt: skip
 
 
-def run_grid(out: Path, settings, episodes: int, workers: int, seed: int) -> None:
+def run_grid(out: Path, settings, episodes: int, workers: int, seed: int, positions: str = "all") -> None:
     """Split the seeds over `workers` processes (each its own policy node and sim), show progress."""
     from tqdm import tqdm
 
@@ -94,7 +94,7 @@ def run_grid(out: Path, settings, episodes: int, workers: int, seed: int) -> Non
     starts = [seed + sum(per[:w]) for w in range(workers)]
     jobs = [
         dict(policy=str(out / "policy.yaml"), directions=str(out / "directions"), controls=str(out / "controls"),
-             settings=settings, episodes=n, seed=s, store=str(store))
+             settings=settings, episodes=n, seed=s, store=str(store), positions=positions)
         for n, s in zip(per, starts, strict=True) if n
     ]  # fmt: skip
     ctx = mp.get_context("spawn")  # no fork after torch and EGL are initialised
@@ -144,6 +144,7 @@ def run_demo(
     full: bool = False,
     weights: Path | None = None,
     seed: int = 0,
+    positions: str = "all",
     command: str = "vla-steer demo",
 ) -> dict:
     """Run the demo into `out`; `weights`: a demo VLA checkpoint instead of the shipped one. Returns the
@@ -190,8 +191,9 @@ def run_demo(
 
     settings = settings_grid(POLES, strengths, controls, control_strengths)
     print(f"\n3. {len(settings)} settings x {episodes} episodes of robosuite Lift ('{BASELINE_INSTRUCTION}', "
-          f"seeds {seed}..{seed + episodes - 1}), {workers} workers (policy node + robosuite node each)")  # fmt: skip
-    run_grid(out, settings, episodes, workers, seed)
+          f"seeds {seed}..{seed + episodes - 1}), {workers} workers (policy node + robosuite node each), "
+          f"steering at positions '{positions}'")  # fmt: skip
+    run_grid(out, settings, episodes, workers, seed, positions)
 
     print("\n4. analysis")
     from vla_steer.core.analysis import analyze, render_html
@@ -209,6 +211,7 @@ def run_demo(
         "strengths": list(strengths),
         "reported_strength": max(strengths),
         "controls": controls,
+        "positions": positions,
         "full": full,
         "wall_s": round(wall, 1),
         "verdicts": verdicts,

@@ -49,6 +49,10 @@ def build_model(data: dict[str, np.ndarray], seed: int) -> TinyVLA:
         state_mean=states.mean(0).tolist(),
         state_std=(states.std(0) + 1e-3).tolist(),
         plan_words=2,
+        plan_vocab=[
+            sorted({w for ws in language.SPEED_WORDS.values() for w in ws}),
+            sorted({w for ws in language.HEIGHT_WORDS.values() for w in ws}),
+        ],  # fmt: skip
     )
     return TinyVLA.build(cfg, seed=seed, corpus=language.corpus(seed=seed), **MODEL)
 
