@@ -20,7 +20,7 @@ from policies.demo import WEIGHTS
 from vla_steer.app.demo.data import IMAGE_KEY, make_env
 from vla_steer.app.demo.expert import HEIGHTS, SPEEDS, LiftExpert
 from vla_steer.app.demo.language import BASELINE_INSTRUCTION, HEIGHT_WORDS, SPEED_WORDS
-from vla_steer.app.demo.run import POLES, SIZE, STRENGTHS, settings_grid
+from vla_steer.app.demo.run import POLES, POSITIONS, SIZE, STRENGTHS, settings_grid
 from vla_steer.core.config import resolve_config, shipped
 from vla_steer.core.discovery import discover, load_lexicons
 from vla_steer.core.discovery.controls import NeuronStats, matched_controls
@@ -92,7 +92,7 @@ def test_steering_moves_the_commanded_speed_the_way_the_direction_says(policy, d
     found, _ = directions
     stats = NeuronStats.measure(policy.backbone, lambda: [policy.infer(o) for o in observations])
     concept = {(n.layer, n.index) for d in found.values() for n in d.neurons}
-    steerer = Steerer(policy.backbone)
+    steerer = Steerer(policy.backbone, positions=POSITIONS)  # as the demo steers
     strength = max(STRENGTHS)
     try:
         base = _speed(policy, observations)
@@ -195,6 +195,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert set(summary["directions"]) == set(POLES)
     demo = summary["demo"]
     assert demo["command"].startswith("vla-steer demo --out") and demo["reported_strength"] == 8.0
+    assert demo["positions"] == POSITIONS == "plan"
     targets = {v["target"] for v in demo["verdicts"]}
     assert {"baseline_success", "fast", "slow_success", "up_controls", "down_specific", "wall_s"} <= targets
     assert demo["all_held"] == all(v["held"] for v in demo["verdicts"])

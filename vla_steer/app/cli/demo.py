@@ -42,10 +42,10 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--positions",
         choices=("all", "last", "plan"),
-        default="all",
-        help="where the concept neurons are steered: every token position (the paper's), the last position "
-        "of each forward, or only the forwards that decide the demo VLA's plan words, its actions then "
-        "following the steered plan (default: all)",
+        default="plan",
+        help="where the concept neurons are steered: only the forwards that decide the demo VLA's plan words, "
+        "its action tokens then following the steered plan (default: plan); every token position (all, the "
+        "paper's setting); or the last position of each forward (last)",
     )
     p.add_argument("--strict", action="store_true", help="exit 1 when a claim of the demo is not met")
     p.add_argument(

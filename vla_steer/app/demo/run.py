@@ -9,7 +9,8 @@
    statistics over calibration episodes, value-vector norm), several draws per direction;
 3. run the evaluation grid on robosuite Lift (`sim.session`): a policy node and a robosuite node per worker,
    talking over ZeroMQ; baseline episodes, every direction at each strength of the dose ladder and the control
-   draws, on matched seeds, recorded into a rollout store with the concept neurons' activations;
+   draws, on matched seeds, recorded into a rollout store with the concept neurons' activations. Steering
+   acts on the forwards that decide the plan words (`POSITIONS`; `--positions all` is the paper's setting);
 4. analyse the store (`vla_steer.core.analysis`): dose-response with CIs per direction beside its controls,
    trajectories, a motion strip, neurons and their top tokens -> `report.html` and `summary.json`;
 5. check the demo's claims (`acceptance`, issue #19's targets) into `summary.json` and the report.
@@ -39,6 +40,10 @@ POLES = ("fast", "slow", "up", "down")
 STRENGTHS = (12.0, 24.0)  # the dose ladder; the largest is the reported strength, where the controls run
 CONTROLS = 3  # random-control draws per direction
 FULL = dict(strengths=(8.0, 16.0, 24.0, 32.0), controls=5, episodes=30)  # `--full`
+# Where the concept neurons are steered: only the forwards that decide the demo VLA's plan words. Its action
+# tokens then follow the steered plan from unsteered forwards, so a concept changes how the arm moves without
+# the perturbation of every position that, at the strength a plan word needs, also breaks the grasp.
+POSITIONS = "plan"
 SIZE = 16  # neurons per direction
 MAX_STEPS = 100
 SETTLE = 3  # steps held still after success before an episode ends
@@ -144,7 +149,7 @@ def run_demo(
     full: bool = False,
     weights: Path | None = None,
     seed: int = 0,
-    positions: str = "all",
+    positions: str = POSITIONS,
     command: str = "vla-steer demo",
 ) -> dict:
     """Run the demo into `out`; `weights`: a demo VLA checkpoint instead of the shipped one. Returns the
@@ -221,7 +226,7 @@ def run_demo(
     summary = json.loads((out / "summary.json").read_text())
     (out / "summary.json").write_text(json.dumps(summary | {"demo": demo}, indent=2))
     (out / "report.html").write_text(
-        render_html(analysis, title=f"vla-steer demo: {command}", preface=_verdict_html(verdicts))
+        render_html(analysis, title=f"vla-steer demo: {command}", preface=_verdict_html(verdicts, positions))
     )
     print(f"\ndone in {wall / 60:.1f} min; {'every claim held' if held else 'not every claim held'}. "
           f"Report: {(out / 'report.html').resolve()}")  # fmt: skip
@@ -297,13 +302,15 @@ def acceptance(analysis, strength: float, wall_s: float | None) -> list[dict]:
     return out
 
 
-def _verdict_html(verdicts: list[dict]) -> str:
+def _verdict_html(verdicts: list[dict], positions: str) -> str:
     import html
 
     rows = "".join(
         f"<tr><td>{'held' if v['held'] else '<b>missed</b>'}</td><td class='l'>{html.escape(v['line'])}</td></tr>"
         for v in verdicts
     )
+    where = {"plan": "the forwards that decide the plan words", "all": "every token position",
+             "last": "the last position of each forward"}[positions]  # fmt: skip
     return ("<h2>The demo's claims</h2><p class='note'>Each target, measured on this run (95% CIs; success "
-            "rates with Wilson intervals).</p><table><tr><th>verdict</th><th>target and measurement</th></tr>"
+            f"rates with Wilson intervals). Concept neurons and controls steered at {where}.</p><table><tr><th>verdict</th><th>target and measurement</th></tr>"
             f"{rows}</table>")  # fmt: skip
