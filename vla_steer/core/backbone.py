@@ -62,7 +62,8 @@ class Backbone:
     input_embedding: torch.Tensor | None = None
     name: str = "backbone"
     # A policy that says a plan before its actions (`plans`) sets `planning` during the forwards that decide
-    # the plan words: steering with positions="plan" acts only then.
+    # the plan words: steering with positions="plan" acts only then. One flag per backbone: the policy node
+    # runs one inference at a time (its single inference thread), which is what keeps it unambiguous.
     plans: bool = False
     planning: bool = field(default=False, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)

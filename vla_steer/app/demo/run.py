@@ -90,7 +90,7 @@ def _worker(job: dict) -> None:
         )  # fmt: skip
 
 
-def run_grid(out: Path, settings, episodes: int, workers: int, seed: int, positions: str = "all") -> None:
+def run_grid(out: Path, settings, episodes: int, workers: int, seed: int, positions: str = POSITIONS) -> None:
     """Split the seeds over `workers` processes (each its own policy node and sim), show progress."""
     from tqdm import tqdm
 
