@@ -82,6 +82,10 @@ class RobosuiteConfig(BaseModel):
     binarize_gripper: bool = False
     reward_shaping: bool = False
     initialization_noise: bool = True  # robosuite's default joint noise at reset (seeded)
+    # robosuite draws parts of the scene when it builds the model (Lift: the cube's size, 20-22 mm) from the
+    # env's generator, unseeded by default: seeded, every process builds the same scene, so an episode seed
+    # is the same episode in every run and every worker.
+    scene_seed: int = 0
     # Mirror reflections (floor, table) make every frame render the scene twice: about half the render
     # time on a CPU renderer. Off for policies that were trained without them (the demo VLA).
     reflections: bool = True
@@ -180,6 +184,7 @@ class RobosuiteEnv:
             ignore_done=True,  # the runner decides when an episode ends
             hard_reset=False,  # rebuilding the model each reset costs seconds and recreates the sensors
             initialization_noise="default" if config.initialization_noise else None,
+            seed=config.scene_seed,
         )
         kwargs.update(config.env_kwargs)
         # The camera sensors capture the convention when they are created, i.e. now.

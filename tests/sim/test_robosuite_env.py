@@ -196,6 +196,25 @@ def test_seeds_reproduce_and_differ(lift):
     assert not np.array_equal(a.images["agentview"], c.images["agentview"])
 
 
+def test_every_build_of_a_config_is_the_same_scene(lift, served):
+    """robosuite draws Lift's cube size when it builds the model; the scene seed makes a second build (another
+    worker, another run) identical, so an episode seed means the same episode everywhere."""
+    from sim.robosuite_env import RobosuiteEnv
+
+    config = load_sim_config(SIMS / "robosuite_lift.yaml")
+    with Client(served.address) as c:
+        info = c.hello()
+    a = lift.reset(seed=7)
+    cube_a = np.asarray(lift.ground_truth["cube_pos"])
+    with RobosuiteEnv(config, info) as again:
+        b = again.reset(seed=7)
+        assert np.array_equal(np.asarray(again.ground_truth["cube_pos"]), cube_a)
+        assert np.array_equal(a.images["agentview"], b.images["agentview"])
+    with RobosuiteEnv(config.model_copy(update={"scene_seed": 1}), info) as other:
+        other.reset(seed=7)
+        assert np.asarray(other.ground_truth["cube_pos"])[2] != cube_a[2]  # another cube size
+
+
 # -- the runner against a served policy -----------------------------------------------------------
 
 
