@@ -7,12 +7,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 from checkpoints import write_checkpoint
-from support import VLA_STEER, free_address, serve_process, serving, wait_for
+from support import ROOT, VLA_STEER, free_address, serve_process, serving, wait_for
 
 from policies import load_policy
 from sim.base import StepResult
@@ -196,23 +197,35 @@ def test_seeds_reproduce_and_differ(lift):
     assert not np.array_equal(a.images["agentview"], c.images["agentview"])
 
 
-def test_every_build_of_a_config_is_the_same_scene(lift, served):
-    """robosuite draws Lift's cube size when it builds the model; the scene seed makes a second build (another
-    worker, another run) identical, so an episode seed means the same episode everywhere."""
-    from sim.robosuite_env import RobosuiteEnv
+SCENE = """
+import hashlib, json, sys
+import numpy as np
+from sim.robosuite_env import RobosuiteEnv, load_sim_config
+from vla_steer.wire import ServerInfo
 
-    config = load_sim_config(SIMS / "robosuite_lift.yaml")
-    with Client(served.address) as c:
-        info = c.hello()
-    a = lift.reset(seed=7)
-    cube_a = np.asarray(lift.ground_truth["cube_pos"])
-    with RobosuiteEnv(config, info) as again:
-        b = again.reset(seed=7)
-        assert np.array_equal(np.asarray(again.ground_truth["cube_pos"]), cube_a)
-        assert np.array_equal(a.images["agentview"], b.images["agentview"])
-    with RobosuiteEnv(config.model_copy(update={"scene_seed": 1}), info) as other:
-        other.reset(seed=7)
-        assert np.asarray(other.ground_truth["cube_pos"])[2] != cube_a[2]  # another cube size
+config = load_sim_config(sys.argv[1]).model_copy(update={"scene_seed": int(sys.argv[2])})
+with RobosuiteEnv(config, ServerInfo("t", 7, 1, 20.0, {"agentview": (32, 32, 3)})) as env:
+    obs = env.reset(seed=7)
+    print(json.dumps({"cube": np.asarray(env.ground_truth["cube_pos"]).tolist(),
+                      "image": hashlib.sha256(obs.images["agentview"].tobytes()).hexdigest()}))
+"""
+
+
+def test_every_build_of_a_config_is_the_same_scene(robosuite):
+    """robosuite draws Lift's cube size when it builds the model; the scene seed makes every process (another
+    worker, another run) build the same scene, so an episode seed means the same episode everywhere."""
+
+    def build(scene_seed: int) -> dict:
+        r = subprocess.run(
+            [sys.executable, "-c", SCENE, str(SIMS / "robosuite_lift.yaml"), str(scene_seed)],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.splitlines()[-1])
+
+    first, second, other = build(0), build(0), build(1)
+    assert first == second
+    assert other["cube"][2] != first["cube"][2]  # another cube size
 
 
 # -- the runner against a served policy -----------------------------------------------------------
