@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from support import VLA_STEER
+from support import VLA_STEER, serving
 
 from policies import load_policy
 from policies.demo import WEIGHTS
@@ -28,7 +28,7 @@ from vla_steer.core.discovery.lexicon import token_match_weights
 from vla_steer.core.rollouts import open_store
 from vla_steer.core.steering import Steerer
 from vla_steer.core.tokens import normalize_token
-from vla_steer.wire import Observation
+from vla_steer.wire import Client, Observation
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,24 @@ def test_the_plan_keeps_its_grammar_and_plan_steering_reaches_only_the_plan(poli
         per_inference = [clamped[i : i + 9] for i in range(0, len(clamped), 9)]  # 2 plan words, 7 actions
         expected = [True] * 9 if positions == "last" else [True, True] + [False] * 7
         assert per_inference == [expected] * len(observations), (positions, per_inference)
+
+
+def test_serve_steers_the_demo_vlas_plan_through_the_installed_command(directions, observations, tmp_path):
+    """`vla-steer serve --policy demo_vla --positions plan`, as the twin's recipe runs it: a steered request
+    changes the plan the node answers with, an unsteered one does not."""
+    for d in directions[0].values():
+        d.save(tmp_path)
+    with (
+        serving("demo_vla", "--directions", str(tmp_path), "--positions", "plan") as address,
+        Client(address) as client,
+    ):
+        assert client.hello().info["positions"] == "plan"
+        plain = [client.infer(o, steer={}).info["plan"].split() for o in observations]
+        fast = [client.infer(o, steer={"fast": 32.0}).info["plan"].split() for o in observations]
+    assert all(p[0] in SPEED_WORDS["normal"] for p in plain), plain
+    assert all(
+        p[0] in SPEED_WORDS["fast"] and p[1] in {w for ws in HEIGHT_WORDS.values() for w in ws} for p in fast
+    ), fast
 
 
 def test_the_demo_grid_runs_each_direction_its_dose_ladder_and_matched_controls():
