@@ -133,7 +133,7 @@ def test_serve_a_shipped_policy_by_name_and_turn_its_knobs(tmp_path):
     assert serve.returncode == 0
 
 
-def test_demo_and_train_demo_refuse_bad_options(tmp_path):
+def test_demo_and_train_demo_refuse_bad_options(tmp_path, checkpoint):
     # (The demo itself runs end to end in test_demo.py's slow suite.)
     r = run_cli("demo", "--out", str(tmp_path), "--strengths", "8,fast")
     assert r.returncode == 2 and "--strengths: 'fast' is not a number" in r.stderr
@@ -149,6 +149,9 @@ def test_demo_and_train_demo_refuse_bad_options(tmp_path):
     assert r.returncode == 2 and "'inf' is not a finite number" in r.stderr
     r = run_cli("demo", "--out", str(tmp_path), "--weights", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and "--weights" in r.stderr and "not a directory" in r.stderr
+    # A TinyVLA that says no plan: the demo's default `--positions plan` is refused before anything runs.
+    r = run_cli("demo", "--out", str(tmp_path), "--weights", str(checkpoint / "policy"))
+    assert r.returncode == 2 and "--positions plan" in r.stderr and "use --positions all or last" in r.stderr
     r = run_cli("train-demo", "--out", str(tmp_path / "vla"), "--data", str(tmp_path / "none.npz"))
     assert r.returncode == 2 and "does not exist" in r.stderr
 

@@ -94,6 +94,14 @@ def cmd_demo(args) -> int:
         raise ValueError(f"--strengths must be distinct, positive clamp values, got {args.strengths}")
     if args.weights is not None and not args.weights.is_dir():
         raise FileNotFoundError(f"--weights {args.weights} is not a directory")
+    if args.weights is not None and args.positions == "plan":
+        from policies.resolve import resolve_policy, says_plan
+
+        if not says_plan(resolve_policy(str(args.weights), flag="--weights")):
+            raise ValueError(
+                f"--positions plan steers the plan words, and --weights {args.weights} is not a demo VLA that says "
+                "a plan before its actions: use --positions all or last"
+            )
     demo = run_demo(
         args.out, episodes=episodes, workers=args.workers, strengths=strengths, controls=controls,
         full=args.full, weights=args.weights, seed=args.seed, positions=args.positions,
