@@ -61,6 +61,10 @@ INSTRUCTIONS: dict[str, str] = {
 STATE_DIMS = {"eef_pos_axisangle_gripper": 8}
 
 
+COLLISION_GROUP = 0  # robosuite's geom group of collision meshes (visual meshes: 1)
+HIDDEN_GROUP = 5  # MuJoCo's render option draws geom groups 0-2 by default
+
+
 class RobosuiteConfig(BaseModel):
     """A robosuite sim config (`vla_steer/configs/sims/robosuite_*.yaml`); see the module docstring for conventions."""
 
@@ -89,6 +93,16 @@ class RobosuiteConfig(BaseModel):
     # Mirror reflections (floor, table) make every frame render the scene twice: about half the render
     # time on a CPU renderer. Off for policies that were trained without them (the demo VLA).
     reflections: bool = True
+    # Half-width (m) of the square the task's object is placed in, around its usual centre; None: the task's
+    # own (Lift: 0.03). Wider than the test range, demonstrations make a policy find the object in its image
+    # instead of learning where it usually is.
+    placement_range: float | None = Field(None, gt=0, le=0.2)
+    # Geometry no camera sees, left out of every frame: the visual geoms of the bodies named here by prefix
+    # (e.g. the arm behind a wrist camera), and robosuite's collision geoms, which it draws inside their visual
+    # meshes. The same pixels in a third of the render time on a CPU renderer; only for cameras that truly
+    # cannot see them (the demo's wrist camera; its test compares the frames).
+    unseen_bodies: list[str] = Field(default_factory=list)
+    draw_collision_geoms: bool = True
     env_kwargs: dict[str, Any] = Field(default_factory=dict)  # passed on to robosuite.make
 
     @field_validator("cameras")
@@ -196,6 +210,10 @@ class RobosuiteEnv:
                 f"{config.task} with {config.robot} takes {self.env.action_dim}-d actions, not 7 "
                 "(one arm with OSC_POSE plus one gripper value)"
             )
+        if config.placement_range is not None:
+            self._widen_placement(config.placement_range)
+        if config.unseen_bodies:
+            self._hide_bodies(config.unseen_bodies)
         self._robot = self.env.robots[0]
         self._eef_site = self._robot.gripper["right"].important_sites["grip_site"]
         self._obs: dict[str, Any] | None = None
@@ -208,8 +226,7 @@ class RobosuiteEnv:
             # robosuite's placement samplers and robots hold this very Generator: reseed it in place.
             self.env.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
         self._obs = self.env.reset()
-        if not self.config.reflections:
-            self._disable_reflections()
+        self._render_options()
         return self.observation()
 
     def step(self, action: np.ndarray) -> StepResult:
@@ -224,6 +241,16 @@ class RobosuiteEnv:
 
     def success(self) -> bool:
         return bool(self.env._check_success())
+
+    def _widen_placement(self, r: float) -> None:
+        sampler = getattr(self.env, "placement_initializer", None)
+        if not (hasattr(sampler, "x_range") and hasattr(sampler, "y_range")):
+            self.env.close()
+            raise ValueError(
+                f"placement_range: {self.config.task} has no uniform object placement to set (only tasks with "
+                "one placement sampler, such as Lift, take it)"
+            )
+        sampler.x_range, sampler.y_range = [-r, r], [-r, r]  # kept across resets (no hard reset)
 
     def close(self) -> None:
         self.env.close()
@@ -284,15 +311,38 @@ class RobosuiteEnv:
             t_sim=float(self.env.sim.data.time),
         )
 
-    def _disable_reflections(self) -> None:
+    def _render_options(self) -> None:
+        """Reflections and collision geoms off where the config says so. robosuite creates its render context
+        at the first frame (this reset's): a frame rendered before the change is rendered again."""
         import mujoco
 
         context = getattr(self.env.sim, "_render_context_offscreen", None)
-        flags = context.scn.flags if context is not None else None
-        if flags is not None and flags[mujoco.mjtRndFlag.mjRND_REFLECTION]:
-            flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-            # This episode's first frame was rendered with reflections: render it again.
+        if context is None:
+            return
+        changed = False
+        if not self.config.reflections and context.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION]:
+            context.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+            changed = True
+        if not self.config.draw_collision_geoms and context.vopt.geomgroup[COLLISION_GROUP]:
+            context.vopt.geomgroup[COLLISION_GROUP] = 0
+            changed = True
+        if changed:
             self._obs = self.env._get_observations(force_update=True)
+
+    def _hide_bodies(self, prefixes: list[str]) -> None:
+        import mujoco
+
+        model = self.env.sim.model._model
+        bodies = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_BODY, b) or "" for b in model.geom_bodyid]
+        for prefix in prefixes:
+            geoms = [g for g, body in enumerate(bodies) if body.startswith(prefix)]
+            if not geoms:
+                self.env.close()
+                raise ValueError(
+                    f"unseen_bodies: no body of {self.config.task} with {self.config.robot} starts with {prefix!r} "
+                    f"(bodies with geoms: {sorted(set(bodies))})"
+                )
+            model.geom_group[geoms] = HIDDEN_GROUP  # a group no render context draws; physics ignores groups
 
     def _image(self, img: np.ndarray) -> np.ndarray:
         if self._flip_rows:

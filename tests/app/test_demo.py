@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -171,6 +172,42 @@ def test_the_demo_grid_runs_each_direction_its_dose_ladder_and_matched_controls(
                     {"fast:random2": 8.0}, {"up:random1": 8.0}, {"up:random2": 8.0}]  # fmt: skip
     full = settings_grid(("fast",), (4.0, 8.0), controls=1, control_strengths=(4.0, 8.0))
     assert full == [{}, {"fast": 4.0}, {"fast": 8.0}, {"fast:random1": 4.0}, {"fast:random1": 8.0}]
+
+
+FRAMES = """
+import hashlib, json, sys
+import numpy as np
+from vla_steer.app.demo import data
+from vla_steer.app.demo.expert import HEIGHTS, SPEEDS, LiftExpert
+
+if sys.argv[1] == "everything":
+    data.DEMO_SIM = data.DEMO_SIM | {"unseen_bodies": [], "draw_collision_geoms": True}
+env = data.make_env()
+hashes = []
+for seed, speed, height in ((3, "fast", "high"), (11, "slow", "low")):
+    obs = env.reset(seed)
+    expert = LiftExpert(SPEEDS[speed], HEIGHTS[height])
+    for _ in range(45):
+        hashes.append(hashlib.sha256(obs.images[data.IMAGE_KEY].tobytes()).hexdigest())
+        obs = env.step(expert.act(obs.ee_pos, np.asarray(env.ground_truth["cube_pos"]))).observation
+env.close()
+print(json.dumps(hashes))
+"""
+
+
+@pytest.mark.slow
+def test_the_geometry_the_demo_leaves_unrendered_is_out_of_the_wrist_cameras_view():
+    """The demo's sim skips the arm, its mount and the collision meshes when it renders: every wrist frame of
+    two expert episodes (approach, grasp, lift) is the same pixels as with everything drawn."""
+
+    def frames(draw: str) -> list[str]:
+        r = subprocess.run([sys.executable, "-c", FRAMES, draw], capture_output=True, text=True, timeout=170)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.splitlines()[-1])
+
+    skipped, everything = frames("demo"), frames("everything")
+    assert len(skipped) == 90 and len(set(skipped)) > 60  # the camera moves
+    assert skipped == everything
 
 
 def _vla_steer(*args: str) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 from checkpoints import write_checkpoint
+from pydantic import ValidationError
 from support import ROOT, VLA_STEER, free_address, serve_process, serving, wait_for
 
 from policies import load_policy
@@ -226,6 +227,49 @@ def test_every_build_of_a_config_is_the_same_scene(robosuite):
     first, second, other = build(0), build(0), build(1)
     assert first == second
     assert other["cube"][2] != first["cube"][2]  # another cube size
+
+
+PLACEMENT = """
+import json, sys
+import numpy as np
+from sim.robosuite_env import RobosuiteEnv, load_sim_config
+from vla_steer.wire import ServerInfo
+
+r = None if sys.argv[2] == "none" else float(sys.argv[2])
+config = load_sim_config(sys.argv[1]).model_copy(update={"placement_range": r})
+with RobosuiteEnv(config, ServerInfo("t", 7, 1, 20.0, {"agentview": (16, 16, 3)})) as env:
+    cubes = []
+    for seed in range(24):
+        env.reset(seed=seed)
+        cubes.append(np.asarray(env.ground_truth["cube_pos"])[:2].tolist())
+try:
+    RobosuiteEnv(config.model_copy(update={"unseen_bodies": ["robot0_", "no_such_body"]}))
+except ValueError as e:
+    refused = str(e)
+print(json.dumps({"cubes": cubes, "refused": refused}))
+"""
+
+
+@pytest.mark.slow
+def test_placement_range_widens_where_the_cube_is_placed(robosuite):
+    """The demo's demonstrations place the cube over +-7 cm, where Lift places it over +-3 cm. (And an
+    `unseen_bodies` prefix that names no body is refused, naming it.)"""
+
+    def build(r: str) -> dict:
+        p = subprocess.run(
+            [sys.executable, "-c", PLACEMENT, str(SIMS / "robosuite_lift.yaml"), r],
+            capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout.splitlines()[-1])
+
+    default = build("none")
+    usual, wide = np.abs(np.array(default["cubes"])), np.abs(np.array(build("0.07")["cubes"]))
+    assert "'no_such_body'" in default["refused"]
+    assert usual.max() <= 0.03 + 1e-9
+    assert 0.045 < wide.max() <= 0.07 + 1e-9
+    with pytest.raises(ValidationError, match="placement_range"):
+        RobosuiteConfig(placement_range=0.0)
 
 
 # -- the runner against a served policy -----------------------------------------------------------
