@@ -29,8 +29,11 @@ def test_abort_leaves_an_incomplete_episode_and_a_closed_writer_refuses_steps(tm
     ok = rec.start_episode({"task": "y"})
     ok.step(**make_step(0, rng))
     assert ok.end().complete
+    open_ = rec.start_episode({"task": "z"})
+    open_.step(**make_step(0, rng))
     store = open_store(tmp_path)
-    aborted, ended = store.episodes()
+    assert store.n_closed() == 1  # the count for progress: neither the aborted nor the open episode
+    aborted, ended, _ = store.episodes()
     assert not aborted.complete and aborted.n_steps == 1 and aborted.meta["length"] == 1
     assert ended.complete and ended.meta["success"] is None
     events = store.load(aborted.id).events
@@ -38,6 +41,8 @@ def test_abort_leaves_an_incomplete_episode_and_a_closed_writer_refuses_steps(tm
     for closed in (bad, ok):
         with pytest.raises(RuntimeError, match="closed"):
             closed.step(**make_step(1, rng))
+    open_.end()
+    assert store.n_closed() == 2
 
 
 # ----------------------------------------------------------------------------------------- crash safety

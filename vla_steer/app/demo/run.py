@@ -110,7 +110,7 @@ def run_grid(out: Path, settings, episodes: int, workers: int, seed: int, positi
     with tqdm(total=total, desc="   episodes", unit="ep") as bar:
         while any(p.is_alive() for p in procs):
             time.sleep(2.0)
-            done = sum(1 for e in open_store(store).episodes() if e.complete) if store.exists() else 0
+            done = open_store(store).n_closed() if store.exists() else 0
             bar.update(done - bar.n)
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:

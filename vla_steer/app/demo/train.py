@@ -176,10 +176,10 @@ def train(
     for step in range(steps):
         if step % language_every == language_every - 1:
             loss = language_loss(model, *batches.language(batch))
-            acc["language"].append(float(loss))
+            acc["language"].append(loss.item())
         else:
             loss = action_loss(model, *batches.actions(batch))
-            acc["action"].append(float(loss))
+            acc["action"].append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

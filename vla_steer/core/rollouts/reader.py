@@ -42,6 +42,11 @@ class Store:
         """Every episode in id order, each checked against its log (see `info`)."""
         return [self.info(i) for i in self.episode_ids()]
 
+    def n_closed(self) -> int:
+        """How many episodes their writers closed complete, by their summaries alone: a cheap count for
+        progress while nodes record (`episodes` reads and checks every log)."""
+        return sum(bool((_read_summary(self._path(i)) or {}).get("complete")) for i in self.episode_ids())
+
     def info(self, episode_id: str) -> EpisodeInfo:
         """An episode's listing entry from its log, every record's crc checked (the arrays are not made):
         steps held, complete or not, and what damage cost (`EpisodeInfo.status`, `damage`, `lost_steps`)."""
@@ -225,7 +230,12 @@ def _read_summary(path: Path) -> dict | None:
         if _count(n) != n or _count(size) != size:
             return None
         repaired = s.get("repaired")
-        return {"n_steps": n, "log_bytes": size, "repaired": repaired if isinstance(repaired, dict) else None}
+        return {
+            "n_steps": n,
+            "log_bytes": size,
+            "complete": s.get("complete") is True,
+            "repaired": repaired if isinstance(repaired, dict) else None,
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
