@@ -44,9 +44,9 @@ def run_clients(address: str, scripts: list[list[tuple]], *, reset: bool = False
                 if reset:
                     c.reset(episode=f"client-{i}")
                 out = []
-                for obs, steer in scripts[i]:
+                for obs, steer, *asks in scripts[i]:  # (observation, steer[, activations])
                     barrier.wait(timeout=60)
-                    out.append(c.infer(obs, steer=steer))
+                    out.append(c.infer(obs, steer=steer, activations=asks[0] if asks else None))
                 return out
         except BaseException:
             barrier.abort()  # the other clients stop waiting for this one
@@ -129,6 +129,30 @@ def test_tiny_vla_batched_through_sockets_equals_each_client_alone(tiny_node):
             on = {n for n, s in r.info["steering"].items() if s["enabled"]}
             assert on == set(LIVE if steer is None else steer)
     assert tiny_node.steerer.state()["up"]["strength"] == 25.0  # the live knobs untouched
+
+
+@pytest.mark.timeout(300)
+def test_requests_asking_for_the_same_activations_share_a_forward_and_get_their_own_rows(tiny_node):
+    """Each client's recorded activations (concept neurons and a whole layer, every forward's last position)
+    are its own sample's, as alone; clients asking for other activations run in other forwards."""
+    asks = [["fast", "layer:1"], ["fast", "layer:1"], ["fast", "layer:1"], ["up"], None]
+    # One observation per step for everyone (one prompt length), each client under its own setting.
+    scripts = [[(TINY_OBS[k], steer, asks[i]) for k in range(2)] for i, steer in enumerate(TINY_SETTINGS)]
+    hold = held(tiny_node)
+    with Server(tiny_node, "tcp://127.0.0.1:0", batch_wait=0.05).start() as server:
+        expected = [run_clients(server.address, [s])[0] for s in scripts]
+        hold.set()
+        got = run_clients(server.address, scripts)
+    assert max(r.info["batch"] for rs in got[:3] for r in rs) > 1  # the three that ask alike did share
+    for i, (results, want) in enumerate(zip(got, expected, strict=True)):
+        for r, w in zip(results, want, strict=True):
+            assert np.array_equal(r.actions, w.actions)
+            assert sorted(r.activations) == sorted(asks[i] or [])
+            for name, values in w.activations.items():
+                assert values.shape[0] > 1  # one row per forward (prefill and each decoded token)
+                np.testing.assert_allclose(r.activations[name], values, rtol=1e-4, atol=1e-5)
+    fast = [r.activations["fast"] for rs in got[:3] for r in rs]
+    assert not all(np.array_equal(fast[0], f) for f in fast[1:])  # the rows differ between clients
 
 
 @pytest.mark.slow

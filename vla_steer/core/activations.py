@@ -81,19 +81,21 @@ class ActivationRecorder:
     def _hook(self, layer: int, index: torch.Tensor):
         def hook(module, args):
             m = args[0]
-            self._rows[layer].append(m.reshape(-1, m.shape[-1])[-1, index].detach().float().cpu())
+            last = m[:, -1] if m.dim() == 3 else m.reshape(-1, m.shape[-1])[-1:]  # [batch, d_mlp]
+            self._rows[layer].append(last[:, index].detach().float().cpu())
 
         return hook
 
-    def result(self) -> np.ndarray:
-        """[n_forwards, n_neurons] float32 in the order the neurons were requested."""
+    def result(self, row: int = 0) -> np.ndarray:
+        """[n_forwards, n_neurons] float32 in the order the neurons were requested, for sample `row` of
+        batched forwards (each forward's last position)."""
         if not self.neurons:
             return np.zeros((0, 0), np.float32)
         n = min(len(rows) for rows in self._rows.values())
         out = np.zeros((n, len(self.neurons)), np.float32)
         for layer, cols in self._cols.items():
             if n:
-                out[:, cols] = torch.stack(self._rows[layer][:n]).numpy()
+                out[:, cols] = torch.stack([r[row] for r in self._rows[layer][:n]]).numpy()
         return out
 
 
@@ -143,7 +145,7 @@ def recording(
     selection: Selection, backbones: Mapping[str, Backbone], max_neurons: int
 ) -> Iterator[Callable[[], dict[str, np.ndarray]]]:
     """Record `selection` during the block (one recorder per stack); the function it yields returns, after
-    the forward, name -> float32 [forwards, neurons]."""
+    the forward, name -> float32 [forwards, neurons] of batch sample `row` (default 0)."""
     groups: dict[str, list[tuple[str, list[tuple[int, int]]]]] = {}
     for name, key, neurons in selection:
         groups.setdefault(key, []).append((name, neurons))
@@ -160,10 +162,10 @@ def recording(
             for key, group in groups.items()
         ]
 
-        def result() -> dict[str, np.ndarray]:
+        def result(row: int = 0) -> dict[str, np.ndarray]:
             out = {}
             for rec, group in recorders:
-                values, col = rec.result(), 0
+                values, col = rec.result(row), 0
                 for name, neurons in group:
                     out[name] = np.ascontiguousarray(values[:, col : col + len(neurons)])
                     col += len(neurons)

@@ -129,24 +129,26 @@ class PolicyNode:
     def infer_batch(self, reqs: Sequence[Request]) -> list[Reply | Exception]:
         """Several clients' infer requests in batched forwards (one per `policy.batch_key`), each under its
         own steering setting and with its own episode; a reply or the error it caused per request, in
-        order. Requests asking for activations, and every request to a policy that cannot batch, run one
-        at a time. A batched forward that fails is rerun one sample at a time, so only a sample that fails
-        alone gets an error (a pi0 sample rerun draws its episode's next noise: the failed forward took one)."""
+        order. Requests share a forward when the policy's `batch_key` (e.g. prompt length) and the
+        activations they ask for are the same; every request to a policy that cannot batch runs alone. A
+        batched forward that fails is rerun one sample at a time, so only a sample that fails alone gets an
+        error (a pi0 sample rerun draws its episode's next noise: the failed forward took one)."""
         out: list[Reply | Exception | None] = [None] * len(reqs)
         batch: list[tuple[int, _Prepared]] = []
         for i, req in enumerate(reqs):
             try:
                 prep = self._prepare(req)
-                if prep.selection or not self.batching:
+                if not self.batching:
                     out[i] = self._infer_one(prep)
                 else:
                     batch.append((i, prep))
             except Exception as e:  # noqa: BLE001 - the server turns it into this request's error reply
                 out[i] = e
         groups: dict[Any, list[tuple[int, _Prepared]]] = {}
-        for i, prep in batch:  # one forward per key (e.g. prompt length)
+        for i, prep in batch:  # one forward per key
             try:
-                groups.setdefault(self.policy.batch_key(prep.obs), []).append((i, prep))
+                asked = tuple((name, key, tuple(neurons)) for name, key, neurons in prep.selection)
+                groups.setdefault((self.policy.batch_key(prep.obs), asked), []).append((i, prep))
             except Exception as e:  # noqa: BLE001
                 out[i] = e
         for group in groups.values():
@@ -224,12 +226,17 @@ class PolicyNode:
             settings = [live if p.setting is None else p.setting for p in batch]
             for key, st in self.steerers.items():
                 stack.enter_context(st.consistent([s[key] for s in settings]))
+            backbones = {key: st.backbone for key, st in self.steerers.items()}
+            recorded = stack.enter_context(
+                recording(batch[0].selection, backbones, self.max_recorded_neurons)
+            )
             chunks = self.policy.infer_batch([p.obs for p in batch], [p.episode.state for p in batch])
         policy_ms = (time.perf_counter() - t0) * 1e3
         out: list[Reply | Exception] = []
-        for p, s, chunk in zip(batch, settings, chunks, strict=True):
+        for row, (p, s, chunk) in enumerate(zip(batch, settings, chunks, strict=True)):
             try:
-                out.append(self._reply(chunk, {}, _state_of(s), policy_ms, p.episode, len(batch)))
+                activations = recorded(row) if p.selection else {}
+                out.append(self._reply(chunk, activations, _state_of(s), policy_ms, p.episode, len(batch)))
             except ProtocolError as e:
                 out.append(e)
         return out
