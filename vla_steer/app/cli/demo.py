@@ -19,7 +19,9 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--episodes", type=int, default=None, help="episodes per setting (default: 20; --full: 30)"
     )
-    p.add_argument("--workers", type=int, default=2, help="parallel policy+sim node pairs (default: 2)")
+    p.add_argument(
+        "--workers", type=int, default=4, help="robosuite processes sharing the policy node (default: 4)"
+    )
     p.add_argument(
         "--strengths",
         default=None,
@@ -88,8 +90,8 @@ def cmd_demo(args) -> int:
     strengths = tuple(strengths or (FULL["strengths"] if args.full else STRENGTHS))
     episodes = args.episodes if args.episodes is not None else (FULL["episodes"] if args.full else 20)
     controls = args.controls if args.controls is not None else (FULL["controls"] if args.full else CONTROLS)
-    if episodes < 2 or args.workers < 1 or controls < 1:
-        raise ValueError("--episodes must be >= 2 (a CI needs two), --workers and --controls >= 1")
+    if episodes < 2 or not 1 <= args.workers <= 32 or controls < 1:
+        raise ValueError("--episodes must be >= 2 (a CI needs two), --workers 1..32 and --controls >= 1")
     if any(s <= 0 for s in strengths) or len(set(strengths)) != len(strengths):  # (finite: parse_floats)
         raise ValueError(f"--strengths must be distinct, positive clamp values, got {args.strengths}")
     if args.weights is not None and not args.weights.is_dir():

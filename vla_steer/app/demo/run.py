@@ -7,8 +7,8 @@
    shipped concept lexicons (`vla_steer/configs/concepts`) -> directions fast / slow / up / down; draw
    random-neuron controls matched to them (`vla_steer.core.discovery.controls`: layer, sign, coefficient
    statistics over calibration episodes, value-vector norm), several draws per direction;
-3. run the evaluation grid on robosuite Lift (`sim.session`): a policy node and a robosuite node per worker,
-   talking over ZeroMQ; baseline episodes, every direction at each strength of the dose ladder and the control
+3. run the evaluation grid on robosuite Lift (`sim.session`): robosuite worker processes that share one
+   policy node over ZeroMQ (their concurrent requests batched, each under its own setting); baseline episodes, every direction at each strength of the dose ladder and the control
    draws, on matched seeds, recorded into a rollout store with the concept neurons' activations. Steering
    acts on the forwards that decide the plan words (`POSITIONS`; `--positions all` is the paper's setting);
 4. analyse the store (`vla_steer.core.analysis`): dose-response with CIs per direction beside its controls,
@@ -45,6 +45,7 @@ FULL = dict(strengths=(8.0, 16.0, 24.0, 32.0), controls=5, episodes=30)  # `--fu
 # the perturbation of every position that, at the strength a plan word needs, also breaks the grasp.
 POSITIONS = "plan"
 SIZE = 16  # neurons per direction
+WORKERS = 4  # robosuite processes sharing the policy node: on 2 cores, sims step while a batch is decoded
 MAX_STEPS = 100
 SETTLE = 3  # steps held still after success before an episode ends
 CALIBRATION_SEEDS = (90_000, 90_001)  # baseline episodes the controls' neuron statistics are measured on
@@ -70,48 +71,64 @@ def settings_grid(names, strengths=STRENGTHS, controls: int = CONTROLS, control_
 
 
 def _worker(job: dict) -> None:
-    """One policy node + one robosuite node, running every setting for a slice of the seeds."""
+    """One robosuite node running every setting for a slice of the seeds, against the shared policy node."""
     os.environ.setdefault("MUJOCO_GL", "egl")
-    torch.set_num_threads(1)
     from sim import session
     from sim.robosuite_env import RobosuiteConfig
+
+    config = RobosuiteConfig(**DEMO_SIM, instruction=BASELINE_INSTRUCTION)
+    session.run(
+        job["server"], {"Lift": config}, job["settings"], out=Path(job["store"]), episodes=job["episodes"],
+        max_steps=MAX_STEPS, seed=job["seed"], settle=SETTLE, activations=list(POLES), progress=lambda _: None,
+        request_timeout=30.0,  # the shared node answers a batch of every worker's requests at once
+    )  # fmt: skip
+
+
+def run_grid(
+    out: Path, policy, settings, episodes: int, workers: int, seed: int, positions: str = POSITIONS
+) -> None:
+    """One policy node in this process serving `workers` robosuite processes, which split the seeds: their
+    concurrent requests share batched forwards (each under its own setting), so the policy's time per step
+    is shared while the simulators step in parallel. Shows progress."""
+    from tqdm import tqdm
+
     from vla_steer.core.node import PolicyNode
     from vla_steer.wire import Server
 
-    directions = list(load_directions(job["directions"]).values())
-    directions += list(load_directions(job["controls"]).values())
-    node = PolicyNode(load_policy(job["policy"]), directions, positions=job["positions"])
-    config = RobosuiteConfig(**DEMO_SIM, instruction=BASELINE_INSTRUCTION)
-    with Server(node, "tcp://127.0.0.1:0").start() as server:
-        session.run(
-            server.address, {"Lift": config}, job["settings"], out=Path(job["store"]), episodes=job["episodes"],
-            max_steps=MAX_STEPS, seed=job["seed"], settle=SETTLE, activations=list(POLES),
-            progress=lambda _: None,
-        )  # fmt: skip
-
-
-def run_grid(out: Path, settings, episodes: int, workers: int, seed: int, positions: str = POSITIONS) -> None:
-    """Split the seeds over `workers` processes (each its own policy node and sim), show progress."""
-    from tqdm import tqdm
-
     store = out / "rollouts"
+    directions = list(load_directions(out / "directions").values()) + list(
+        load_directions(out / "controls").values()
+    )
+    node = PolicyNode(policy, directions, positions=positions, batch_max=max(1, workers))
     per = [episodes // workers + (1 if w < episodes % workers else 0) for w in range(workers)]
     starts = [seed + sum(per[:w]) for w in range(workers)]
-    jobs = [
-        dict(policy=str(out / "policy.yaml"), directions=str(out / "directions"), controls=str(out / "controls"),
-             settings=settings, episodes=n, seed=s, store=str(store), positions=positions)
-        for n, s in zip(per, starts, strict=True) if n
-    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the cores are the simulators'; a batched forward of the tiny model needs one
     ctx = mp.get_context("spawn")  # no fork after torch and EGL are initialised
-    procs = [ctx.Process(target=_worker, args=(job,), daemon=True) for job in jobs]
-    for p in procs:
-        p.start()
-    total = episodes * len(settings)
-    with tqdm(total=total, desc="   episodes", unit="ep") as bar:
-        while any(p.is_alive() for p in procs):
-            time.sleep(2.0)
-            done = open_store(store).n_closed() if store.exists() else 0
-            bar.update(done - bar.n)
+    procs = []
+    try:
+        with Server(node, "tcp://127.0.0.1:0").start() as server:
+            jobs = [
+                dict(server=server.address, settings=settings, episodes=n, seed=s, store=str(store))
+                for n, s in zip(per, starts, strict=True) if n
+            ]  # fmt: skip
+            procs = [ctx.Process(target=_worker, args=(job,), daemon=True) for job in jobs]
+            for p in procs:
+                p.start()
+            total = episodes * len(settings)
+            with tqdm(total=total, desc="   episodes", unit="ep") as bar:
+                while any(p.is_alive() for p in procs):
+                    time.sleep(2.0)
+                    done = open_store(store).n_closed() if store.exists() else 0
+                    bar.update(done - bar.n)
+    finally:
+        for p in procs:  # an interrupted demo leaves no simulator running
+            if p.is_alive():
+                p.kill()
+            p.join()
+        for st in node.steerers.values():  # the policy's hooks go with the node
+            st.remove()
+        torch.set_num_threads(threads)
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
         raise RuntimeError(f"{len(failed)} evaluation worker(s) failed (exit codes {failed}); see above")
@@ -143,7 +160,7 @@ def run_demo(
     out: Path,
     *,
     episodes: int = 20,
-    workers: int = 2,
+    workers: int = WORKERS,
     strengths=STRENGTHS,
     controls: int = CONTROLS,
     full: bool = False,
@@ -196,9 +213,9 @@ def run_demo(
 
     settings = settings_grid(POLES, strengths, controls, control_strengths)
     print(f"\n3. {len(settings)} settings x {episodes} episodes of robosuite Lift ('{BASELINE_INSTRUCTION}', "
-          f"seeds {seed}..{seed + episodes - 1}), {workers} workers (policy node + robosuite node each), "
+          f"seeds {seed}..{seed + episodes - 1}), {workers} robosuite workers sharing one policy node, "
           f"steering at positions '{positions}'")  # fmt: skip
-    run_grid(out, settings, episodes, workers, seed, positions)
+    run_grid(out, policy, settings, episodes, workers, seed, positions)
 
     print("\n4. analysis")
     from vla_steer.core.analysis import analyze, render_html
