@@ -149,12 +149,12 @@ def test_the_plan_keeps_its_grammar_and_plan_steering_reaches_only_the_plan(poli
 
 
 def test_serve_steers_the_demo_vlas_plan_through_the_installed_command(directions, observations, tmp_path):
-    """`vla-steer serve --policy demo_vla --positions plan`, as the twin's recipe runs it: a steered request
-    changes the plan the node answers with, an unsteered one does not."""
+    """`vla-steer serve --policy demo_vla`, as the twin's recipe runs it: the node steers the plan by default
+    (the demo VLA says one); a steered request changes the plan it answers with, an unsteered one does not."""
     for d in directions[0].values():
         d.save(tmp_path)
     with (
-        serving("demo_vla", "--directions", str(tmp_path), "--positions", "plan") as address,
+        serving("demo_vla", "--directions", str(tmp_path)) as address,
         Client(address) as client,
     ):
         assert client.hello().info["positions"] == "plan"

@@ -162,7 +162,9 @@ def test_the_installed_serve_batches_clients_with_their_own_settings(checkpoint)
     proc = serve_process(checkpoint, address, extra=("--batch-max", "8", "--batch-wait-ms", "20"))
     try:
         with Client(address, timeout=30) as c:
-            assert c.hello().info["inference"] == "batched"
+            hello = c.hello().info
+            assert hello["inference"] == "batched"
+            assert hello["positions"] == "all"  # the default for a policy that says no plan
             c.set_knobs(LIVE)
         scripts = tiny_scripts()
         expected = [alone(address, s) for s in scripts]

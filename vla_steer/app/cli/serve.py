@@ -31,9 +31,9 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--positions",
         choices=("all", "last", "plan"),
-        default="all",
+        default=None,
         help="token positions to steer: all, the last of each forward, or (a policy that says a plan first) "
-        "only the forwards that decide its plan words",
+        "only the forwards that decide its plan words (default: plan for such a policy, the demo VLA; else all)",
     )
     p.add_argument(
         "--batch-max",
@@ -83,7 +83,10 @@ def cmd_serve(args) -> int:
     target = resolve_policy(args.policy, kind=args.kind, settings=dict(args.option), device=args.device)
     directions = list(load_directions(args.directions).values()) if args.directions else []
     check_directions(directions, stack_dims(target), args.directions)
-    if args.positions == "plan" and not says_plan(target):
+    plans = says_plan(target)
+    if args.positions is None:  # a planning policy's concepts act through its plan (see `vla-steer demo`)
+        args.positions = "plan" if plans else "all"
+    if args.positions == "plan" and not plans:
         raise ValueError(
             f"--positions plan steers the forwards that decide a policy's plan words; {args.policy} "
             f"({target.kind}) says no plan before its actions: use --positions all or last"
