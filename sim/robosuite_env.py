@@ -94,8 +94,7 @@ class RobosuiteConfig(BaseModel):
     # time on a CPU renderer. Off for policies that were trained without them (the demo VLA).
     reflections: bool = True
     # Half-width (m) of the square the task's object is placed in, around its usual centre; None: the task's
-    # own (Lift: 0.03). Wider than the test range, demonstrations make a policy find the object in its image
-    # instead of learning where it usually is.
+    # own (Lift: 0.03). E.g. to see whether a policy finds the object where its demonstrations never put it.
     placement_range: float | None = Field(None, gt=0, le=0.2)
     # Geometry no camera sees, left out of every frame: the visual geoms of the bodies named here by prefix
     # (e.g. the arm behind a wrist camera), and robosuite's collision geoms, which it draws inside their visual

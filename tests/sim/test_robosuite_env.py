@@ -252,7 +252,7 @@ print(json.dumps({"cubes": cubes, "refused": refused}))
 
 @pytest.mark.slow
 def test_placement_range_widens_where_the_cube_is_placed(robosuite):
-    """The demo's demonstrations place the cube over +-7 cm, where Lift places it over +-3 cm. (And an
+    """placement_range 0.07 places the cube over +-7 cm, where Lift places it over +-3 cm. (And an
     `unseen_bodies` prefix that names no body is refused, naming it.)"""
 
     def build(r: str) -> dict:
