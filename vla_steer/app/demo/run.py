@@ -8,9 +8,10 @@
    random-neuron controls matched to them (`vla_steer.core.discovery.controls`: layer, sign, coefficient
    statistics over calibration episodes, value-vector norm), several draws per direction;
 3. run the evaluation grid on robosuite Lift (`sim.session`): robosuite worker processes that share one
-   policy node over ZeroMQ (their concurrent requests batched, each under its own setting); baseline episodes, every direction at each strength of the dose ladder and the control
-   draws, on matched seeds, recorded into a rollout store with the concept neurons' activations. Steering
-   acts on the forwards that decide the plan words (`POSITIONS`; `--positions all` is the paper's setting);
+   policy node over ZeroMQ (their concurrent requests batched, each under its own setting); baseline
+   episodes, every direction at each strength of the dose ladder and the control draws, on matched seeds,
+   recorded into a rollout store with the concept neurons' activations. Steering acts on the forwards that
+   decide the plan words (`POSITIONS`; `--positions all` is the paper's setting);
 4. analyse the store (`vla_steer.core.analysis`): dose-response with CIs per direction beside its controls,
    trajectories, a motion strip, neurons and their top tokens -> `report.html` and `summary.json`;
 5. check the demo's claims (`acceptance`, issue #19's targets) into `summary.json` and the report.
