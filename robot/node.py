@@ -341,11 +341,11 @@ class RobotNode:
         try:
             obs = self._observation(st)
         except CameraStale as e:  # blind: hold now, as for a stale action, until frames flow again
+            self.stats.last_error = str(e)  # first: whoever sees the hold also sees why
             if not self.camera_hold:
                 self.servo.hold()
                 self.camera_hold = True
                 log.warning("holding the arm: %s", e)
-            self.stats.last_error = str(e)
             self._stop.wait(0.01)
             return
         if self.camera_hold:

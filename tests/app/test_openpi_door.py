@@ -42,9 +42,12 @@ def demo_directions(tmp_path_factory, poles) -> Path:
 
 @contextlib.contextmanager
 def serve_openpi(directions: Path, *extra: str) -> Iterator[tuple[str, int]]:
-    """`vla-steer serve --policy demo_vla --openpi-port 0`: (ZeroMQ address, openpi port) once both serve."""
+    """`vla-steer serve --policy demo_vla --openpi-port 0`: (ZeroMQ address, openpi port) once both serve.
+    Steered at every position (`--positions all`): knobs at 12 then change the actions of any observation,
+    where the demo VLA's default (its plan) needs a strength that flips a plan word on these random frames."""
     address = free_address()
     cmd = [VLA_STEER, "serve", "--policy", "demo_vla", "--directions", str(directions), "--bind", address]
+    cmd += ["--positions", "all"]
     proc = subprocess.Popen(
         [*cmd, "--openpi-port", "0", *extra],
         stdout=subprocess.PIPE,
