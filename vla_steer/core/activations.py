@@ -143,7 +143,7 @@ def select(
 @contextlib.contextmanager
 def recording(
     selection: Selection, backbones: Mapping[str, Backbone], max_neurons: int
-) -> Iterator[Callable[[], dict[str, np.ndarray]]]:
+) -> Iterator[Callable[..., dict[str, np.ndarray]]]:
     """Record `selection` during the block (one recorder per stack); the function it yields returns, after
     the forward, name -> float32 [forwards, neurons] of batch sample `row` (default 0)."""
     groups: dict[str, list[tuple[str, list[tuple[int, int]]]]] = {}
