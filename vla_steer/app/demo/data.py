@@ -72,7 +72,7 @@ def _episodes(jobs: list[tuple[int, str, str, str]]) -> dict[str, np.ndarray]:
     """Run the expert for each (seed, speed, height, robot); concatenated step arrays of the episodes it
     lifted."""
     envs: dict[str, Any] = {}
-    keys = ("images", "states", "actions", "episode", "speed", "height", "robot")
+    keys = ("images", "states", "actions", "cube", "episode", "speed", "height", "robot")
     out: dict[str, list] = {k: [] for k in keys}
     try:
         for seed, speed, height, robot in jobs:
@@ -84,10 +84,12 @@ def _episodes(jobs: list[tuple[int, str, str, str]]) -> dict[str, np.ndarray]:
             held = 0
             episode: dict[str, list] = {k: [] for k in keys}
             for _ in range(MAX_STEPS):
-                action = expert.act(obs.ee_pos, np.asarray(env.ground_truth["cube_pos"]))
+                cube = np.asarray(env.ground_truth["cube_pos"])
+                action = expert.act(obs.ee_pos, cube)
                 episode["images"].append(obs.images[IMAGE_KEY])
                 episode["states"].append(obs.state)
                 episode["actions"].append(action.astype(np.float32))
+                episode["cube"].append((cube - obs.ee_pos).astype(np.float32))
                 episode["episode"].append(seed)
                 episode["speed"].append(list(SPEEDS).index(speed))
                 episode["height"].append(list(HEIGHTS).index(height))
@@ -118,8 +120,8 @@ def generate(
     workers: int = 2,
     robots: dict[str, int] | None = None,
 ) -> Path:
-    """Write `path` (.npz): images [N, 64, 64, 3] uint8, states [N, 8], actions [N, 7], and per step its
-    episode seed and speed/height/robot label indices (into SPEEDS / HEIGHTS / ROBOTS). `robots`: episodes
+    """Write `path` (.npz): images [N, 64, 64, 3] uint8, states [N, 8], actions [N, 7], the cube's offset from
+    the end effector [N, 3] (world frame, metres: what the wrist camera sees), and per step its episode seed and speed/height/robot label indices (into SPEEDS / HEIGHTS / ROBOTS). `robots`: episodes
     per setting of each arm (default: `episodes_per_setting` of the Panda)."""
     settings = list(itertools.product(SPEEDS, HEIGHTS))
     robots = robots or {"Panda": episodes_per_setting}

@@ -12,6 +12,13 @@ plan words, given rather than predicted (no loss on them), still say the demonst
 there the plan alone tells the action tokens how to move, so the policy's actions follow its plan. That is
 what makes its plan the lever its concept neurons pull: a policy that read the manner straight from the
 instruction would ignore a steered plan.
+
+Action batches also train a head, used only in training, to read the cube's offset from the end effector
+off the image tokens the language model receives (`CUBE_WEIGHT`). Behaviour cloning alone let the policy
+ignore its image: from the state it learnt the average path to the average cube and missed every cube
+placed off-centre. The wrist image is the only place the cube's position is, so the image tokens must
+carry it. For the same reason the images are not randomly shifted: in a wrist camera the cube's pixel
+position is its offset from the gripper.
 """
 
 from __future__ import annotations
@@ -58,17 +65,22 @@ def build_model(data: dict[str, np.ndarray], seed: int) -> TinyVLA:
 
 
 PLAN_ONLY = 0.3  # share of action samples whose plan, not their instruction, carries the speed and height
-SHIFT = 4  # pixels: random-shift augmentation (DrQ), against overfitting a few hundred demonstrations
+CUBE_WEIGHT = 1.0  # weight of the cube-offset loss (mean squared error in units of the data's std)
 
 
-def shifted(pixels: torch.Tensor, pad: int, rng: np.random.Generator) -> torch.Tensor:
-    """Each image moved by up to `pad` pixels each way, edges replicated."""
-    if pad == 0:
-        return pixels
-    h, w = pixels.shape[-2:]
-    padded = F.pad(pixels, (pad, pad, pad, pad), mode="replicate")
-    dx, dy = rng.integers(0, 2 * pad + 1, (2, len(pixels)))
-    return torch.stack([p[:, y : y + h, x : x + w] for p, x, y in zip(padded, dx, dy, strict=True)])
+class CubeHead(torch.nn.Module):
+    """Training only: the cube's offset from the end effector, standardised, read linearly off the image
+    tokens the language model receives, so those tokens must say where the cube is."""
+
+    def __init__(self, model: TinyVLA, offsets: np.ndarray):
+        super().__init__()
+        self.tokens = (model.cfg.image_size // model.cfg.patch_size) ** 2
+        self.linear = torch.nn.Linear(self.tokens * model.language_model.config.hidden_size, offsets.shape[1])
+        self.register_buffer("mean", torch.as_tensor(offsets.mean(0), dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(offsets.std(0) + 1e-4, dtype=torch.float32))
+
+    def loss(self, image_tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.linear(image_tokens.flatten(1)), (offsets - self.mean) / self.std)
 
 
 class Batches:
@@ -92,8 +104,9 @@ class Batches:
             )
         return ids[0]
 
-    def actions(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pixels, states, text ids [B, T], labels [B, T]): prompt, plan words, the 7 action tokens."""
+    def actions(self, size: int) -> tuple[torch.Tensor, ...]:
+        """(pixels, states, text ids [B, T], labels [B, T], cube offsets [B, 3]): the text is the prompt,
+        the plan words and the 7 action tokens."""
         idx = self.np_rng.integers(0, len(self.data["actions"]), size)
         rows, labels = [], []
         for i in idx:
@@ -111,8 +124,9 @@ class Batches:
             rows.append(prompt + plan + action)
             labels.append([-100] * (len(prompt) + len(plan) * plan_only) + plan * (not plan_only) + action)
         ids, lab = self._pad(rows, labels)
-        pixels = shifted(self.model.preprocess(self.data["images"][idx]), SHIFT, self.np_rng)
-        return pixels, torch.as_tensor(self.data["states"][idx]), ids, lab
+        pixels = self.model.preprocess(self.data["images"][idx])
+        states, cube = (torch.as_tensor(self.data[k][idx]) for k in ("states", "cube"))
+        return pixels, states, ids, lab, cube
 
     def language(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
@@ -134,7 +148,10 @@ class Batches:
         return ids, lab
 
 
-def action_loss(model: TinyVLA, pixels, states, ids, labels) -> torch.Tensor:
+def action_loss(
+    model: TinyVLA, head: CubeHead, pixels, states, ids, labels, cube
+) -> tuple[torch.Tensor, ...]:
+    """(next-token loss on the plan and action tokens, the cube-offset loss)."""
     lm = model.language_model
     prefix = model.prefix_embeddings(pixels, states)
     inputs = torch.cat([prefix, lm.get_input_embeddings()(ids)], dim=1)
@@ -142,7 +159,9 @@ def action_loss(model: TinyVLA, pixels, states, ids, labels) -> torch.Tensor:
         [torch.ones(prefix.shape[:2], dtype=torch.long), (ids != model.tokenizer.pad_token_id).long()], 1
     )
     logits = lm(inputs_embeds=inputs, attention_mask=mask).logits[:, prefix.shape[1] - 1 : -1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    tokens = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    image = prefix[:, 1 : 1 + head.tokens]  # after BOS, before the state
+    return tokens, head.loss(image, cube)
 
 
 def language_loss(model: TinyVLA, ids, labels) -> torch.Tensor:
@@ -167,28 +186,33 @@ def train(
     model = build_model(data, seed)
     model.train()
     batches = Batches(model, data, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    head = CubeHead(model, data["cube"])
+    params = [*model.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
     )
-    t0, acc = time.perf_counter(), {"action": [], "language": []}
+    t0, acc = time.perf_counter(), {"action": [], "language": [], "cube": []}
     for step in range(steps):
         if step % language_every == language_every - 1:
             loss = language_loss(model, *batches.language(batch))
             acc["language"].append(loss.item())
         else:
-            loss = action_loss(model, *batches.actions(batch))
-            acc["action"].append(loss.item())
+            tokens, cube = action_loss(model, head, *batches.actions(batch))
+            loss = tokens + CUBE_WEIGHT * cube
+            acc["action"].append(tokens.item())
+            acc["cube"].append(cube.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            a = np.mean(acc["action"][-60:]) if acc["action"] else float("nan")
-            g = np.mean(acc["language"][-30:]) if acc["language"] else float("nan")
-            log(f"step {step + 1}/{steps}  action loss {a:.3f}  language loss {g:.3f}  "
+            a, c, g = (
+                np.mean(acc[k][-60:]) if acc[k] else float("nan") for k in ("action", "cube", "language")
+            )
+            log(f"step {step + 1}/{steps}  action loss {a:.3f}  cube loss {c:.3f}  language loss {g:.3f}  "
                 f"{time.perf_counter() - t0:.0f}s")  # fmt: skip
     model.eval()
     model.save(out)
