@@ -317,7 +317,7 @@ class TinyVLA(nn.Module, Policy):
         backbone, tokens = self._backbone, []
         try:
             backbone.planning = plan_words > 0  # this forward's logits choose the first plan word
-            out = lm(inputs_embeds=inputs, use_cache=True)
+            out = lm(inputs_embeds=inputs, use_cache=True, logits_to_keep=1)  # only the last position decides
             for step in range(n):
                 logits = out.logits[:, -1]
                 if step < plan_words:

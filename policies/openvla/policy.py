@@ -193,7 +193,7 @@ class OpenVLAPolicy(Policy):
         if self.constrain_to_bins:
             mask = torch.full((lm.config.vocab_size,), float("-inf"), device=self.device)
             mask[self.bins.first_id : self.bins.vocab_size] = 0.0
-        out = lm(inputs_embeds=inputs, use_cache=True)
+        out = lm(inputs_embeds=inputs, use_cache=True, logits_to_keep=1)  # only the last position decides
         tokens = []
         for step in range(self.spec.action_dim):
             logits = out.logits[:, -1].float()
