@@ -311,9 +311,11 @@ def acceptance(analysis, strength: float, wall_s: float | None) -> list[dict]:
                  for d in draws})  # fmt: skip
         effect = [d.change[metric].mean for d in draws]
         outside = c.mean > max(effect) if sign > 0 else c.mean < min(effect)
+        wrong_way = c.mean < min(effect) if sign > 0 else c.mean > max(effect)
+        where = "outside" if outside else "on the WRONG SIDE of" if wrong_way else "INSIDE"
         verdict(f"{name}_specific", outside,
                 f"{name}: its {metric.replace('_', ' ')} change {c.mean:+.1%} lies "
-                f"{'outside' if outside else 'INSIDE'} its controls' range [{min(effect):+.1%}, {max(effect):+.1%}]")  # fmt: skip
+                f"{where} its controls' range [{min(effect):+.1%}, {max(effect):+.1%}]")  # fmt: skip
     if wall_s is not None:
         verdict("wall_s", wall_s <= TARGETS["wall_s"],
                 f"wall time {wall_s / 60:.1f} min (target <= {TARGETS['wall_s'] / 60:.0f} min)", wall_s)  # fmt: skip
