@@ -121,8 +121,9 @@ def generate(
     robots: dict[str, int] | None = None,
 ) -> Path:
     """Write `path` (.npz): images [N, 64, 64, 3] uint8, states [N, 8], actions [N, 7], the cube's offset from
-    the end effector [N, 3] (world frame, metres: what the wrist camera sees), and per step its episode seed and speed/height/robot label indices (into SPEEDS / HEIGHTS / ROBOTS). `robots`: episodes
-    per setting of each arm (default: `episodes_per_setting` of the Panda)."""
+    the end effector [N, 3] (world frame, metres: what the wrist camera sees), and per step its episode seed
+    and speed/height/robot label indices (into SPEEDS / HEIGHTS / ROBOTS). `robots`: episodes per setting of
+    each arm (default: `episodes_per_setting` of the Panda)."""
     settings = list(itertools.product(SPEEDS, HEIGHTS))
     robots = robots or {"Panda": episodes_per_setting}
     jobs = [
