@@ -8,6 +8,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from support import VLA_STEER, free_address
 
@@ -154,6 +155,12 @@ def test_demo_and_train_demo_refuse_bad_options(tmp_path, checkpoint):
     assert r.returncode == 2 and "--positions plan" in r.stderr and "use --positions all or last" in r.stderr
     r = run_cli("train-demo", "--out", str(tmp_path / "vla"), "--data", str(tmp_path / "none.npz"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+    old = tmp_path / "old.npz"  # demonstrations written before they carried the cube's offset
+    np.savez(
+        old, images=np.zeros((1, 64, 64, 3), np.uint8), states=np.zeros((1, 8)), actions=np.zeros((1, 7))
+    )
+    r = run_cli("train-demo", "--out", str(tmp_path / "vla"), "--data", str(old))
+    assert r.returncode == 2 and "has no cube, episode, speed, height, robot" in r.stderr, r.stderr
 
 
 def test_keys_refuses_to_overwrite_an_existing_keypair_without_force(tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def cmd_train_demo(args) -> int:
     import numpy as np
     import torch
 
-    from vla_steer.app.demo.data import TRAIN_SEEDS, generate
+    from vla_steer.app.demo.data import KEYS, TRAIN_SEEDS, generate
     from vla_steer.app.demo.train import train
 
     t0 = time.perf_counter()
@@ -135,6 +135,13 @@ def cmd_train_demo(args) -> int:
         )
     elif not data.is_file():
         raise FileNotFoundError(f"--data {data} does not exist")
+    else:
+        missing = [k for k in KEYS if k not in np.load(data).files]
+        if missing:
+            raise ValueError(
+                f"--data {data} has no {', '.join(missing)} (demonstrations from an older train-demo?): "
+                "generate them anew by leaving out --data"
+            )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train(data, args.out, steps=args.steps, seed=args.seed)
     print(f"saved the demo VLA to {args.out} ({(time.perf_counter() - t0) / 60:.1f} min in all)")

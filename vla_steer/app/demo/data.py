@@ -63,6 +63,17 @@ def make_env(robot: str = "Panda"):
     return RobosuiteEnv(config, info)
 
 
+KEYS = (
+    "images",
+    "states",
+    "actions",
+    "cube",
+    "episode",
+    "speed",
+    "height",
+    "robot",
+)  # what `generate` writes
+
 # DART: per episode, the executed actions' noise std (normalised xyz units) is drawn from this range.
 NOISE = (0.0, 0.25)
 CLEAN_SHARE = 0.25  # episodes executed without noise
@@ -72,8 +83,7 @@ def _episodes(jobs: list[tuple[int, str, str, str]]) -> dict[str, np.ndarray]:
     """Run the expert for each (seed, speed, height, robot); concatenated step arrays of the episodes it
     lifted."""
     envs: dict[str, Any] = {}
-    keys = ("images", "states", "actions", "cube", "episode", "speed", "height", "robot")
-    out: dict[str, list] = {k: [] for k in keys}
+    out: dict[str, list] = {k: [] for k in KEYS}
     try:
         for seed, speed, height, robot in jobs:
             env = envs.get(robot) or envs.setdefault(robot, make_env(robot))
@@ -82,7 +92,7 @@ def _episodes(jobs: list[tuple[int, str, str, str]]) -> dict[str, np.ndarray]:
             obs = env.reset(seed)
             expert = LiftExpert(SPEEDS[speed], HEIGHTS[height])
             held = 0
-            episode: dict[str, list] = {k: [] for k in keys}
+            episode: dict[str, list] = {k: [] for k in KEYS}
             for _ in range(MAX_STEPS):
                 cube = np.asarray(env.ground_truth["cube_pos"])
                 action = expert.act(obs.ee_pos, cube)
@@ -102,7 +112,7 @@ def _episodes(jobs: list[tuple[int, str, str, str]]) -> dict[str, np.ndarray]:
                     if held > HOLD_STEPS:
                         break
             if env.success():
-                for k in keys:
+                for k in KEYS:
                     out[k] += episode[k]
     finally:
         for env in envs.values():
