@@ -63,16 +63,8 @@ def make_env(robot: str = "Panda"):
     return RobosuiteEnv(config, info)
 
 
-KEYS = (
-    "images",
-    "states",
-    "actions",
-    "cube",
-    "episode",
-    "speed",
-    "height",
-    "robot",
-)  # what `generate` writes
+# What `generate` writes for every step.
+KEYS = ("images", "states", "actions", "cube", "episode", "speed", "height", "robot")
 
 # DART: per episode, the executed actions' noise std (normalised xyz units) is drawn from this range.
 NOISE = (0.0, 0.25)
