@@ -21,10 +21,19 @@ def _takes_cache(cls: type) -> bool:
 
 
 def next_token(lm: torch.nn.Module, token: torch.Tensor, previous: Any) -> Any:
-    """The forward of `token` [B, 1] after `previous` (the last output), reusing its key/value cache."""
+    """The forward of `token` [B, k] (usually k = 1) after `previous` (the last output), reusing its
+    key/value cache."""
     if _takes_cache(type(lm)):
         return lm(input_ids=token, cache=previous.cache, use_cache=True)
     return lm(input_ids=token, past_key_values=previous.past_key_values, use_cache=True)
+
+
+def redo(lm: torch.nn.Module, tokens: torch.Tensor, previous: Any, keep: int) -> Any:
+    """The forward of `tokens` [B, k] after only the first `keep` positions of `previous`'s cache (the rest
+    are dropped): positions already decoded, computed again (the TinyVLA's plan, unsteered)."""
+    cache = previous.cache if _takes_cache(type(lm)) else previous.past_key_values
+    cache.crop(keep - cache.get_seq_length())  # negative: how many to drop (all transformers versions)
+    return next_token(lm, tokens, previous)
 
 
 def stack_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:

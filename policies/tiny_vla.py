@@ -18,7 +18,11 @@ With `plan_words > 0` the policy first says, in that many words, how it will mov
 decodes its action tokens conditioned on them: an embodied-chain-of-thought VLA (ECoT, Zawalski et al.
 2024) in miniature. The plan is decoded greedily among word tokens (or, with `plan_vocab`, among the words
 its grammar allows in each place) and returned in `info["plan"]`. Its backbone says it plans, and marks the
-forwards that decide the plan words, so a Steerer can steer only those (`positions="plan"`).
+forwards that decide the plan words, so a Steerer can steer only those (`positions="plan"`). Once the plan
+is said, the positions of its last prompt token and plan words are computed again, unmarked, before the
+first action token: the actions read the plan the steered forwards chose from a context steering never
+touched. (Left in the cache, the steered keys and values damped a steered "fast" plan's actions by a
+quarter on the demo VLA.)
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from policies.decoding import next_token, stack_prompts
+from policies.decoding import next_token, redo, stack_prompts
 from vla_steer.core import tiny
 from vla_steer.core.backbone import Backbone
 from vla_steer.core.policy import ActionChunk, Policy, PolicySpec
@@ -326,8 +330,11 @@ class TinyVLA(nn.Module, Policy):
                     logits = logits + bin_mask
                 token = logits.argmax(-1, keepdim=True)
                 tokens.append(token)
-                if step + 1 < n:
-                    backbone.planning = step + 1 < plan_words
+                backbone.planning = step + 1 < plan_words
+                if step + 1 == plan_words:  # the plan is said: its positions again, unsteered (see above)
+                    said = torch.cat([prompt[:, -1:], *tokens], dim=1)
+                    out = redo(lm, said, out, keep=inputs.shape[1] - 1)
+                elif step + 1 < n:
                     out = next_token(lm, token, out)
         finally:
             backbone.planning = False

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from policies.tiny_vla import TinyVLA, TinyVLAConfig
+from vla_steer.core.steering import Neuron, Steerer
 from vla_steer.wire import Observation
 
 SPEED = ["fast", "slow", "normal"]
@@ -36,3 +38,47 @@ def test_a_grammar_the_tokenizer_cannot_honour_is_refused():
         _build(plan_vocab=[SPEED])
     with pytest.raises(ValueError, match="plan word 2's 'skyward' is not one word token"):
         _build(plan_vocab=[SPEED, ["high", "skyward"]])
+
+
+def _actions_after(policy: TinyVLA, observations, prompt: list[int], plan: torch.Tensor) -> torch.Tensor:
+    """Reference: the action ids greedy decoding gives after the prompt and `plan`, each token by a full
+    forward without a cache and without steering."""
+    lm, ids = policy.language_model, torch.cat([torch.tensor([prompt] * len(observations)), plan], dim=1)
+    prefix = policy.prefix_embeddings(
+        policy.preprocess(np.stack([o.images["agentview"] for o in observations])), None
+    )
+    bins = torch.full((lm.config.vocab_size,), float("-inf"))
+    bins[policy.bins.first_id : policy.bins.vocab_size] = 0.0
+    with torch.no_grad():
+        for _ in range(policy.cfg.action_dim):
+            logits = lm(inputs_embeds=torch.cat([prefix, lm.get_input_embeddings()(ids)], dim=1)).logits[
+                :, -1
+            ]
+            ids = torch.cat([ids, (logits + bins).argmax(-1, keepdim=True)], dim=1)
+    return ids[:, -policy.cfg.action_dim :]
+
+
+def test_a_steered_plan_is_followed_by_the_actions_of_an_unsteered_context():
+    """Steering at positions="plan" changes which plan words are chosen; the action tokens are then those
+    the unsteered policy decodes after that plan. Before, the steered keys and values that chose the plan
+    stayed in the cache and also pushed the actions (on the demo VLA they damped a "fast" plan by a quarter)."""
+    policy = _build(plan_vocab=[SPEED, HEIGHT])
+    rng = np.random.default_rng(3)
+    observations = [
+        Observation("lift the cube", {"agentview": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)})
+        for _ in range(6)
+    ]
+    prompt = policy.prompt_ids("lift the cube")
+    neurons = [Neuron(layer, index) for layer in range(policy.backbone.n_layers) for index in range(0, 64, 4)]
+    unsteered = policy.batch_token_ids(observations, [prompt] * len(observations))
+    with Steerer(policy.backbone, positions="plan") as steerer:
+        steerer.add("c", neurons, strength=40.0)
+        steered = policy.batch_token_ids(observations, [prompt] * len(observations))
+    plan = steered[:, : policy.cfg.plan_words]
+    assert not torch.equal(plan, unsteered[:, : policy.cfg.plan_words])  # the steering changed plans
+    assert torch.equal(
+        steered[:, policy.cfg.plan_words :], _actions_after(policy, observations, prompt, plan)
+    )
+    assert torch.equal(
+        unsteered[:, policy.cfg.plan_words :], _actions_after(policy, observations, prompt, unsteered[:, :2])
+    )
