@@ -400,6 +400,7 @@ class RobotNode:
             ee_quat=mat_to_quat(rotvec_to_mat(st.tcp_pose[3:])),
             ee_vel=st.tcp_speed[:3],  # linear m/s: the store's one layout (angular is not recorded)
             steering=result.info.get("steering"),
+            policy_info=result.info,
         )
         self.recorder.step(step, policy=self.info.policy if self.info else None)
 

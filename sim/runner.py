@@ -200,6 +200,7 @@ def run_episodes(
                         t_sim=new.t_sim,
                         steering=steering,
                         activations=acts,
+                        policy_info=info,
                     )
                     if recorder is not None:
                         recorder.step(executed, episode=name, **per_episode)

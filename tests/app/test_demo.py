@@ -300,3 +300,5 @@ def test_demo_pipeline_end_to_end(tmp_path):
     meta = store.episodes()[0].meta
     assert meta["sim"] == "robosuite" and meta["conventions"]["gripper"] == "open_positive"
     assert meta["policy"] == "demo-vla" and "mujoco" in meta["versions"]
+    plans = store.to_pandas()["info_plan"].str.split()  # each step: the plan said before its action
+    assert plans.map(len).eq(2).all(), plans

@@ -15,6 +15,8 @@ import pytest
 from checkpoints import LAYOUTS, write_checkpoint, write_sim_config
 from support import VLA_STEER, free_address, wait_for
 
+from vla_steer.core.rollouts import open_store
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
 
 
@@ -81,6 +83,8 @@ def test_journey(layout, tmp_path):
             serve.communicate()
     assert "stopped" in out
 
+    steps = open_store(runs).to_pandas()  # with each step, what the node's reply said beside the actions
+    assert len(steps) == 3 and (steps["info_policy_ms"] > 0).all() and (steps["info_batch"] == 1).all()
     r = run("analyze", str(runs))
     assert "1 episodes in 1 settings" in r.stdout
     assert json.loads((runs / "summary.json").read_text())

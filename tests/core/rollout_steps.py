@@ -27,6 +27,7 @@ def make_step(i: int, rng: np.random.Generator, *, cams=("agentview", "wrist"), 
         "t_wall": 1_700_000_000.0 + i * 0.1,
         "t_sim": i * 0.05,
         "steering": {"fast": {**STEER["fast"], "strength": float(i)}},
+        "policy_info": {"plan": ["normal middle", "fast high"][i % 2], "policy_ms": 10.0 + i},
         "activations": {
             "fast": rng.standard_normal(12).astype(np.float32),
             "layer:15": rng.standard_normal((2, 3)).astype(np.float32),
@@ -53,7 +54,7 @@ def assert_steps_equal(ep: Episode, steps: list[dict]) -> None:
     """Bit-exact: dtypes kept, values equal (no float round trip through text or casts)."""
     assert ep.n_steps == len(steps)
     if not steps:
-        assert ep.arrays == {} and ep.images == {} and ep.steering == []
+        assert ep.arrays == {} and ep.images == {} and ep.steering == [] and ep.policy_info == []
         return
     for name in ("state", "ee_pos", "ee_quat", "ee_vel", "action_chunk", "action"):
         want = np.stack([s[name] for s in steps])
@@ -66,3 +67,4 @@ def assert_steps_equal(ep: Episode, steps: list[dict]) -> None:
     for name in steps[0]["activations"]:
         np.testing.assert_array_equal(ep.activations[name], np.stack([s["activations"][name] for s in steps]))
     assert ep.steering == [s["steering"] for s in steps]
+    assert ep.policy_info == [s.get("policy_info") for s in steps]

@@ -47,8 +47,10 @@ def write_episode(
         act = np.full((7, n_neurons), np.linalg.norm(v), dtype=np.float32)  # neuron 0..: tracks speed
         act[:, 1] = z
         frame = np.full((8, 8, 3), t * 6, dtype=np.uint8)  # the camera: brighter as time goes on
+        plan = "fast middle" if speed > 1.1 and moving else "normal middle"  # what a planning policy says
         w.step(ee_pos=np.array([pos[0], 0.0, z]), ee_vel=v, action=np.zeros(7), reward=float(carrying),
-               t_wall=float(t), activations={"fast": act}, images={"wrist": frame})  # fmt: skip
+               t_wall=float(t), activations={"fast": act}, images={"wrist": frame},
+               policy_info={"plan": plan, "policy_ms": 5.0})  # fmt: skip
     w.end(success=True, seed=seed)
 
 
@@ -95,6 +97,9 @@ def test_analysis_recovers_planted_changes_with_confidence_intervals(run_dir, tm
     success = a.setting("fast", 8.0).success  # 12 of 12: a Wilson interval, not a degenerate [1, 1]
     assert success.mean == 1.0 and success.high == 1.0 and 0.7 < success.low < 0.8 and success.n == 12
     assert a.best("fast", "moving_speed", 1.0).setting.strength == 8.0
+    # What the policy said at each step, per setting: the plan words and their share of the steps.
+    assert a.setting("fast", 8.0).plans == {"fast middle": 0.75, "normal middle": 0.25}
+    assert a.setting("baseline").plans == {"normal middle": 1.0}
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = {(s["direction"], s["strength"], s["control"] and s["draw"] + 1): s for s in summary["settings"]}
@@ -106,6 +111,7 @@ def test_analysis_recovers_planted_changes_with_confidence_intervals(run_dir, tm
     lo, hi = rows[("baseline", 0.0, False)]["moving_speed"]["ci95"]
     assert lo < rows[("baseline", 0.0, False)]["moving_speed"]["mean"] < hi
     assert summary["directions"]["fast"]["neurons"][0]["tokens"] == ["fast", "quick"]
+    assert rows[("fast", 4.0, False)]["plans"] == {"fast middle": 0.75, "normal middle": 0.25}
     # The logged "fast" activations: column 0 tracks speed, column 1 height, mapped to the direction's neurons.
     tracks = {(t["layer"], t["index"]): t for t in summary["tracking_neurons"]}
     assert tracks[(3, 7)]["r_speed"] > 0.9 and tracks[(5, 1)]["r_height"] > 0.9
@@ -116,6 +122,7 @@ def test_analysis_recovers_planted_changes_with_confidence_intervals(run_dir, tm
     # side-by-side motion strip of the baseline and each direction's strongest setting.
     assert {"dose_fast", "dose_slow", "dose_up", "motion", "trajectories"} <= set(a.figures)
     assert "fast: dose-response" in html and "Side by side" in html
+    assert "plans said" in html and "fast middle 75%, normal middle 25%" in html
     for key in ("dose_fast", "motion"):
         img = plt.imread(io.BytesIO(a.figures[key]), format="png")
         assert img.shape[0] > 100 and img.shape[1] > 300 and img[..., :3].std() > 0.05  # drawn, not blank

@@ -252,6 +252,8 @@ def test_logs_written_before_resync_still_read(tmp_path):
     old = (DATA / "rollout_log_v1.bin").read_bytes()
     rng = np.random.default_rng(7)  # the same steps, drawn as record() drew them then (6-d ee_vel)
     steps = [make_step(i, rng, ee_vel_dim=6) for i in range(4)]
+    for s in steps:  # (what the policy said was not recorded then: those steps read back None)
+        del s["policy_info"]
     root = tmp_path / "store"
     Recorder(root)
     ep_dir = root / "episodes" / "000000-00000000"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from rollout_steps import assert_steps_equal, record
 
-from vla_steer.core.rollouts import Episode, open_store
+from vla_steer.core.rollouts import Episode, EpisodeRecorder, Recorder, open_store
 from vla_steer.core.rollouts.format import LOG, SUMMARY
+from vla_steer.wire import Observation, Step
 
 
 def test_round_trip_two_episodes(tmp_path):
@@ -42,6 +45,7 @@ def test_to_pandas(tmp_path):
     assert len(df) == 10
     assert {"episode", "step", "reward", "t_sim", "state_7", "ee_quat_3", "action_6"} <= set(df.columns)
     assert "steer_fast_strength" in df.columns and "steer_fast_layers" not in df.columns
+    assert df["info_plan"].tolist()[:3] == ["normal middle", "fast high", "normal middle"]
     assert df["step"].tolist() == [*range(6), *range(4)]
     assert df["complete"].tolist() == [True] * 6 + [False] * 4
 
@@ -96,3 +100,22 @@ def test_torn_and_corrupt_logs_keep_every_intact_record(tmp_path):
     (tmp_path / "episodes" / ep_id / SUMMARY).write_text("{not json")
     assert store.info(ep_id).n_steps == 8  # a damaged summary only loses what it said the log should hold
     assert store.info(ep_id).status == "ok"
+
+
+def test_a_step_records_the_scalars_its_policy_said(tmp_path):
+    """What a reply said beside its actions (a planning policy's plan words, the node's latency and batch)
+    is recorded with each step. Its lists and arrays are not, nor the steering (recorded on its own), so no
+    policy's extras can fail a recording."""
+    rec = EpisodeRecorder(Recorder(tmp_path), {"task": "lift"})
+    obs = Observation("lift the cube", {"wrist": np.zeros((4, 4, 3), np.uint8)})
+    said = {"plan": "fast high", "policy_ms": np.float32(3.5), "batch": 2, "action_tokens": [7, 9],
+            "steering": {"fast": {"strength": 24.0}}, "scores": np.ones(3)}  # fmt: skip
+    rec.step(Step(obs, action=np.zeros(7, np.float32), policy_info=said))
+    rec.step(Step(obs, action=np.zeros(7, np.float32)))  # a reply that said nothing
+    rec.end(True)
+    store = open_store(tmp_path)
+    (episode,) = store.episodes()
+    assert store.load(episode.id).policy_info == [{"plan": "fast high", "policy_ms": 3.5, "batch": 2}, None]
+    if importlib.util.find_spec("pandas"):
+        plans = store.to_pandas()["info_plan"]
+        assert plans[0] == "fast high" and plans.isna()[1]

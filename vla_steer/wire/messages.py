@@ -461,3 +461,6 @@ class Step:
     t_sim: float | None = None
     steering: dict[str, Any] | None = None
     activations: dict[str, np.ndarray] = field(default_factory=dict)
+    # What the policy's reply said beside its actions (its info without the steering): a planning policy's
+    # plan words, the node's latency and batch. Scalar values are recorded; anything else is not.
+    policy_info: dict[str, Any] | None = None

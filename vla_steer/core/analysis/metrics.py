@@ -14,8 +14,9 @@ carries, whether or not the object came along (`success` says whether it did).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -74,10 +75,12 @@ class EpisodeMetrics:
     mean_height: float  # m
     max_height: float  # m
     carry_height: float  # m, mean over carrying steps (NaN: never carried)
+    plans: dict[str, int] = field(default_factory=dict)  # plan words -> steps (a policy that says a plan)
 
     def row(self) -> dict:
         d = asdict(self)
         s = d.pop("setting")
+        d.pop("plans")  # (a table row holds scalars)
         return d | {"direction": s["direction"], "strength": s["strength"], "control": s["control"],
                     "mode": s["mode"], "label": self.setting.label}  # fmt: skip
 
@@ -112,6 +115,7 @@ def episode_metrics(ep: Episode, window: int = WINDOW) -> EpisodeMetrics:
         mean_height=mean(pos[:, 2]) if n else math.nan,
         max_height=float(pos[:, 2].max()) if n else math.nan,
         carry_height=mean(pos[carrying, 2]) if n else math.nan,
+        plans=dict(Counter(i["plan"] for i in ep.policy_info if i and isinstance(i.get("plan"), str))),
     )
 
 

@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class SettingSummary:
     metrics: dict[str, Estimate]
     change: dict[str, Estimate] = field(default_factory=dict)  # vs baseline
     success: Estimate = Estimate(math.nan, math.nan, math.nan, 0)  # success rate with its Wilson 95% CI
+    plans: dict[str, float] = field(default_factory=dict)  # plan words -> share of steps, most said first
 
     def as_dict(self) -> dict:
         s = self.setting
@@ -58,6 +60,7 @@ class SettingSummary:
             "success": self.success.as_dict(),
             **{k: v.as_dict() for k, v in self.metrics.items()},
             "change_vs_baseline": {k: v.as_dict() for k, v in self.change.items()},
+            "plans": self.plans,
         }
 
 
@@ -150,11 +153,21 @@ def summarise(rows: list[EpisodeMetrics]) -> list[SettingSummary]:
             float(np.mean(succ)) if succ else math.nan,
             {m: mean_ci([float(getattr(r, m)) for r in g]) for m in METRICS},
             success=proportion_ci(succ),
+            plans=plan_shares(g),
         )
         if base is not None and s.direction != "baseline":
             summ.change = {m: relative_change(per_seed(g, m), per_seed(base, m)) for m in COMPARED}
         out.append(summ)
     return out
+
+
+def plan_shares(group: list[EpisodeMetrics]) -> dict[str, float]:
+    """What a planning policy said over a setting's steps: plan words -> share, most said first."""
+    said: Counter[str] = Counter()
+    for r in group:
+        said.update(r.plans)
+    total = sum(said.values())
+    return {plan: n / total for plan, n in said.most_common()}
 
 
 def analyze(
@@ -274,6 +287,10 @@ def _fmt(e: Estimate, scale: float = 1.0, digits: int = 3) -> str:
     return f"{e.mean * scale:.{digits}f}{ci}"
 
 
+def _plans(shares: dict[str, float], top: int = 3) -> str:
+    return ", ".join(f"{plan} {share:.0%}" for plan, share in list(shares.items())[:top]) or "–"
+
+
 def _pct(e: Estimate | None) -> str:
     if e is None or not math.isfinite(e.mean):
         return "–"
@@ -292,7 +309,9 @@ def render_html(a: Analysis, title: str, preface: str = "") -> str:
                  "relative to the baseline (all knobs off) over matched seeds.</p>")  # fmt: skip
     parts.append("<table><tr><th>setting</th><th>episodes</th><th>success</th><th>moving speed (m/s)</th>"
                  "<th>Δ moving speed</th><th>Δ first-20-step speed</th><th>carrying height (m)</th>"
-                 "<th>Δ carrying height</th><th>length (steps)</th><th>Δ length</th></tr>")  # fmt: skip
+                 "<th>Δ carrying height</th><th>length (steps)</th><th>Δ length</th>"
+                 + ("<th>plans said (share of steps)</th>" if any(s.plans for s in a.settings) else "")
+                 + "</tr>")  # fmt: skip
     for s in a.settings:
         succ = "–" if math.isnan(s.success_rate) else f"{s.success_rate:.0%}"
         parts.append(
@@ -300,7 +319,9 @@ def render_html(a: Analysis, title: str, preface: str = "") -> str:
             f"<td>{_fmt(s.metrics['moving_speed'])}</td><td>{_pct(s.change.get('moving_speed'))}</td>"
             f"<td>{_pct(s.change.get('window_speed'))}</td><td>{_fmt(s.metrics['carry_height'])}</td>"
             f"<td>{_pct(s.change.get('carry_height'))}</td><td>{_fmt(s.metrics['length'], digits=1)}</td>"
-            f"<td>{_pct(s.change.get('length'))}</td></tr>"
+            f"<td>{_pct(s.change.get('length'))}</td>"
+            + (f"<td class='l'>{esc(_plans(s.plans))}</td>" if any(x.plans for x in a.settings) else "")
+            + "</tr>"
         )
     parts.append("</table>")
     captions = {

@@ -90,6 +90,7 @@ class Episode:
     step_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [T]: each row's step
     damage: list[Damage] = field(default_factory=list)  # unreadable byte ranges; [] if the log is clean
     lost_steps: list[tuple[int, int]] = field(default_factory=list)  # recorded steps not in the log
+    policy_info: list[dict | None] = field(default_factory=list)  # one per step: the reply's scalars, or None
 
     @property
     def n_steps(self) -> int:

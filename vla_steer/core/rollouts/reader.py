@@ -74,7 +74,8 @@ class Store:
 
     def to_pandas(self) -> Any:
         """One row per step of every episode: ids, scalars, 1-D vectors as `<name>_<i>` columns and the
-        steering state as `steer_<concept>_<key>`. Images, action chunks and activations stay in `load`."""
+        steering state as `steer_<concept>_<key>`, what the policy said beside its actions as `info_<key>`
+        (`info_plan`: a planning policy's plan words). Images, action chunks and activations stay in `load`."""
         import pandas as pd
 
         frames = []
@@ -96,6 +97,7 @@ class Store:
                     for j in range(a.shape[1]):
                         cols[f"{name}_{j}"] = a[:, j]
             cols.update(_steering_columns(ep.steering))
+            cols.update(_info_columns(ep.policy_info))
             frames.append(pd.DataFrame(cols))
         if not frames:
             return pd.DataFrame(columns=["episode", "step", "complete", "success", "task"])
@@ -128,6 +130,7 @@ def _parse(episode_id: str, data: bytes, keep: Callable[[str], bool], summary: d
     complete, seen_any = False, False
     lists: dict[str, list[np.ndarray]] = {}
     steering: list[dict | None] = []
+    info: list[dict | None] = []
     index: list[int] = []
     events: list[dict] = []
     scalars: dict[str, list[float]] = {}
@@ -165,6 +168,7 @@ def _parse(episode_id: str, data: bytes, keep: Callable[[str], bool], summary: d
                 for k, v in row.items():
                     scalars[k].append(v)
                 steering.append(header.get("steering"))
+                info.append(header.get("info"))
                 index.append(i)
                 recorded = i + 1
             elif kind == "event":
@@ -214,6 +218,7 @@ def _parse(episode_id: str, data: bytes, keep: Callable[[str], bool], summary: d
         np.asarray(index, dtype=np.int64),
         damage,
         lost,
+        info,
     )
 
 
@@ -238,6 +243,15 @@ def _read_summary(path: Path) -> dict | None:
         }
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _info_columns(info: Sequence[dict | None]) -> dict[str, list]:
+    """`info_<key>` per scalar the policy's replies said (a planning policy's `info_plan`); None where a step's
+    reply did not say it."""
+    keys = dict.fromkeys(
+        k for d in info if isinstance(d, dict) for k, v in d.items() if isinstance(v, (bool, int, float, str))
+    )
+    return {f"info_{k}": [d.get(k) if isinstance(d, dict) else None for d in info] for k in keys}
 
 
 def _steering_columns(steering: Sequence[dict | None]) -> dict[str, list]:

@@ -84,6 +84,7 @@ class EpisodeRecorder:
                 t_sim=step.t_sim,
                 steering=step.steering,
                 activations=activations or None,
+                policy_info=_scalars(step.policy_info),
             )
 
     def event(self, kind: str, *, t: float | None = None, **data: Any) -> None:
@@ -131,3 +132,15 @@ class EpisodeRecorder:
         if writer is not None and event is not None:
             writer.event(event.kind, t=event.t, **event.data)
         return writer
+
+
+def _scalars(info: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The scalar entries of a policy's reply info (a plan, a latency): what a step records of it. Lists,
+    arrays and nested values (action token ids, per-policy extras) are left out, so no policy's extras can
+    fail a recording."""
+    kept = {
+        k: v.item() if isinstance(v, np.generic) else v
+        for k, v in (info or {}).items()
+        if isinstance(k, str) and k != "steering" and isinstance(v, (bool, int, float, str, np.generic))
+    }
+    return kept or None

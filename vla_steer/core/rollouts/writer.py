@@ -125,11 +125,14 @@ class EpisodeWriter:
         t_sim: float | None = None,
         steering: Mapping[str, Any] | None = None,
         activations: Mapping[str, np.ndarray] | None = None,
+        policy_info: Mapping[str, Any] | None = None,
     ) -> int:
         """Record one control step and return its index. The first step fixes which fields an episode has
         and their dtypes and shapes; a later step that differs raises `SchemaError` naming the field."""
         arrays: dict[str, np.ndarray] = {}
-        for what, d in (("images", images), ("activations", activations), ("steering", steering)):
+        for what, d in (
+            ("images", images), ("activations", activations), ("steering", steering), ("policy_info", policy_info)
+        ):  # fmt: skip
             if d is not None and not isinstance(d, Mapping):
                 raise SchemaError(what, f"expected a dict, got {type(d).__name__}")
         for key, img in (images or {}).items():
@@ -152,6 +155,7 @@ class EpisodeWriter:
         if t_sim is not None:
             scalars["t_sim"] = as_scalar(t_sim, "t_sim")
         steer = None if steering is None else plain(dict(steering), "steering")
+        said = None if policy_info is None else plain(dict(policy_info), "policy_info")
         nonfinite = [n for n in FINITE_CHECKED if n in arrays and not np.isfinite(arrays[n]).all()]
         nonfinite += [n for n in ("reward", "t_sim") if n in scalars and not math.isfinite(scalars[n])]
 
@@ -159,7 +163,10 @@ class EpisodeWriter:
             self._check_open()
             self._check_schema(arrays, scalars)
             i = self.n_steps
-            self._write({"k": "step", "i": i, "scalars": scalars, "steering": steer}, arrays)
+            header = {"k": "step", "i": i, "scalars": scalars, "steering": steer}
+            if said is not None:
+                header["info"] = said
+            self._write(header, arrays)
             self.n_steps += 1
             if nonfinite:  # recorded as-is; the event lets the analysis find them without scanning
                 self._write(
