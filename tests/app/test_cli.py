@@ -161,6 +161,8 @@ def test_demo_and_train_demo_refuse_bad_options(tmp_path, checkpoint):
     )
     r = run_cli("train-demo", "--out", str(tmp_path / "vla"), "--data", str(old))
     assert r.returncode == 2 and "has no cube, episode, speed, height, robot" in r.stderr, r.stderr
+    r = run_cli("train-demo", "--out", str(tmp_path / "vla"), "--ur5e-per-setting", "-1")
+    assert r.returncode == 2 and "--ur5e-per-setting at least 0" in r.stderr, r.stderr
 
 
 def test_keys_refuses_to_overwrite_an_existing_keypair_without_force(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ from vla_steer.core.steering import Steerer
 from vla_steer.core.tokens import normalize_token
 from vla_steer.wire import Client, Observation
 
+ALL_FAST = 40.0  # where every plan of the shipped demo VLA says "fast" (at the demo's 32, some do)
+
 
 @pytest.fixture(scope="module")
 def policy():
@@ -106,8 +108,9 @@ def test_steering_moves_the_commanded_speed_the_way_the_direction_says(policy, d
                 steerer.add(control.name, control.steer_neurons(), enabled=False)
                 with steerer.apply({control.name: strength}):
                     controls.setdefault(name, []).append(_speed(policy, observations))
-        # Fast is the weaker lever of this demo VLA (+15% here; in closed loop it misses its demo claim, see the
-        # README): the test asks that each direction moves the commanded speed its way, beyond its controls.
+        # Fast is the weaker lever of this demo VLA at the demo's strength (it flips about half the plans; in
+        # closed loop it misses its demo claim, see the README): the test asks that each direction moves the
+        # commanded speed its way, beyond its controls.
         assert out["fast"] > 1.1 * base and out["slow"] < 0.8 * base, (base, out)
         # Matched random neurons move it little, and in the concept's direction far less than the concept
         # (single frames, open loop: the closed-loop figures with CIs are the demo report's).
@@ -133,11 +136,11 @@ def test_the_plan_keeps_its_grammar_and_plan_steering_reaches_only_the_plan(poli
     ] = []  # per forward: did the first fast neuron hold its clamp value at the last position
 
     def record(module, args):  # registered after the steerer's hook: sees what down_proj receives
-        clamped.append(bool(torch.isclose(args[0][0, -1, neuron.index].abs(), torch.tensor(32.0))))
+        clamped.append(bool(torch.isclose(args[0][0, -1, neuron.index].abs(), torch.tensor(ALL_FAST))))
 
     for positions in ("last", "plan"):
         with Steerer(policy.backbone, positions=positions) as steerer:
-            steerer.add("fast", fast.steer_neurons(), strength=32.0)
+            steerer.add("fast", fast.steer_neurons(), strength=ALL_FAST)
             hook = policy.backbone.down_proj(neuron.layer).register_forward_pre_hook(record)
             try:
                 clamped.clear()
@@ -162,7 +165,7 @@ def test_serve_steers_the_demo_vlas_plan_through_the_installed_command(direction
     ):
         assert client.hello().info["positions"] == "plan"
         plain = [client.infer(o, steer={}).info["plan"].split() for o in observations]
-        fast = [client.infer(o, steer={"fast": 32.0}).info["plan"].split() for o in observations]
+        fast = [client.infer(o, steer={"fast": ALL_FAST}).info["plan"].split() for o in observations]
     assert all(p[0] in SPEED_WORDS["normal"] for p in plain), plain
     assert all(
         p[0] in SPEED_WORDS["fast"] and p[1] in {w for ws in HEIGHT_WORDS.values() for w in ws} for p in fast
@@ -248,9 +251,12 @@ def test_train_demo_generates_demonstrations_and_a_loadable_vla(tmp_path):
     from policies.tiny_vla import TinyVLA
 
     out = tmp_path / "vla"
-    r = _vla_steer("train-demo", "--out", str(out), "--episodes-per-setting", "1", "--steps", "20")
+    r = _vla_steer(
+        "train-demo", "--out", str(out), "--episodes-per-setting", "1", "--ur5e-per-setting", "1", "--steps", "20"
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
     data = np.load(tmp_path / "vla_demonstrations.npz")
+    assert set(np.unique(data["robot"])) == {0, 1}  # the Panda's and the UR5e twin's demonstrations
     assert set(np.unique(data["speed"])) == {0, 1, 2} and set(np.unique(data["height"])) == {0, 1, 2}
     speed = {k: np.abs(data["actions"][data["speed"] == k][:, :3]).max(1).mean() for k in range(3)}
     assert speed[0] < speed[1] < speed[2]  # slow < normal < fast, as the expert was told

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ MAX_DELTA_POS = 0.05  # m per step at action 1: robosuite's OSC_POSE scale, the 
 # The share of a held xyz action's delta robosuite's UR5e covers per step (its OSC lags its goal), which
 # ur5e_mujoco_lift.yaml's translation_scale is calibrated to; the first test measures it in robosuite.
 ROBOSUITE_STEP = 0.46
+TWIN_FAST = 40.0  # the fast knob in the live test: every plan says "fast" there (at 32, about half do)
 
 
 def step_ratio(positions: np.ndarray, actions: np.ndarray) -> float:
@@ -284,3 +286,93 @@ def test_vla_steer_robot_on_mujoco_defaults_to_the_lift_scene_where_the_scripted
     store = open_store(tmp_path / "runs")
     (episode,) = store.episodes()
     assert store.load(episode.id, images=False).n_steps > 20
+
+
+def _twin_episode(tmp_path: Path, name: str, address: str, processes: list) -> dict[str, np.ndarray]:
+    """One `vla-steer robot --backend mujoco` run following the policy node at `address`, until the arm
+    has lifted the cube: the fingers closed on something and the tool LIFTED above where they closed.
+    Returns the episode's recorded arrays (state, action)."""
+    runs, log = tmp_path / name, tmp_path / f"{name}.log"
+    with log.open("w") as out:
+        robot = subprocess.Popen(
+            [VLA_STEER, "robot", "--backend", "mujoco", "--server", address, "--control", free_address(),
+             "--infer-timeout", "10", "--out", str(runs)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    processes.append(robot)
+    from robot.backends.mujoco import robosuite_lift_ur5e_xml
+
+    _, names = robosuite_lift_ur5e_xml(load_robot_config(LIFT).scene_gripper)
+    open_, shut = np.array(names["gripper_ctrl_open"]), np.array(names["gripper_ctrl_closed"])
+
+    def arrays() -> dict[str, np.ndarray] | None:
+        assert robot.poll() is None, f"vla-steer robot exited: {log.read_text()}"
+        if not (runs / "rollouts.json").exists() or not open_store(runs).episodes():
+            return None
+        store = open_store(runs)
+        return store.load(store.episodes()[0].id, images=False, activations=False).arrays
+
+    def lifted() -> dict[str, np.ndarray] | None:
+        a = arrays()
+        if a is None or "action" not in a:
+            return None
+        closing = np.flatnonzero(a["action"][:, 6] < 0)  # open_positive: the first close command
+        if not closing.size:
+            return None
+        state = a["state"][-1]
+        closed = (state[6:] - open_) / (shut - open_)
+        held = np.all((closed > 0.2) & (closed < 0.9))
+        return a if held and state[2] - a["state"][closing[0], 2] >= LIFTED else None
+
+    try:
+        got = wait_for(lifted, 150, interval=0.5, what=f"the demo VLA lifting the cube ({name})")
+    except AssertionError as e:
+        a = arrays()
+        last = None if a is None else a["state"][-1].round(3).tolist()
+        raise AssertionError(f"{e}: last state {last}\n{log.read_text()[-3000:]}") from None
+    robot.send_signal(signal.SIGTERM)
+    assert robot.wait(30) == 0, log.read_text()
+    return got
+
+
+def _approach_speed(a: dict[str, np.ndarray]) -> float:
+    """Mean tool displacement per step while moving, before the first close command (m per step)."""
+    first_close = int(np.flatnonzero(a["action"][:, 6] < 0)[0])
+    steps = np.linalg.norm(np.diff(a["state"][: first_close + 1, :3], axis=0), axis=1)
+    return float(steps[steps > 1e-3].mean())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_demo_vla_lifts_the_twins_cube_and_the_fast_knob_speeds_its_approach(
+    tmp_path, processes, monkeypatch
+):
+    """The live-knobs use case as an operator meets it, every part the installed command: `vla-steer discover`
+    and `vla-steer serve --policy demo_vla`, `vla-steer robot --backend mujoco` (the twin's lift scene), and
+    `vla-steer knobs set`. The bundled demo VLA, which learnt the UR5e in robosuite, grasps the twin's cube and
+    lifts it; with the fast knob on, the arm approaches the cube faster and still lifts it."""
+    from policies.demo import WEIGHTS
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    directions = tmp_path / "directions"
+    r = subprocess.run(
+        [VLA_STEER, "discover", str(WEIGHTS), "--out", str(directions), "--poles", "fast,slow,up,down",
+         "--layers", "1-5"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    address = free_address()
+    serve = subprocess.Popen(
+        [VLA_STEER, "serve", "--policy", "demo_vla", "--directions", str(directions), "--bind", address],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    processes.append(serve)
+    line = serve.stdout.readline()
+    assert "serving demo-vla on" in line, line + serve.stderr.read()
+    base = _twin_episode(tmp_path, "baseline", address, processes)
+    r = subprocess.run([VLA_STEER, "knobs", "--server", address, "set", f"fast={TWIN_FAST}"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    fast = _twin_episode(tmp_path, "fast", address, processes)
+    ratio = _approach_speed(fast) / _approach_speed(base)
+    assert ratio > 1.3, f"the fast knob moved the approach {ratio:.2f}x as fast as the baseline"

@@ -74,6 +74,10 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--episodes-per-setting", type=int, default=48, help="demonstrations per speed x height (default: 48)"
     )
+    p.add_argument(
+        "--ur5e-per-setting", type=int, default=16,
+        help="demonstrations per speed x height on the UR5e, the robot node's twin (default: 16; 0: none)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=3500, help="training steps (default: 3500)")
     p.add_argument("--workers", type=int, default=2, help="processes generating demonstrations")
     p.add_argument("--seed", type=int, default=0)
@@ -113,6 +117,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train_demo(args) -> int:
+    if args.episodes_per_setting < 1 or args.ur5e_per_setting < 0 or args.steps < 1:
+        raise ValueError(
+            "--episodes-per-setting and --steps must be at least 1, --ur5e-per-setting at least 0; got "
+            f"{args.episodes_per_setting}, {args.steps}, {args.ur5e_per_setting}"
+        )
     import os
     import time
 
@@ -126,9 +135,13 @@ def cmd_train_demo(args) -> int:
     data = args.data
     if data is None:
         data = args.out.with_name(args.out.name + "_demonstrations.npz")
-        print(f"generating {9 * args.episodes_per_setting} scripted demonstrations -> {data}")
+        robots = {"Panda": args.episodes_per_setting, "UR5e": args.ur5e_per_setting}
+        robots = {robot: n for robot, n in robots.items() if n}
+        print(
+            f"generating {9 * sum(robots.values())} scripted demonstrations ({robots} per setting) -> {data}"
+        )
         # Seeds from TRAIN_SEEDS: the demo evaluates seeds 0, 1, ..., which no demonstration may share.
-        generate(data, args.episodes_per_setting, seed=TRAIN_SEEDS + args.seed, workers=args.workers)
+        generate(data, seed=TRAIN_SEEDS + args.seed, workers=args.workers, robots=robots)
         kept = len(np.unique(np.load(data)["episode"]))
         print(
             f"   {kept} kept (an episode whose expert dropped the cube is not), {time.perf_counter() - t0:.0f} s"

@@ -38,9 +38,9 @@ from vla_steer.core.discovery.direction import load_directions
 from vla_steer.core.rollouts import open_store
 
 POLES = ("fast", "slow", "up", "down")
-STRENGTHS = (12.0, 24.0)  # the dose ladder; the largest is the reported strength, where the controls run
+STRENGTHS = (16.0, 32.0)  # the dose ladder; the largest is the reported strength, where the controls run
 CONTROLS = 3  # random-control draws per direction
-FULL = dict(strengths=(8.0, 16.0, 24.0, 32.0), controls=5, episodes=30)  # `--full`
+FULL = dict(strengths=(8.0, 16.0, 24.0, 32.0, 40.0), controls=5, episodes=30)  # `--full`
 # Where the concept neurons are steered: only the forwards that decide the demo VLA's plan words. Its action
 # tokens then follow the steered plan from unsteered forwards, so a concept changes how the arm moves without
 # the perturbation of every position that, at the strength a plan word needs, also breaks the grasp.
