@@ -261,10 +261,13 @@ def test_train_demo_generates_demonstrations_and_a_loadable_vla(tmp_path):
     speed = {k: np.abs(data["actions"][data["speed"] == k][:, :3]).max(1).mean() for k in range(3)}
     assert speed[0] < speed[1] < speed[2]  # slow < normal < fast, as the expert was told
     # The cube's offset from the gripper, which the training-only head reads off the image: at each
-    # episode's start the cube lies ahead of and below the gripper.
+    # episode's start the cube lies ahead of and below the gripper (the UR5e starts further back and lower).
     assert data["cube"].shape == (len(data["actions"]), 3)
-    start = data["cube"][np.r_[True, np.diff(data["episode"]) != 0]]
-    assert np.all((start[:, 0] > 0.02) & (start[:, 0] < 0.2) & (start[:, 2] < -0.1) & (start[:, 2] > -0.3))
+    first = np.r_[True, np.diff(data["episode"]) != 0]
+    for robot, (ahead, below) in enumerate((((0.02, 0.2), (-0.3, -0.1)), ((0.1, 0.35), (-0.2, -0.03)))):
+        start = data["cube"][first & (data["robot"] == robot)]
+        assert np.all((start[:, 0] > ahead[0]) & (start[:, 0] < ahead[1])), (robot, start)
+        assert np.all((start[:, 2] > below[0]) & (start[:, 2] < below[1])), (robot, start)
     vla = TinyVLA.load(out)
     obs = Observation(BASELINE_INSTRUCTION, {IMAGE_KEY: data["images"][0]}, data["states"][0])
     chunk = vla.infer(obs)
