@@ -104,12 +104,13 @@ def test_torn_and_corrupt_logs_keep_every_intact_record(tmp_path):
 
 def test_a_step_records_the_scalars_its_policy_said(tmp_path):
     """What a reply said beside its actions (a planning policy's plan words, the node's latency and batch)
-    is recorded with each step. Its lists and arrays are not, nor the steering (recorded on its own), so no
-    policy's extras can fail a recording."""
+    is recorded with each step. Its lists and arrays are not, nor the steering (recorded on its own), nor
+    values msgpack cannot hold or long texts, so no policy's extras can fail a recording or bloat it."""
     rec = EpisodeRecorder(Recorder(tmp_path), {"task": "lift"})
     obs = Observation("lift the cube", {"wrist": np.zeros((4, 4, 3), np.uint8)})
     said = {"plan": "fast high", "policy_ms": np.float32(3.5), "batch": 2, "action_tokens": [7, 9],
-            "steering": {"fast": {"strength": 24.0}}, "scores": np.ones(3)}  # fmt: skip
+            "steering": {"fast": {"strength": 24.0}}, "scores": np.ones(3), "when": np.datetime64("2026-12-02"),
+            "huge": 2**70, "essay": "word " * 100}  # fmt: skip
     rec.step(Step(obs, action=np.zeros(7, np.float32), policy_info=said))
     rec.step(Step(obs, action=np.zeros(7, np.float32)))  # a reply that said nothing
     rec.end(True)

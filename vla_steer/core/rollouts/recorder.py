@@ -134,13 +134,20 @@ class EpisodeRecorder:
         return writer
 
 
+MAX_INFO_TEXT = 256  # characters: a plan is a few words; a longer text is not recorded with every step
+
+
 def _scalars(info: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The scalar entries of a policy's reply info (a plan, a latency): what a step records of it. Lists,
-    arrays and nested values (action token ids, per-policy extras) are left out, so no policy's extras can
-    fail a recording."""
-    kept = {
-        k: v.item() if isinstance(v, np.generic) else v
-        for k, v in (info or {}).items()
-        if isinstance(k, str) and k != "steering" and isinstance(v, (bool, int, float, str, np.generic))
-    }
+    arrays and nested values (action token ids, per-policy extras), texts over MAX_INFO_TEXT and integers
+    msgpack cannot hold are left out, so no policy's extras can fail a recording or bloat it."""
+    kept = {}
+    for k, v in (info or {}).items():
+        if isinstance(v, (np.bool_, np.number, np.str_)):
+            v = v.item()
+        if not isinstance(k, str) or k == "steering" or not isinstance(v, (bool, int, float, str)):
+            continue
+        if (isinstance(v, str) and len(v) > MAX_INFO_TEXT) or (type(v) is int and not -(2**63) <= v < 2**64):
+            continue
+        kept[k] = v
     return kept or None
