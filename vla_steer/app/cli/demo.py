@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vla_steer.app.cli.args import parse_floats
+from vla_steer.app.demo.defaults import CONTROLS, EPISODES, FULL, STRENGTHS, WORKERS, floats
 
 
 def add_parsers(sub) -> None:
@@ -17,23 +18,29 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="run directory (default: demo_out)")
     p.add_argument(
-        "--episodes", type=int, default=None, help="episodes per setting (default: 20; --full: 30)"
+        "--episodes",
+        type=int,
+        default=None,
+        help=f"episodes per setting (default: {EPISODES}; --full: {FULL['episodes']})",
     )
     p.add_argument(
-        "--workers", type=int, default=4, help="robosuite processes sharing the policy node (default: 4)"
+        "--workers",
+        type=int,
+        default=WORKERS,
+        help=f"robosuite processes sharing the policy node (default: {WORKERS})",
     )
     p.add_argument(
         "--strengths",
         default=None,
         help="clamp values for each direction, comma-separated; the largest is the reported strength, where "
-        "the controls run (default: 12,24; --full: 8,16,24,32)",
+        f"the controls run (default: {floats(STRENGTHS)}; --full: {floats(FULL['strengths'])})",
     )
     p.add_argument(
         "--controls",
         type=int,
         default=None,
         help="random-control draws per direction, each matched to the direction's neurons in layer, sign, "
-        "coefficient statistics and value-vector norm (default: 3; --full: 5)",
+        f"coefficient statistics and value-vector norm (default: {CONTROLS}; --full: {FULL['controls']})",
     )
     p.add_argument(
         "--full",
@@ -88,11 +95,11 @@ def cmd_demo(args) -> int:
     import shlex
     import sys
 
-    from vla_steer.app.demo.run import CONTROLS, FULL, STRENGTHS, run_demo
+    from vla_steer.app.demo.run import run_demo
 
     strengths = parse_floats(args.strengths, "--strengths") if args.strengths else None
     strengths = tuple(strengths or (FULL["strengths"] if args.full else STRENGTHS))
-    episodes = args.episodes if args.episodes is not None else (FULL["episodes"] if args.full else 20)
+    episodes = args.episodes if args.episodes is not None else (FULL["episodes"] if args.full else EPISODES)
     controls = args.controls if args.controls is not None else (FULL["controls"] if args.full else CONTROLS)
     if episodes < 2 or not 1 <= args.workers <= 32 or controls < 1:
         raise ValueError("--episodes must be >= 2 (a CI needs two), --workers 1..32 and --controls >= 1")

@@ -30,6 +30,7 @@ import yaml
 
 from policies import load_policy, read_policy_config
 from vla_steer.app.demo.data import DEMO_SIM
+from vla_steer.app.demo.defaults import CONTROLS, EPISODES, STRENGTHS, WORKERS
 from vla_steer.app.demo.language import BASELINE_INSTRUCTION
 from vla_steer.core.config import resolve_config, shipped
 from vla_steer.core.discovery import discover, format_direction, load_lexicons
@@ -38,15 +39,11 @@ from vla_steer.core.discovery.direction import load_directions
 from vla_steer.core.rollouts import open_store
 
 POLES = ("fast", "slow", "up", "down")
-STRENGTHS = (16.0, 32.0)  # the dose ladder; the largest is the reported strength, where the controls run
-CONTROLS = 3  # random-control draws per direction
-FULL = dict(strengths=(8.0, 16.0, 24.0, 32.0, 40.0), controls=5, episodes=30)  # `--full`
 # Where the concept neurons are steered: only the forwards that decide the demo VLA's plan words. Its action
 # tokens then follow the steered plan from unsteered forwards, so a concept changes how the arm moves without
 # the perturbation of every position that, at the strength a plan word needs, also breaks the grasp.
 POSITIONS = "plan"
 SIZE = 16  # neurons per direction
-WORKERS = 4  # robosuite processes sharing the policy node: on 2 cores, sims step while a batch is decoded
 MAX_STEPS = 100
 SETTLE = 3  # steps held still after success before an episode ends
 CALIBRATION_SEEDS = (90_000, 90_001)  # baseline episodes the controls' neuron statistics are measured on
@@ -160,7 +157,7 @@ def calibrate(policy) -> NeuronStats:
 def run_demo(
     out: Path,
     *,
-    episodes: int = 20,
+    episodes: int = EPISODES,
     workers: int = WORKERS,
     strengths=STRENGTHS,
     controls: int = CONTROLS,
