@@ -14,6 +14,14 @@ Episodes: a client's reset gives it its own episode state (pi0: its noise genera
 for the newest MAX_EPISODES clients. A client without one (it never reset, it reconnected and so has a
 new routing id, or its episode was evicted) runs on the policy's shared state, which any client's reset
 restarts: its replies say `info["shared_episode"] = True` and the node logs it once.
+
+Setpoints (`vla_steer.core.setpoints`): a behaviour axis (speed: fast/slow; height: up/down) whose two poles
+are among the node's concepts can be given a target, live (`knobs target`) or per request (`setpoints`).
+Before each inference of a client episode with a target, the axis's controller sets the poles' strengths
+from what the client measured (`measured`) or the node estimates from the end-effector position it sends
+(`ee_pos`, `carrying`); the rest of the setting is the request's `steer` or the live knobs. Replies and
+telemetry carry `<axis>_target`, `<axis>_measured` and `<axis>_strength` (signed: the raising pole above 0).
+Controllers are per episode: a client must reset before it infers under a target.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +39,7 @@ import torch
 from vla_steer.core.activations import Selection, recording, select
 from vla_steer.core.discovery.direction import Direction
 from vla_steer.core.policy import ActionChunk, Policy
+from vla_steer.core.setpoints import AXES, Tracker
 from vla_steer.core.steering import Setting, Steerer
 from vla_steer.wire import (
     Code,
@@ -95,6 +104,11 @@ class PolicyNode:
         self._keeps_episodes = new_episode is not None and new_episode() is not None  # pi0: per-client noise
         self._warned_shared = False
         self.inferences = 0
+        # Behaviour axes with both poles among the concepts; the live targets (replaced whole, never edited,
+        # so the inference thread reads them without a lock); an observation's time after the last one.
+        self.axes = {n: a for n, a in AXES.items() if a.raises in self._owner and a.lowers in self._owner}
+        self.targets: dict[str, float] = {}
+        self._dt = policy.spec.chunk_length / policy.spec.control_hz
 
     @property
     def _owner(self) -> dict[str, Steerer]:
@@ -119,6 +133,9 @@ class PolicyNode:
                 # concurrent requests share one forward ("batched", up to batch_max) or run one at a time
                 "inference": "batched" if self.batch_max > 1 else "sequential",
                 "batch_max": self.batch_max,
+                "axes": {
+                    n: {"unit": a.unit, "raises": a.raises, "lowers": a.lowers} for n, a in self.axes.items()
+                },
             },
             conventions=spec.conventions,
         )
@@ -186,8 +203,8 @@ class PolicyNode:
         selection = select(
             req.payload.get("activations") or [], self.policy.backbone, concepts, self.max_recorded_neurons
         )
-        setting = self.resolve_steer(req.payload.get("steer"))
-        episode = self._episodes.get(req.client)
+        own = self._episodes.get(req.client)
+        episode = own
         if episode is None and self._keeps_episodes:
             episode = _SHARED_EPISODE
             if not self._warned_shared:
@@ -197,7 +214,74 @@ class PolicyNode:
                     "%d newer ones) runs on the policy's shared state; its replies say info['shared_episode']",
                     MAX_EPISODES,
                 )
-        return _Prepared(obs, selection, setting, episode or _NO_EPISODE)
+        steer, held = self._hold_setpoints(req, own)
+        setting = self.resolve_steer(steer)
+        return _Prepared(obs, selection, setting, episode or _NO_EPISODE, held)
+
+    def _hold_setpoints(
+        self, req: Request, episode: _Episode | None
+    ) -> tuple[Mapping[str, float] | None, dict]:
+        """The request's steering with every targeted axis's poles set by its controller, and what each
+        controller saw and did (for the reply). No target: the request's `steer`, untouched."""
+        payload = req.payload
+        targets = payload.get("setpoints")
+        targets = self.targets if targets is None else self._check_targets(targets, "setpoints")
+        steer = payload.get("steer")
+        if episode is not None:  # an axis let go starts afresh when targeted again
+            for name in [n for n in episode.trackers if n not in targets]:
+                del episode.trackers[name]
+        if not targets:
+            return steer, {}
+        if episode is None:
+            raise ProtocolError(
+                Code.BAD_PAYLOAD,
+                "setpoints are held per episode: reset before inferring under a target",
+                "setpoints",
+            )
+        measured = self._check_targets(payload.get("measured") or {}, "measured", positive=False)
+        strengths = dict(steer) if steer is not None else self._live_strengths()
+        held = {}
+        for name, target in targets.items():
+            axis = self.axes[name]
+            tracker = episode.trackers.get(name)
+            if tracker is None:
+                tracker = episode.trackers[name] = Tracker.new(axis, self._dt)
+            signed = tracker.step(target, payload.get("ee_pos"), payload.get("carrying"), measured.get(name))
+            strengths.pop(axis.raises, None)
+            strengths.pop(axis.lowers, None)
+            if signed != 0.0:  # a pole at 0 would clamp its neurons to 0: off instead
+                strengths[axis.raises if signed > 0 else axis.lowers] = abs(signed)
+            held |= {
+                f"{name}_target": target,
+                f"{name}_measured": tracker.measured,
+                f"{name}_strength": signed,
+            }
+        return strengths, held
+
+    def _live_strengths(self) -> dict[str, float]:
+        return {
+            n: float(c["strength"])
+            for st in self.steerers.values()
+            for n, c in st.state().items()
+            if c["enabled"]
+        }
+
+    def _check_targets(
+        self, targets: Mapping[str, float], where: str, positive: bool = True
+    ) -> dict[str, float]:
+        """Axis -> value, every axis one this node holds; targets > 0 (the controller works on relative error)."""
+        for name, value in targets.items():
+            if name not in self.axes:
+                known = ", ".join(self.axes) or "none: the node has no concept pair fast/slow or up/down"
+                raise ProtocolError(
+                    Code.BAD_PAYLOAD, f"{where}: unknown axis {name!r} (known: {known})", where
+                )
+            if positive and not value > 0:
+                unit = self.axes[name].unit
+                raise ProtocolError(
+                    Code.BAD_PAYLOAD, f"{where}: the {name} target must be > 0 {unit}, got {value!r}", where
+                )
+        return dict(targets)
 
     def _infer_one(self, p: _Prepared) -> Reply:
         t0 = time.perf_counter()
@@ -217,7 +301,9 @@ class PolicyNode:
             else:
                 chunk = self.policy.infer(p.obs)
             activations = recorded()
-        return self._reply(chunk, activations, steering, (time.perf_counter() - t0) * 1e3, p.episode)
+        return self._reply(
+            chunk, activations, steering, (time.perf_counter() - t0) * 1e3, p.episode, held=p.held
+        )
 
     def _infer_many(self, batch: list[_Prepared]) -> list[Reply | Exception]:
         t0 = time.perf_counter()
@@ -236,7 +322,9 @@ class PolicyNode:
         for row, (p, s, chunk) in enumerate(zip(batch, settings, chunks, strict=True)):
             try:
                 activations = recorded(row) if p.selection else {}
-                out.append(self._reply(chunk, activations, _state_of(s), policy_ms, p.episode, len(batch)))
+                out.append(
+                    self._reply(chunk, activations, _state_of(s), policy_ms, p.episode, len(batch), p.held)
+                )
             except ProtocolError as e:
                 out.append(e)
         return out
@@ -249,6 +337,7 @@ class PolicyNode:
         policy_ms: float,
         episode: _Episode,
         batch: int = 1,
+        held: Mapping[str, float | None] = {},  # noqa: B006 - read only
     ) -> Reply:
         actions = np.asarray(chunk.actions, dtype=np.float32)
         if actions.shape != (self.policy.spec.chunk_length, self.policy.spec.action_dim) or not np.all(
@@ -266,6 +355,7 @@ class PolicyNode:
             "episode": episode.name,
             "batch": batch,
             **shared,
+            **held,
             **chunk.info,
         }
         telemetry = {
@@ -275,6 +365,7 @@ class PolicyNode:
             "episode": episode.name,
             "batch": batch,
             **shared,
+            **held,
         }
         return Reply(InferResult(actions, activations, info), telemetry)
 
@@ -325,6 +416,13 @@ class PolicyNode:
             raise ProtocolError(Code.BAD_PAYLOAD, str(e).strip("'\""), "concepts") from None
         except ValueError as e:
             raise ProtocolError(Code.BAD_PAYLOAD, str(e), "strengths") from None
+        if k.op == "target":
+            self.targets = {**self.targets, **self._check_targets(k.targets, "targets")}
+        elif k.op == "untarget":
+            self._check_targets(dict.fromkeys(k.axes, 1.0), "axes")
+            self.targets = {n: v for n, v in self.targets.items() if n not in k.axes}
+        elif k.op == "off":  # every knob off and every setpoint dropped: the policy as trained
+            self.targets = {}
         state = {k_: v for st in self.steerers.values() for k_, v in st.state().items()}
         if k.op == "get" and names is not None:
             unknown = [n for n in names if n not in state]
@@ -333,7 +431,7 @@ class PolicyNode:
                     Code.BAD_PAYLOAD, f"unknown concepts {unknown} (known: {sorted(state)})", "concepts"
                 )
             state = {n: state[n] for n in names}
-        return {"knobs": state}
+        return {"knobs": state, "info": {"targets": dict(self.targets)}}
 
     def _apply_knobs(self, k: KnobsRequest, names: list[str] | None) -> None:
         """Apply one knobs op inside every Steerer's batch: a failure anywhere (an unknown name, a strength
@@ -361,6 +459,7 @@ class PolicyNode:
 class _Episode:
     name: str | None
     state: Any  # the policy's new_episode() state
+    trackers: dict[str, Tracker] = field(default_factory=dict, compare=False, repr=False)  # axis -> its hold
 
 
 _NO_EPISODE = _Episode(None, None)  # a client without an episode, of a policy that keeps none
@@ -375,6 +474,7 @@ class _Prepared:
     selection: Selection
     setting: dict[str, Setting] | None
     episode: _Episode
+    held: dict[str, float | None]  # each targeted axis's target, measurement and strength
 
 
 def _state_of(setting: Mapping[str, Setting]) -> dict[str, dict]:

@@ -140,3 +140,32 @@ class HeightEstimate:
             return None
         self._heights.append(float(ee_pos[2]) - self.table_z)
         return float(np.mean(self._heights))
+
+
+@dataclass
+class Tracker:
+    """One client episode's hold on one axis: its estimate of the behaviour and its controller.
+
+    The node keeps one per axis with a target, per client episode (a reset starts them afresh), and calls
+    `step` before each of that client's inferences: the client's own measurement if it sends one, else the
+    estimate from the end-effector position it sends, else nothing (the controller holds)."""
+
+    axis: Axis
+    estimate: SpeedEstimate | HeightEstimate
+    controller: PIController
+    measured: float | None = None
+
+    @classmethod
+    def new(cls, axis: Axis, dt: float, controller: PIController | None = None) -> Tracker:
+        estimate = SpeedEstimate(dt) if axis.name == "speed" else HeightEstimate()
+        return cls(axis, estimate, controller or PIController())
+
+    def step(
+        self, target: float, ee_pos: Sequence[float] | None, carrying: bool | None, measured: float | None
+    ) -> float:
+        """The signed axis strength for the next inference."""
+        if ee_pos is not None:  # kept up to date even while the client measures for itself
+            estimated = self.estimate.update(ee_pos, True if carrying is None else carrying)
+            measured = estimated if measured is None else measured
+        self.measured = measured
+        return self.controller.update(target, measured)

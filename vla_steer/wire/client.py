@@ -200,6 +200,10 @@ class Client:
         *,
         steer: Mapping[str, float] | None = None,
         activations: Iterable[str] | None = None,
+        setpoints: Mapping[str, float] | None = None,
+        ee_pos: Iterable[float] | None = None,
+        carrying: bool | None = None,
+        measured: Mapping[str, float] | None = None,
         info: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         retries: int = 0,
@@ -210,6 +214,12 @@ class Client:
         knobs at those strengths and every other knob off (`{}`: unsteered), whatever the live knobs are,
         which it leaves untouched. Checked like a knobs request (a bad one is a `RemoteError` naming the
         knob). `result.info["steering"]` is the setting the inference ran under.
+
+        `setpoints`: behaviour targets for this inference (axis -> value, e.g. `{"speed": 0.10}` m/s; None: the
+        node's live targets, `knobs target`); the node's controller for this client's episode then sets the
+        axis's knobs. It measures the behaviour on `ee_pos` (the end effector's position, m) and `carrying`
+        (whether the gripper holds something; height is measured only then), or takes `measured` (axis ->
+        value) from the client. `result.info["<axis>_target" / "_measured" / "_strength"]` say what it did.
 
         `observation` is an `Observation` (what sim and robot nodes send; a policy node checks it with
         `Observation.from_payload`) or a plain map, for servers whose handlers take something else.
@@ -223,13 +233,18 @@ class Client:
         if isinstance(observation, Observation):
             observation = observation.to_payload()
         payload: dict[str, Any] = {"observation": observation}
-        if steer is not None:  # numpy scalars as floats; anything else goes as is, for the node to refuse
-            payload["steer"] = {
-                k: float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
-                for k, v in steer.items()
-            }
+        if steer is not None:
+            payload["steer"] = _floats(steer)
         if activations is not None:
             payload["activations"] = list(activations)
+        if setpoints is not None:
+            payload["setpoints"] = _floats(setpoints)
+        if ee_pos is not None:
+            payload["ee_pos"] = [float(x) for x in ee_pos]
+        if carrying is not None:
+            payload["carrying"] = bool(carrying)
+        if measured is not None:
+            payload["measured"] = _floats(measured)
         if info:
             payload["info"] = dict(info)
         result = InferResult.from_payload(
@@ -271,7 +286,19 @@ class Client:
         return self.knobs(KnobsRequest("disable", tuple(concepts)))
 
     def knobs_off(self) -> dict[str, dict[str, Any]]:
+        """Every knob off and every setpoint dropped."""
         return self.knobs(KnobsRequest("off"))
+
+    def set_targets(self, targets: Mapping[str, float]) -> dict[str, float]:
+        """Live behaviour setpoints (axis -> value, e.g. `{"speed": 0.10}`); returns every live target."""
+        return self._targets(KnobsRequest("target", targets=dict(targets)))
+
+    def clear_targets(self, axes: Iterable[str]) -> dict[str, float]:
+        """Drop the named axes' setpoints (their knobs go back to the live strengths); returns the rest."""
+        return self._targets(KnobsRequest("untarget", axes=tuple(axes)))
+
+    def _targets(self, req: KnobsRequest) -> dict[str, float]:
+        return dict(self.request("knobs", req.to_payload()).payload.get("info", {}).get("targets", {}))
 
     def control(self, op: str, **args: Any) -> dict[str, Any]:
         """Run `op` on a node's control socket (a `Server` whose handler has `control(op, args)`).
@@ -368,3 +395,11 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _floats(values: Mapping[str, Any]) -> dict[str, Any]:
+    """numpy scalars as floats; anything else goes as is, for the node to refuse."""
+    return {
+        k: float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+        for k, v in values.items()
+    }

@@ -31,7 +31,7 @@ import numpy as np
 
 from vla_steer.wire.codec import MAX_NAMES, PROTOCOL_VERSION, REQUEST_KINDS, Code, Message, ProtocolError
 
-KNOB_OPS = ("list", "get", "set", "enable", "disable", "off")
+KNOB_OPS = ("list", "get", "set", "enable", "disable", "off", "target", "untarget")
 MAX_OP_CHARS = 64  # a control op is a name, not data
 MAX_INSTRUCTION_CHARS = 2000  # a task instruction, not a document: bounds tokenizer and attention cost
 
@@ -61,6 +61,10 @@ def _t_names(v: Any) -> bool:
 
 def _t_number_map(v: Any) -> bool:
     return isinstance(v, dict) and len(v) <= MAX_NAMES and all(_t_number(x) for x in v.values())
+
+
+def _t_point(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(_t_number(x) for x in v)
 
 
 def _t_array_map(v: Any) -> bool:
@@ -114,6 +118,13 @@ _REQUESTS: dict[str, _Spec] = {
         "activations": (False, _t_names, f"a list of <= {MAX_NAMES} names"),
         # This inference only: exactly these knobs at these strengths, every other one off ({}: unsteered).
         "steer": (False, _t_number_map, "a map of knob -> finite number"),
+        # Behaviour setpoints (`vla_steer.core.setpoints`): this inference's targets (else the live ones), and
+        # what the node measures them on: the end effector's position (m) and whether it carries something,
+        # or the client's own measurement per axis.
+        "setpoints": (False, _t_number_map, "a map of axis -> finite target"),
+        "ee_pos": (False, _t_point, "a list of 3 finite numbers (m)"),
+        "carrying": (False, lambda v: isinstance(v, bool), "a bool"),
+        "measured": (False, _t_number_map, "a map of axis -> finite number"),
         **_INFO,
     },
     "reset": {"episode": (False, _t_str, "a string"), "seed": (False, _t_int, "an int"), **_INFO},
@@ -121,6 +132,8 @@ _REQUESTS: dict[str, _Spec] = {
         "op": (True, lambda v: v in KNOB_OPS, f"one of {KNOB_OPS}"),
         "concepts": (False, _t_names, f"a list of <= {MAX_NAMES} names"),
         "strengths": (False, _t_number_map, "a map of concept -> finite number"),
+        "targets": (False, _t_number_map, "a map of axis -> finite target"),
+        "axes": (False, _t_names, f"a list of <= {MAX_NAMES} names"),
         **_INFO,
     },
     "heartbeat": {"client": (False, _t_str, "a string"), **_INFO},
@@ -180,13 +193,19 @@ def check_request(msg: Message) -> None:
         raise ProtocolError(
             Code.BAD_KIND, f"{msg.kind!r} is not a request kind; expected one of {REQUEST_KINDS}", "kind"
         )
-    for name in ("steer", "strengths"):  # name the bad entry, not only the map
+    for name in ("steer", "strengths", "setpoints", "measured", "targets"):  # name the bad entry, not the map
         _check_number_map(msg.payload.get(name), f"{msg.kind} request", name)
     _check_spec(msg.payload, _REQUESTS[msg.kind], f"{msg.kind} request")
     if msg.kind == "knobs":
         op = msg.payload["op"]
         if op == "set" and "strengths" not in msg.payload:
             raise ProtocolError(Code.MISSING_FIELD, "knobs 'set' needs 'strengths'", "strengths")
+        if op == "target" and not msg.payload.get("targets"):
+            raise ProtocolError(
+                Code.MISSING_FIELD, "knobs 'target' needs a non-empty 'targets' map", "targets"
+            )
+        if op == "untarget" and not msg.payload.get("axes"):
+            raise ProtocolError(Code.MISSING_FIELD, "knobs 'untarget' needs a non-empty 'axes' list", "axes")
         if op in ("enable", "disable") and not msg.payload.get("concepts"):
             raise ProtocolError(
                 Code.MISSING_FIELD, f"knobs {op!r} needs a non-empty 'concepts' list", "concepts"
@@ -293,11 +312,14 @@ class InferResult:
 
 @dataclass(frozen=True)
 class KnobsRequest:
-    """A "knobs" request. `concepts=None` means all concepts (for list/get)."""
+    """A "knobs" request. `concepts=None` means all concepts (for list/get). `target` sets behaviour setpoints
+    (`targets`: axis -> value, held by the node's controller); `untarget` drops the `axes` named."""
 
     op: str
     concepts: tuple[str, ...] | None = None
     strengths: Mapping[str, float] = field(default_factory=dict)
+    targets: Mapping[str, float] = field(default_factory=dict)
+    axes: tuple[str, ...] = ()
 
     def to_payload(self) -> dict[str, Any]:
         out: dict[str, Any] = {"op": self.op}
@@ -305,13 +327,21 @@ class KnobsRequest:
             out["concepts"] = list(self.concepts)
         if self.op == "set":
             out["strengths"] = {k: float(v) for k, v in self.strengths.items()}
+        if self.op == "target":
+            out["targets"] = {k: float(v) for k, v in self.targets.items()}
+        if self.op == "untarget":
+            out["axes"] = list(self.axes)
         return out
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> KnobsRequest:
         concepts = payload.get("concepts")
         return cls(
-            payload["op"], None if concepts is None else tuple(concepts), dict(payload.get("strengths", {}))
+            payload["op"],
+            None if concepts is None else tuple(concepts),
+            dict(payload.get("strengths", {})),
+            dict(payload.get("targets", {})),
+            tuple(payload.get("axes", ())),
         )
 
 
@@ -357,19 +387,24 @@ class TelemetryRecord:
             raise ProtocolError(Code.BAD_PAYLOAD, f"bad telemetry record: {e!r}", "payload") from e
 
 
-def parse_strengths(items: list[str]) -> dict[str, float]:
-    """['fast=4', 'up=-2.5'] -> {'fast': 4.0, 'up': -2.5}; anything else names the bad item."""
+def parse_strengths(
+    items: list[str], what: str = "knob settings look like fast=4 or up=-2.5"
+) -> dict[str, float]:
+    """['fast=4', 'up=-2.5'] -> {'fast': 4.0, 'up': -2.5}; anything else, or a name given twice, names the
+    bad item."""
     out = {}
     for item in items:
         name, sep, value = item.strip().partition("=")
+        if name in out:
+            raise ValueError(f"{name!r} is given twice ({item!r})")
         try:
             if not sep or not name:
                 raise ValueError
             out[name] = float(value)
         except ValueError:
-            raise ValueError(f"knob settings look like fast=4 or up=-2.5, got {item!r}") from None
+            raise ValueError(f"{what}, got {item!r}") from None
         if not math.isfinite(out[name]):
-            raise ValueError(f"knob {name!r}: the strength must be a finite number, got {value!r}")
+            raise ValueError(f"{name!r}: the value must be a finite number, got {value!r}")
     return out
 
 
