@@ -105,7 +105,7 @@ class PolicyNode:
         self._warned_shared = False
         self.inferences = 0
         # Behaviour axes with both poles among the concepts; the live targets (replaced whole, never edited,
-        # so the inference thread reads them without a lock); an observation's time after the last one.
+        # so the inference thread reads them without a lock); the time between a client's observations.
         self.axes = {n: a for n, a in AXES.items() if a.raises in self._owner and a.lowers in self._owner}
         self.targets: dict[str, float] = {}
         self._dt = policy.spec.chunk_length / policy.spec.control_hz
@@ -249,8 +249,8 @@ class PolicyNode:
             signed = tracker.step(target, payload.get("ee_pos"), payload.get("carrying"), measured.get(name))
             strengths.pop(axis.raises, None)
             strengths.pop(axis.lowers, None)
-            if signed != 0.0:  # a pole at 0 would clamp its neurons to 0: off instead
-                strengths[axis.raises if signed > 0 else axis.lowers] = abs(signed)
+            # The pole at 0 is off, not on at 0 (a clamp to 0 is an intervention too).
+            strengths |= {pole: v for pole, v in axis.strengths(signed).items() if v > 0}
             held |= {
                 f"{name}_target": target,
                 f"{name}_measured": tracker.measured,
