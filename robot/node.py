@@ -352,7 +352,9 @@ class RobotNode:
             self.camera_hold = False
             log.warning("cameras are fresh again: following new chunks")
         try:
-            result = self.client.infer(obs, timeout=self.infer_timeout)
+            # the tool's position and when: what the policy node's setpoint controllers measure (none unread)
+            tool = st.tcp_pose[:3] if np.all(np.isfinite(st.tcp_pose[:3])) else None
+            result = self.client.infer(obs, ee_pos=tool, ee_time=t_obs, timeout=self.infer_timeout)
         except (RequestTimeout, RemoteError, ProtocolError) as e:
             self.stats.errors += 1
             self.stats.last_error = str(e)

@@ -166,7 +166,9 @@ def run_episodes(
                 t = time.perf_counter()
                 reply = watch.call(
                     "infer",
-                    lambda o=obs: client.infer(o.observation, steer=setting, activations=wanted),
+                    lambda o=obs: client.infer(
+                        o.observation, steer=setting, activations=wanted, ee_pos=o.ee_pos, ee_time=o.t_sim
+                    ),  # (the end effector: what the node's setpoint controllers measure)
                     name,
                     step,
                     summaries,

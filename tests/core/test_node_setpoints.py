@@ -94,6 +94,15 @@ def test_a_request_target_and_a_measured_value_need_no_live_target(node_address)
         # A request's own steer is the rest of its setting; the live knobs stay off.
         info = c.infer(OBS, steer={"down": 4.0}, setpoints={"speed": 0.10}, measured={"speed": 0.2}).info
         assert set(enabled(info)) == {"down", "fast"}  # the controller's integral still leans fast
+        # Positions 1 cm apart, measured 0.2 s apart: 0.05 m/s, whatever the policy's own step.
+        c.reset()
+        timed = [
+            c.infer(OBS, setpoints={"speed": 0.1}, ee_pos=[0.01 * k, 0, 0], ee_time=0.2 * k).info
+            for k in range(3)
+        ]
+        assert timed[0]["speed_measured"] is None and np.allclose(
+            [i["speed_measured"] for i in timed[1:]], 0.05
+        )
         assert c.set_targets({"speed": 0.3}) == {"speed": 0.3}
         assert c.clear_targets(["speed"]) == {}
         assert not enabled(c.infer(OBS).info)
@@ -113,6 +122,9 @@ def test_bad_setpoints_are_refused_naming_what_was_wrong(node_address):
                 c.infer(OBS, setpoints=setpoints)
         with pytest.raises(RemoteError, match="ee_pos"):
             c.infer(OBS, setpoints={"speed": 0.1}, ee_pos=[0.0, float("inf"), 0.0])
+        c.infer(OBS, setpoints={"speed": 0.1}, ee_pos=[0, 0, 0], ee_time=5.0)
+        with pytest.raises(RemoteError, match=r"ee_time must increase within an episode: 4.0 after 5.0"):
+            c.infer(OBS, setpoints={"speed": 0.1}, ee_pos=[0, 0, 0], ee_time=4.0)
         with pytest.raises(RemoteError, match="unknown axis 'tilt'"):
             c.set_targets({"tilt": 1.0})
         assert c.set_targets({"height": 0.1}) == {"height": 0.1}

@@ -19,8 +19,8 @@ Setpoints (`vla_steer.core.setpoints`): a behaviour axis (speed: fast/slow; heig
 are among the node's concepts can be given a target, live (`knobs target`) or per request (`setpoints`).
 Before each inference of a client episode with a target, the axis's controller sets the poles' strengths
 from what the client measured (`measured`) or the node estimates from the end-effector position it sends
-(`ee_pos`, `carrying`); the rest of the setting is the request's `steer` or the live knobs. Replies and
-telemetry carry `<axis>_target`, `<axis>_measured` and `<axis>_strength` (signed: the raising pole above 0).
+(`ee_pos`, measured at `ee_time`; `carrying`); the rest of the setting is the request's `steer` or the live
+knobs. Replies and telemetry carry `<axis>_target`, `<axis>_measured` and `<axis>_strength` (signed: the raising pole above 0).
 Controllers are per episode: a client must reset before it infers under a target.
 """
 
@@ -246,7 +246,16 @@ class PolicyNode:
             tracker = episode.trackers.get(name)
             if tracker is None:
                 tracker = episode.trackers[name] = Tracker.new(axis, self._dt)
-            signed = tracker.step(target, payload.get("ee_pos"), payload.get("carrying"), measured.get(name))
+            try:
+                signed = tracker.step(
+                    target,
+                    payload.get("ee_pos"),
+                    payload.get("carrying"),
+                    measured.get(name),
+                    payload.get("ee_time"),
+                )
+            except ValueError as e:
+                raise ProtocolError(Code.BAD_PAYLOAD, str(e), "ee_time") from None
             strengths.pop(axis.raises, None)
             strengths.pop(axis.lowers, None)
             # The pole at 0 is off, not on at 0 (a clamp to 0 is an intervention too).

@@ -95,10 +95,11 @@ class SpeedEstimate:
     """End-effector speed while moving (m/s): the mean over the last `window` moving steps of |dp| / dt.
     A step slower than `still` m/s says nothing (the arm is grasping, or waiting)."""
 
-    dt: float  # seconds between two observations of one client
+    dt: float  # seconds between two observations of one client, when they do not say when they were made
     window: int = 5
     still: float = 0.02
     _last: np.ndarray | None = field(default=None, init=False)
+    _last_t: float | None = field(default=None, init=False)
     _speeds: deque = field(default_factory=deque, init=False)
 
     def __post_init__(self) -> None:
@@ -108,12 +109,17 @@ class SpeedEstimate:
             )
         self._speeds = deque(maxlen=self.window)
 
-    def update(self, ee_pos: Sequence[float], carrying: bool = True) -> float | None:
+    def update(self, ee_pos: Sequence[float], carrying: bool = True, t: float | None = None) -> float | None:
+        """`t`: when `ee_pos` was measured (s); positions apart by `dt` without it."""
+        if t is not None and self._last_t is not None and not t > self._last_t:
+            raise ValueError(f"ee_time must increase within an episode: {t!r} after {self._last_t!r}")
         pos = np.asarray(ee_pos, dtype=np.float64)
         last, self._last = self._last, pos
+        last_t, self._last_t = self._last_t, t
         if last is None:
             return None
-        speed = float(np.linalg.norm(pos - last)) / self.dt
+        dt = t - last_t if t is not None and last_t is not None else self.dt
+        speed = float(np.linalg.norm(pos - last)) / dt
         if speed < self.still:
             return None
         self._speeds.append(speed)
@@ -134,7 +140,7 @@ class HeightEstimate:
             raise ValueError(f"height estimate: table_z must be finite and window >= 1, got {self.table_z!r}")
         self._heights = deque(maxlen=self.window)
 
-    def update(self, ee_pos: Sequence[float], carrying: bool = True) -> float | None:
+    def update(self, ee_pos: Sequence[float], carrying: bool = True, t: float | None = None) -> float | None:
         if not carrying:
             self._heights.clear()
             return None
@@ -161,11 +167,16 @@ class Tracker:
         return cls(axis, estimate, controller or PIController())
 
     def step(
-        self, target: float, ee_pos: Sequence[float] | None, carrying: bool | None, measured: float | None
+        self,
+        target: float,
+        ee_pos: Sequence[float] | None,
+        carrying: bool | None,
+        measured: float | None,
+        ee_time: float | None = None,
     ) -> float:
-        """The signed axis strength for the next inference."""
+        """The signed axis strength for the next inference (ValueError: an `ee_time` that went back)."""
         if ee_pos is not None:  # kept up to date even while the client measures for itself
-            estimated = self.estimate.update(ee_pos, True if carrying is None else carrying)
+            estimated = self.estimate.update(ee_pos, True if carrying is None else carrying, ee_time)
             measured = estimated if measured is None else measured
         self.measured = measured
         return self.controller.update(target, measured)

@@ -202,6 +202,7 @@ class Client:
         activations: Iterable[str] | None = None,
         setpoints: Mapping[str, float] | None = None,
         ee_pos: Iterable[float] | None = None,
+        ee_time: float | None = None,
         carrying: bool | None = None,
         measured: Mapping[str, float] | None = None,
         info: Mapping[str, Any] | None = None,
@@ -217,9 +218,10 @@ class Client:
 
         `setpoints`: behaviour targets for this inference (axis -> value, e.g. `{"speed": 0.10}` m/s; None: the
         node's live targets, `knobs target`); the node's controller for this client's episode then sets the
-        axis's knobs. It measures the behaviour on `ee_pos` (the end effector's position, m) and `carrying`
-        (whether the gripper holds something; height is measured only then), or takes `measured` (axis ->
-        value) from the client. `result.info["<axis>_target" / "_measured" / "_strength"]` say what it did.
+        axis's knobs. It measures the behaviour on `ee_pos` (the end effector's position, m) at `ee_time`
+        (when it was measured, s, on the client's clock: sim time in a simulator; without it, the policy's
+        chunk duration apart) and `carrying` (whether the gripper holds something; height is measured only
+        then), or takes `measured` (axis -> value) from the client. `result.info["<axis>_target" / "_measured" / "_strength"]` say what it did.
 
         `observation` is an `Observation` (what sim and robot nodes send; a policy node checks it with
         `Observation.from_payload`) or a plain map, for servers whose handlers take something else.
@@ -241,6 +243,8 @@ class Client:
             payload["setpoints"] = _floats(setpoints)
         if ee_pos is not None:
             payload["ee_pos"] = [float(x) for x in ee_pos]
+        if ee_time is not None:
+            payload["ee_time"] = float(ee_time)
         if carrying is not None:
             payload["carrying"] = bool(carrying)
         if measured is not None:

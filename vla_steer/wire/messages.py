@@ -123,6 +123,7 @@ _REQUESTS: dict[str, _Spec] = {
         # or the client's own measurement per axis.
         "setpoints": (False, _t_number_map, "a map of axis -> finite target"),
         "ee_pos": (False, _t_point, "a list of 3 finite numbers (m)"),
+        "ee_time": (False, _t_number, "a finite number (s)"),
         "carrying": (False, lambda v: isinstance(v, bool), "a bool"),
         "measured": (False, _t_number_map, "a map of axis -> finite number"),
         **_INFO,
