@@ -13,6 +13,7 @@ from support import VLA_STEER, free_address, serve_process
 from vla_steer.wire import Client, RemoteError
 
 RNG = np.random.default_rng(3)
+LIMIT, RATE = 6.0, 2.0  # the controller `vla-steer serve --setpoint-controller` is given
 OBS = {
     "instruction": "pick up the red block",
     "images": {"agentview": RNG.integers(0, 256, (32, 32, 3), np.uint8)},
@@ -31,7 +32,9 @@ def knobs(address: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def node_address(checkpoint):
     address = free_address()
-    proc = serve_process(checkpoint, address)
+    proc = serve_process(
+        checkpoint, address, extra=("--setpoint-controller", f"kp=5,ki=5,limit={LIMIT},rate={RATE}")
+    )
     try:
         yield address
     finally:
@@ -69,6 +72,7 @@ def test_a_live_speed_target_steers_each_episode_toward_it_and_letting_go_hands_
         assert all(i["speed_target"] == 0.10 for i in too_slow)
         assert np.allclose([i["speed_measured"] for i in too_slow[1:]], 0.05)
         assert all(s > 0 for s in strengths) and strengths == sorted(strengths)
+        assert max(strengths) == LIMIT and max(np.diff([0.0, *strengths])) <= RATE  # the controller asked for
         assert enabled(too_slow[-1]) == {"up": 5.0, "fast": strengths[-1]}
         assert all(i["speed_strength"] < 0 for i in too_fast[1:])
         assert enabled(too_fast[-1]) == {"up": 5.0, "slow": -too_fast[-1]["speed_strength"]}
@@ -138,3 +142,30 @@ def test_bad_setpoints_are_refused_naming_what_was_wrong(node_address):
     ):
         r = knobs(node_address, *args)
         assert r.returncode != 0 and wanted in r.stderr, (args, r.stderr)
+
+
+@pytest.mark.parametrize(
+    ("option", "wanted"),
+    [
+        ("kp=5,gain=2", "unknown setting 'gain' (known: kp, ki, limit, rate)"),
+        ("limit=0", "limit and rate must be > 0"),
+        ("ki=-1", "ki must be finite and >= 0"),
+        ("kp=fast", "--setpoint-controller takes kp=5,ki=5,limit=24,rate=4"),
+    ],
+)
+def test_serve_refuses_a_bad_setpoint_controller_before_loading_anything(option, wanted, tmp_path):
+    r = subprocess.run(
+        [
+            VLA_STEER,
+            "serve",
+            "--policy",
+            str(tmp_path / "no_checkpoint_here"),
+            "--setpoint-controller",
+            option,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and wanted in r.stderr, r.stderr
+    assert "no_checkpoint_here" not in r.stderr  # refused before the policy was looked for

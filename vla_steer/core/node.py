@@ -39,7 +39,7 @@ import torch
 from vla_steer.core.activations import Selection, recording, select
 from vla_steer.core.discovery.direction import Direction
 from vla_steer.core.policy import ActionChunk, Policy
-from vla_steer.core.setpoints import AXES, Tracker
+from vla_steer.core.setpoints import AXES, PIController, Tracker
 from vla_steer.core.steering import Setting, Steerer
 from vla_steer.wire import (
     Code,
@@ -62,6 +62,7 @@ class PolicyNode:
 
     `batch_max`: the most concurrent infer requests run as one forward (1: one at a time, also for a policy
     that cannot batch); the Server takes it from the node, so hello's `info["inference"]` is what happens.
+    `controller`: the settings of every setpoint's `PIController` (kp, ki, limit, rate; default its own).
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class PolicyNode:
         positions: str = "all",
         max_recorded_neurons: int = MAX_RECORDED_NEURONS,
         batch_max: int = 1,
+        controller: Mapping[str, float] | None = None,
     ):
         if not (isinstance(batch_max, int) and batch_max >= 1):
             raise ValueError(f"batch_max must be an int >= 1, got {batch_max!r}")
@@ -108,6 +110,8 @@ class PolicyNode:
         # so the inference thread reads them without a lock); the time between a client's observations.
         self.axes = {n: a for n, a in AXES.items() if a.raises in self._owner and a.lowers in self._owner}
         self.targets: dict[str, float] = {}
+        self.controller = dict(controller or {})  # the PIController settings of every setpoint
+        PIController(**self.controller)  # checked now, not at the first target
         self._dt = policy.spec.chunk_length / policy.spec.control_hz
 
     @property
@@ -245,7 +249,9 @@ class PolicyNode:
             axis = self.axes[name]
             tracker = episode.trackers.get(name)
             if tracker is None:
-                tracker = episode.trackers[name] = Tracker.new(axis, self._dt)
+                tracker = episode.trackers[name] = Tracker.new(
+                    axis, self._dt, PIController(**self.controller)
+                )
             try:
                 signed = tracker.step(
                     target,

@@ -48,6 +48,14 @@ def add_parsers(sub) -> None:
         help="how long a batch waits for the clients that asked together last time (a lone client never "
         "waits; default 2)",
     )
+    p.add_argument(
+        "--setpoint-controller",
+        default="",
+        metavar="kp=5,ki=5,limit=24,rate=4",
+        help="the PI controller that holds a setpoint (`knobs target speed=0.10`): gains per unit of relative "
+        "error, the largest |strength| it sets and its most change per inference; the strength a behaviour "
+        "needs is the model's (the demo VLA's plan changes from about 30). Default: kp=5,ki=5,limit=24,rate=4",
+    )
     add_security(p, server=True)
     add_openpi_options(p)
     p.set_defaults(func=cmd_serve)
@@ -73,6 +81,7 @@ def cmd_serve(args) -> int:
         )
     if not 0 <= args.batch_wait_ms <= 1000:
         raise ValueError(f"--batch-wait-ms must be 0..1000, got {args.batch_wait_ms}")
+    controller = parse_controller(args.setpoint_controller)
 
     from policies import load_policy
     from policies.resolve import resolve_policy, says_plan, stack_dims
@@ -93,7 +102,14 @@ def cmd_serve(args) -> int:
         )
     check_listen(args)
     policy = load_policy(target)
-    node = PolicyNode(policy, directions, mode=args.mode, positions=args.positions, batch_max=args.batch_max)
+    node = PolicyNode(
+        policy,
+        directions,
+        mode=args.mode,
+        positions=args.positions,
+        batch_max=args.batch_max,
+        controller=controller,
+    )
     server = Server(
         node,
         args.bind,
@@ -183,3 +199,19 @@ def cmd_keys(args) -> int:
         ) from None
     print(f"public key (give it to peers): {public}\nsecret key (keep it here, mode 0600): {secret}")
     return 0
+
+
+def parse_controller(text: str) -> dict[str, float]:
+    """`kp=8,limit=40` -> the setpoint controller's settings, checked by building one (before any loading)."""
+    from vla_steer.core.setpoints import PIController
+    from vla_steer.wire import parse_strengths
+
+    items = [t for t in text.split(",") if t.strip()]
+    settings = parse_strengths(items, "--setpoint-controller takes kp=5,ki=5,limit=24,rate=4")
+    unknown = sorted(set(settings) - {"kp", "ki", "limit", "rate"})
+    if unknown:
+        raise ValueError(
+            f"--setpoint-controller: unknown setting {unknown[0]!r} (known: kp, ki, limit, rate)"
+        )
+    PIController(**settings)  # its own checks: finite, >= 0, limit and rate > 0
+    return settings
