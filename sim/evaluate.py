@@ -19,6 +19,7 @@ from sim.base import SimEnv
 from sim.runner import EpisodeError, EpisodeSummary, run_episodes
 from vla_steer.core.rollouts import EpisodeRecorder, Recorder
 from vla_steer.wire import Client
+from vla_steer.wire.messages import SETPOINT
 
 
 @dataclass
@@ -42,7 +43,10 @@ class EvaluationError(RuntimeError):
 
 
 def setting_label(setting: Mapping[str, float]) -> str:
-    return ",".join(f"{k}={v:g}" for k, v in setting.items()) or "off"
+    """'fast=4,up=2', 'speed@0.1' (a setpoint), or 'off'."""
+    return (
+        ",".join(f"{k}{v:g}" if k.endswith(SETPOINT) else f"{k}={v:g}" for k, v in setting.items()) or "off"
+    )
 
 
 def evaluate(

@@ -33,7 +33,7 @@ import numpy as np
 from sim.base import SimEnv
 from vla_steer.core.rollouts import EpisodeRecorder, Event
 from vla_steer.wire import Client, Code, ProtocolError, RemoteError, RequestTimeout
-from vla_steer.wire.messages import Step
+from vla_steer.wire.messages import Step, split_setting
 
 STILL = 0.01  # m/s: an end effector slower than this is holding still
 
@@ -143,7 +143,8 @@ def run_episodes(
     watch = _Watch(client, dead_after)
     if not client.wait_alive(connect_timeout):
         raise PolicyNodeDied(f"no policy node answered at {client.address} within {connect_timeout}s", "", 0)
-    setting = dict(steer) if steer is not None else None
+    # a setting's setpoints ('speed@0.1') go as the request's targets, its knobs as its steering
+    setting, setpoints = split_setting(steer) if steer is not None else (None, None)
     wanted = list(activations) if activations is not None else None
     summaries: list[EpisodeSummary] = []
     for i in range(n_episodes):
@@ -167,7 +168,12 @@ def run_episodes(
                 reply = watch.call(
                     "infer",
                     lambda o=obs: client.infer(
-                        o.observation, steer=setting, activations=wanted, ee_pos=o.ee_pos, ee_time=o.t_sim
+                        o.observation,
+                        steer=setting,
+                        setpoints=setpoints or None,
+                        activations=wanted,
+                        ee_pos=o.ee_pos,
+                        ee_time=o.t_sim,
                     ),  # (the end effector: what the node's setpoint controllers measure)
                     name,
                     step,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sim.evaluate import EvaluationError, SettingResult, evaluate, format_results
 from vla_steer.core.rollouts import Recorder
-from vla_steer.wire import Client
+from vla_steer.wire import Client, split_setting
 
 if TYPE_CHECKING:
     from sim.base import SimEnv
@@ -84,9 +84,16 @@ def check_node(client: Client, settings: Sequence[Mapping[str, float]], connect_
     if not client.wait_alive(connect_timeout):
         raise NoPolicyNode(f"no policy node answered at {client.address}")
     info = client.hello()
-    unknown = sorted({k for setting in settings for k in setting} - set(info.concepts))
+    split = [split_setting(s) for s in settings]
+    unknown = sorted({k for knobs, _ in split for k in knobs} - set(info.concepts))
     if unknown:
         raise ValueError(f"the node has no knobs {unknown} (it offers {list(info.concepts)})")
+    axes = info.info.get("axes") or {}
+    unheld = sorted({a for _, setpoints in split for a in setpoints} - set(axes))
+    if unheld:
+        raise ValueError(
+            f"the node holds no setpoint for {unheld} (its axes: {list(axes) or 'none, it needs both poles of one'})"
+        )
     return info
 
 

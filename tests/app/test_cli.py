@@ -15,7 +15,7 @@ from support import VLA_STEER, free_address
 from vla_steer.app.cli import build_parser
 from vla_steer.app.cli.args import parse_layers, parse_size
 from vla_steer.core.config import shipped
-from vla_steer.wire import parse_setting
+from vla_steer.wire import parse_setting, split_setting
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -79,6 +79,16 @@ def test_parsers():
         parse_setting("fast")
     with pytest.raises(ValueError, match="finite"):
         parse_setting("fast=inf")
+    # A setpoint holds an axis at a target; its knobs and its targets go apart to the node.
+    assert parse_setting("speed@0.10, up=2") == {"speed@": 0.1, "up": 2.0}
+    assert split_setting({"speed@": 0.1, "up": 2.0}) == ({"up": 2.0}, {"speed": 0.1})
+    for bad, wanted in (
+        ("@0.1", "a setpoint names its axis"),
+        ("speed@fast", "got 'speed@fast'"),
+        ("speed@0.1,speed@0.2", "'speed@' is given twice"),
+    ):
+        with pytest.raises(ValueError, match=wanted):
+            parse_setting(bad)
 
 
 def _subcommands() -> list[str]:

@@ -62,3 +62,33 @@ def test_the_sim_node_sends_what_a_live_speed_setpoint_measures_and_the_rollout_
     ].where(steps["steer_slow_enabled"], 0.0)
     np.testing.assert_allclose(applied.to_numpy(), signed)
     assert np.any(signed != 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_eval_grid_runs_a_setpoint_as_a_setting_and_the_analysis_groups_it(checkpoint, tmp_path):
+    env_cfg = tmp_path / "lift.yaml"
+    env_cfg.write_text("kind: robosuite\ntask: Lift\nrobot: Panda\ncameras: {agentview: agentview}\n")
+    address, runs = free_address(), tmp_path / "grid"
+    serve = serve_process(checkpoint, address)
+    try:
+        bad = subprocess.run(
+            [VLA_STEER, "eval", "--server", address, "--env", str(env_cfg), "--out", str(tmp_path / "x"),
+             "--settings", "tilt@0.1"],
+            capture_output=True, text=True, env=ENV, timeout=300,
+        )  # fmt: skip
+        assert bad.returncode != 0 and "the node holds no setpoint for ['tilt']" in bad.stderr, bad.stderr
+        run("eval", "--server", address, "--env", str(env_cfg), "--settings", "off", f"speed@{TARGET}", "up=2",
+            "--episodes", "1", "--max-steps", "6", "--out", str(runs), "--workers", "1")  # fmt: skip
+    finally:
+        serve.terminate()
+        serve.communicate(timeout=30)
+    store = open_store(runs)
+    labels = {i.meta["setting_label"]: i for i in store.episodes()}
+    assert set(labels) == {"off", "speed@0.05", "up=2"}
+    steps = store.to_pandas()
+    held, off = (steps[steps["episode"] == labels[k].id] for k in ("speed@0.05", "off"))
+    assert (held["info_speed_target"] == TARGET).all() and held["info_speed_measured"].notna().sum() >= 2
+    assert off["info_speed_target"].isna().all()
+    r = run("analyze", str(runs))
+    assert "3 settings" in r.stdout and "speed@0.05" in (runs / "report.html").read_text()

@@ -24,6 +24,7 @@ from vla_steer.wire.messages import (
     TelemetryRecord,
     parse_setting,
     parse_strengths,
+    split_setting,
 )
 from vla_steer.wire.security import InsecureBindError, Keypair, generate_keypair, is_loopback, load_keypair
 from vla_steer.wire.server import DEFAULT_ADDRESS, Reply, Request, Server
@@ -56,5 +57,6 @@ __all__ = [
     "load_keypair",
     "parse_setting",
     "parse_strengths",
+    "split_setting",
     "require_finite",
 ]

@@ -409,9 +409,34 @@ def parse_strengths(
     return out
 
 
+SETPOINT = "@"  # 'speed@0.10' in a setting: hold the speed axis at 0.10 (a setpoint), not a knob's strength
+
+
 def parse_setting(text: str) -> dict[str, float]:
-    """'off' -> {} (every knob off); 'fast=4,up=2' -> {'fast': 4.0, 'up': 2.0}."""
-    return {} if text.strip() in ("off", "baseline", "") else parse_strengths(text.split(","))
+    """'off' -> {} (every knob off); 'fast=4,up=2' -> {'fast': 4.0, 'up': 2.0}; a setpoint 'speed@0.10' ->
+    {'speed@': 0.1} (see `split_setting`)."""
+    if text.strip() in ("off", "baseline", ""):
+        return {}
+    items = []
+    for item in text.split(","):
+        axis, at, target = item.partition(SETPOINT)
+        if at and "=" not in item:
+            if not axis.strip():
+                raise ValueError(f"a setpoint names its axis, as in speed@0.10; got {item!r}")
+            item = f"{axis.strip()}{SETPOINT}={target}"
+        items.append(item)
+    try:
+        return parse_strengths(items, "settings look like fast=4, up=-2.5 or speed@0.10")
+    except ValueError as e:  # said as the user wrote it
+        raise ValueError(str(e).replace(f"{SETPOINT}=", SETPOINT)) from None
+
+
+def split_setting(setting: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """A setting's knob strengths and its setpoints (axis -> target): {'up': 2, 'speed@': 0.1} ->
+    ({'up': 2.0}, {'speed': 0.1})."""
+    knobs = {k: float(v) for k, v in setting.items() if not k.endswith(SETPOINT)}
+    setpoints = {k[: -len(SETPOINT)]: float(v) for k, v in setting.items() if k.endswith(SETPOINT)}
+    return knobs, setpoints
 
 
 @dataclass

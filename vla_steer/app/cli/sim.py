@@ -42,7 +42,12 @@ def add_parsers(sub) -> None:
         f"--settings off fast=4 fast=8 --episodes 10 --workers 2 --out runs/grid. {EXIT_CODES}",
     )
     p.add_argument("--env", action="append", required=True, help=GRID_ENV_HELP)
-    p.add_argument("--settings", nargs="+", default=["off"], help="off, or NAME=S[,NAME=S...] per setting")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=["off"],
+        help="off, or NAME=S[,NAME=S...] per setting; AXIS@TARGET holds a setpoint (speed@0.10: 0.10 m/s)",
+    )
     add_run_options(p)
     g = p.add_argument_group("scale")
     g.add_argument("--workers", type=int, default=1, help="simulator worker processes (default 1)")

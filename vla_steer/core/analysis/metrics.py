@@ -40,6 +40,8 @@ class Setting:
     def label(self) -> str:
         if self.direction == "baseline":
             return "baseline"
+        if self.direction.endswith("@"):  # a setpoint: the axis held at a target ('speed@0.1')
+            return f"{self.direction}{self.strength:g}"
         if not self.control:
             return f"{self.direction}={self.strength:g}"
         return f"{self.direction} (random{f' {self.draw}' if self.draw else ''})={self.strength:g}"
