@@ -16,6 +16,7 @@ import pytest
 
 from vla_steer.app.cli import main
 from vla_steer.core.analysis import analyze, episode_metrics, mean_ci, relative_change
+from vla_steer.core.analysis.report import summarise
 from vla_steer.core.discovery.direction import Direction, DirectionNeuron
 from vla_steer.core.rollouts import Recorder, open_store
 
@@ -169,3 +170,28 @@ def test_speed_is_linear_only_even_in_stores_written_with_angular_velocity():
     )  # [v (m/s), w (rad/s)]
     np.testing.assert_allclose(linear_speed(legacy), [0.5, 0.0])
     np.testing.assert_allclose(linear_speed(legacy[:, :3]), [0.5, 0.0])
+
+
+def test_a_setpoint_episode_reports_its_tracking_error_and_overshoot(tmp_path):
+    """A speed held at 0.10: measured from below (0.05), past it (0.13), then settling within a few percent."""
+    measured = [None, 0.05, 0.08, 0.13, 0.11, 0.095, 0.102, 0.099, 0.101, 0.1]
+    rec = Recorder(tmp_path / "rollouts")
+    w = rec.start_episode({"setting": {"speed@": 0.1}, "setting_label": "speed@0.1"})
+    for t, m in enumerate(measured):
+        info = {"speed_target": 0.1, "speed_strength": 1.0} | ({} if m is None else {"speed_measured": m})
+        w.step(ee_pos=np.array([0.01 * t, 0.0, 1.0]), ee_vel=np.zeros(3), action=np.zeros(7), t_wall=float(t),
+               policy_info=info)  # fmt: skip
+    w.end(success=True, seed=0)
+    (ep,) = [
+        open_store(tmp_path / "rollouts").load(i.id) for i in open_store(tmp_path / "rollouts").episodes()
+    ]
+    held = episode_metrics(ep, window=5).tracking["speed"]
+    assert held.target == 0.1
+    assert held.error == pytest.approx(np.median(np.abs(np.array(measured[5:]) - 0.1) / 0.1))
+    assert held.overshoot == pytest.approx(0.3)  # 0.13, started below
+    (summary,) = summarise([episode_metrics(ep, window=5)])
+    assert summary.setting.label == "speed@0.1"
+    assert summary.as_dict()["tracking"]["speed"]["error"]["mean"] == pytest.approx(held.error)
+    assert math.isnan(
+        episode_metrics(ep).tracking["speed"].error
+    )  # nothing measured after the first 20 steps

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from vla_steer.core.rollouts import Episode, Store
+from vla_steer.core.setpoints import AXES
 
 MOVING = 0.01  # m/s: slower than this is holding still
 WINDOW = 20  # steps
@@ -63,6 +64,17 @@ class Setting:
         return cls(name, float(strength), False, mode)
 
 
+@dataclass(frozen=True)
+class Tracking:
+    """How an episode held a setpoint (`vla_steer.core.setpoints`): its target; the median of |measured -
+    target| / target over the steps after the first WINDOW (NaN: nothing measured then); and the overshoot, the
+    furthest the measurement went past the target, relative to it, on the far side from where it started."""
+
+    target: float
+    error: float
+    overshoot: float
+
+
 @dataclass
 class EpisodeMetrics:
     episode: str
@@ -78,11 +90,13 @@ class EpisodeMetrics:
     max_height: float  # m
     carry_height: float  # m, mean over carrying steps (NaN: never carried)
     plans: dict[str, int] = field(default_factory=dict)  # plan words -> steps (a policy that says a plan)
+    tracking: dict[str, Tracking] = field(default_factory=dict)  # axis -> how its setpoint was held
 
     def row(self) -> dict:
         d = asdict(self)
         s = d.pop("setting")
         d.pop("plans")  # (a table row holds scalars)
+        d.pop("tracking")
         return d | {"direction": s["direction"], "strength": s["strength"], "control": s["control"],
                     "mode": s["mode"], "label": self.setting.label}  # fmt: skip
 
@@ -118,7 +132,29 @@ def episode_metrics(ep: Episode, window: int = WINDOW) -> EpisodeMetrics:
         max_height=float(pos[:, 2].max()) if n else math.nan,
         carry_height=mean(pos[carrying, 2]) if n else math.nan,
         plans=dict(Counter(i["plan"] for i in ep.policy_info if i and isinstance(i.get("plan"), str))),
+        tracking=_tracking(ep.policy_info, window),
     )
+
+
+def _tracking(infos: list[dict | None], window: int) -> dict[str, Tracking]:
+    """Each setpoint's hold, from what the node said with every step (`<axis>_target`, `<axis>_measured`)."""
+    out = {}
+    for axis in AXES:
+        targets = [i[f"{axis}_target"] for i in infos if i and f"{axis}_target" in i]
+        if not targets:
+            continue
+        target = float(targets[0])
+        measured = np.array([float(i.get(f"{axis}_measured", math.nan)) if i else math.nan for i in infos])
+        off = (measured - target) / target
+        late = off[window:][np.isfinite(off[window:])]
+        seen = off[np.isfinite(off)]
+        beyond = seen * -np.sign(seen[0]) if seen.size else seen  # > 0: past the target, seen from the start
+        out[axis] = Tracking(
+            target,
+            float(np.median(np.abs(late))) if late.size else math.nan,
+            float(max(0.0, beyond.max())) if seen.size else math.nan,
+        )
+    return out
 
 
 def _carrying(ep: Episode) -> np.ndarray:

@@ -45,6 +45,8 @@ class SettingSummary:
     change: dict[str, Estimate] = field(default_factory=dict)  # vs baseline
     success: Estimate = Estimate(math.nan, math.nan, math.nan, 0)  # success rate with its Wilson 95% CI
     plans: dict[str, float] = field(default_factory=dict)  # plan words -> share of steps, most said first
+    # axis -> target, tracking error and overshoot (means over episodes with 95% CIs) of a setpoint setting
+    tracking: dict[str, dict] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         s = self.setting
@@ -61,6 +63,14 @@ class SettingSummary:
             **{k: v.as_dict() for k, v in self.metrics.items()},
             "change_vs_baseline": {k: v.as_dict() for k, v in self.change.items()},
             "plans": self.plans,
+            "tracking": {
+                axis: {
+                    "target": t["target"],
+                    "error": t["error"].as_dict(),
+                    "overshoot": t["overshoot"].as_dict(),
+                }
+                for axis, t in self.tracking.items()
+            },
         }
 
 
@@ -154,10 +164,25 @@ def summarise(rows: list[EpisodeMetrics]) -> list[SettingSummary]:
             {m: mean_ci([float(getattr(r, m)) for r in g]) for m in METRICS},
             success=proportion_ci(succ),
             plans=plan_shares(g),
+            tracking=tracking(g),
         )
         if base is not None and s.direction != "baseline":
             summ.change = {m: relative_change(per_seed(g, m), per_seed(base, m)) for m in COMPARED}
         out.append(summ)
+    return out
+
+
+def tracking(group: list[EpisodeMetrics]) -> dict[str, dict]:
+    """How a setting's episodes held each setpoint: the target, and the mean over episodes of each one's
+    tracking error and overshoot, with 95% CIs."""
+    out = {}
+    for axis in sorted({a for r in group for a in r.tracking}):
+        held = [r.tracking[axis] for r in group if axis in r.tracking]
+        out[axis] = {
+            "target": held[0].target,
+            "error": mean_ci([t.error for t in held if math.isfinite(t.error)]),
+            "overshoot": mean_ci([t.overshoot for t in held if math.isfinite(t.overshoot)]),
+        }
     return out
 
 
@@ -324,6 +349,24 @@ def render_html(a: Analysis, title: str, preface: str = "") -> str:
             + "</tr>"
         )
     parts.append("</table>")
+    held = [(s, axis, t) for s in a.settings for axis, t in s.tracking.items()]
+    if held:
+        parts.append("<h2>Setpoints</h2><p class='note'>How each setpoint setting held its target: per episode, the "
+                     "median |measured - target| / target after the first 20 steps, and the overshoot (how far "
+                     "past the target it went, relative to it); means over episodes with 95% CIs.</p>"
+                     "<table><tr><th>setting</th><th>target</th><th>tracking error</th><th>overshoot</th>"
+                     "<th>success</th><th>moving speed (m/s)</th></tr>")  # fmt: skip
+
+        def pct(e: Estimate, digits: int = 1) -> str:
+            return _fmt(e, 100, digits) + ("%" if math.isfinite(e.mean) else "")
+
+        for s, axis, t in held:
+            parts.append(
+                f"<tr><td class='l'>{esc(s.setting.label)}</td><td>{axis} {t['target']:g}</td>"
+                f"<td>{pct(t['error'])}</td><td>{pct(t['overshoot'])}</td><td>{pct(s.success, 0)}</td>"
+                f"<td>{_fmt(s.metrics['moving_speed'])}</td></tr>"
+            )
+        parts.append("</table>")
     captions = {
         **{
             f"dose_{d}": f"{d}: dose-response (change vs baseline and success rate against strength; "
