@@ -221,7 +221,8 @@ class Client:
         axis's knobs. It measures the behaviour on `ee_pos` (the end effector's position, m) at `ee_time`
         (when it was measured, s, on the client's clock: sim time in a simulator; without it, the policy's
         chunk duration apart) and `carrying` (whether the gripper holds something; height is measured only
-        then), or takes `measured` (axis -> value) from the client. `result.info["<axis>_target" / "_measured" / "_strength"]` say what it did.
+        then), or takes `measured` (axis -> value) from the client. `result.info["<axis>_target"]`,
+        `["<axis>_measured"]` and `["<axis>_strength"]` say what it did.
 
         `observation` is an `Observation` (what sim and robot nodes send; a policy node checks it with
         `Observation.from_payload`) or a plain map, for servers whose handlers take something else.
