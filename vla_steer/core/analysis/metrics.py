@@ -66,7 +66,7 @@ class Setting:
 
 @dataclass(frozen=True)
 class Tracking:
-    """How an episode held a setpoint (`vla_steer.core.setpoints`): its target; the median of |measured -
+    """How an episode held a setpoint (`vla_steer.core.setpoints`): its (first) target; the median of |measured -
     target| / target over the steps after the first WINDOW (NaN: nothing measured then); and the overshoot, the
     furthest the measurement went past the target, relative to it, on the far side from where it started."""
 
@@ -144,8 +144,12 @@ def _tracking(infos: list[dict | None], window: int) -> dict[str, Tracking]:
         if not targets:
             continue
         target = float(targets[0])
-        measured = np.array([float(i.get(f"{axis}_measured", math.nan)) if i else math.nan for i in infos])
-        off = (measured - target) / target
+
+        def per_step(key: str) -> np.ndarray:
+            return np.array([float(i.get(key, math.nan)) if i else math.nan for i in infos])
+
+        # each step against the target in force then (a live target may change within an episode)
+        off = (per_step(f"{axis}_measured") - per_step(f"{axis}_target")) / per_step(f"{axis}_target")
         late = off[window:][np.isfinite(off[window:])]
         seen = off[np.isfinite(off)]
         beyond = seen * -np.sign(seen[0]) if seen.size else seen  # > 0: past the target, seen from the start
