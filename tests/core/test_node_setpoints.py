@@ -121,11 +121,17 @@ def test_bad_setpoints_are_refused_naming_what_was_wrong(node_address):
             ({"wobble": 0.1}, r"unknown axis 'wobble' \(known: speed, height\)"),
             ({"speed": 0.0}, "speed target must be > 0 m/s"),
             ({"speed": float("nan")}, "'setpoints'"),
+            ({"speed": 1e39}, r"the speed value must be within 0..100 m/s, got 1e\+39"),
         ):
             with pytest.raises(RemoteError, match=wanted):
                 c.infer(OBS, setpoints=setpoints)
-        with pytest.raises(RemoteError, match="ee_pos"):
-            c.infer(OBS, setpoints={"speed": 0.1}, ee_pos=[0.0, float("inf"), 0.0])
+        for far in (float("inf"), 1e39):
+            with pytest.raises(RemoteError, match=r"ee_pos.*each within \+-1000"):
+                c.infer(OBS, setpoints={"speed": 0.1}, ee_pos=[0.0, far, 0.0])
+        with pytest.raises(
+            RemoteError, match="measured: the speed value must be within 0..100 m/s, got -0.1"
+        ):
+            c.infer(OBS, setpoints={"speed": 0.1}, measured={"speed": -0.1})
         c.infer(OBS, setpoints={"speed": 0.1}, ee_pos=[0, 0, 0], ee_time=5.0)
         with pytest.raises(RemoteError, match=r"ee_time must increase within an episode: 4.0 after 5.0"):
             c.infer(OBS, setpoints={"speed": 0.1}, ee_pos=[0, 0, 0], ee_time=4.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,13 @@ from vla_steer.core.setpoints import SpeedEstimate
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
 TARGET = 0.05
+
+
+def lift_config(directory: Path) -> Path:
+    """robosuite Lift at its default 20 Hz, the camera the test checkpoint takes."""
+    path = directory / "lift.yaml"
+    path.write_text("kind: robosuite\ntask: Lift\nrobot: Panda\ncameras: {agentview: agentview}\n")
+    return path
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -31,8 +39,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_the_sim_node_sends_what_a_live_speed_setpoint_measures_and_the_rollout_records_it(
     checkpoint, tmp_path
 ):
-    env_cfg = tmp_path / "lift.yaml"
-    env_cfg.write_text("kind: robosuite\ntask: Lift\nrobot: Panda\ncameras: {agentview: agentview}\n")
+    env_cfg = lift_config(tmp_path)
     address, runs = free_address(), tmp_path / "runs"
     serve = serve_process(checkpoint, address)
     try:
@@ -67,8 +74,7 @@ def test_the_sim_node_sends_what_a_live_speed_setpoint_measures_and_the_rollout_
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_an_eval_grid_runs_a_setpoint_as_a_setting_and_the_analysis_groups_it(checkpoint, tmp_path):
-    env_cfg = tmp_path / "lift.yaml"
-    env_cfg.write_text("kind: robosuite\ntask: Lift\nrobot: Panda\ncameras: {agentview: agentview}\n")
+    env_cfg = lift_config(tmp_path)
     address, runs = free_address(), tmp_path / "grid"
     serve = serve_process(checkpoint, address)
     try:

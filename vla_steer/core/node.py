@@ -54,6 +54,7 @@ from vla_steer.wire import (
 
 MAX_RECORDED_NEURONS = 65536
 MAX_EPISODES = 4096  # clients whose episode state the node keeps
+MAX_BEHAVIOUR = 100.0  # m/s or m: no arm's speed or height; a setpoint or measurement beyond is a mistake
 log = logging.getLogger(__name__)
 
 
@@ -291,10 +292,16 @@ class PolicyNode:
                 raise ProtocolError(
                     Code.BAD_PAYLOAD, f"{where}: unknown axis {name!r} (known: {known})", where
                 )
+            unit = self.axes[name].unit
             if positive and not value > 0:
-                unit = self.axes[name].unit
                 raise ProtocolError(
                     Code.BAD_PAYLOAD, f"{where}: the {name} target must be > 0 {unit}, got {value!r}", where
+                )
+            if not 0 <= value <= MAX_BEHAVIOUR:  # (a measured speed or height below 0 is a client's bug)
+                raise ProtocolError(
+                    Code.BAD_PAYLOAD,
+                    f"{where}: the {name} value must be within 0..{MAX_BEHAVIOUR:g} {unit}, got {value!r}",
+                    where,
                 )
         return dict(targets)
 

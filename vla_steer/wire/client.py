@@ -236,20 +236,16 @@ class Client:
         if isinstance(observation, Observation):
             observation = observation.to_payload()
         payload: dict[str, Any] = {"observation": observation}
-        if steer is not None:
-            payload["steer"] = _floats(steer)
-        if activations is not None:
-            payload["activations"] = list(activations)
-        if setpoints is not None:
-            payload["setpoints"] = _floats(setpoints)
-        if ee_pos is not None:
-            payload["ee_pos"] = [float(x) for x in ee_pos]
-        if ee_time is not None:
-            payload["ee_time"] = float(ee_time)
-        if carrying is not None:
-            payload["carrying"] = bool(carrying)
-        if measured is not None:
-            payload["measured"] = _floats(measured)
+        optional = {
+            "steer": (steer, _floats),
+            "activations": (activations, list),
+            "setpoints": (setpoints, _floats),
+            "ee_pos": (ee_pos, lambda p: [float(x) for x in p]),
+            "ee_time": (ee_time, float),
+            "carrying": (carrying, bool),
+            "measured": (measured, _floats),
+        }
+        payload |= {name: wire(value) for name, (value, wire) in optional.items() if value is not None}
         if info:
             payload["info"] = dict(info)
         result = InferResult.from_payload(

@@ -63,8 +63,11 @@ def _t_number_map(v: Any) -> bool:
     return isinstance(v, dict) and len(v) <= MAX_NAMES and all(_t_number(x) for x in v.values())
 
 
+MAX_POSITION = 1e3  # m: no end effector is further than this from its frame's origin
+
+
 def _t_point(v: Any) -> bool:
-    return isinstance(v, list) and len(v) == 3 and all(_t_number(x) for x in v)
+    return isinstance(v, list) and len(v) == 3 and all(_t_number(x) and abs(x) <= MAX_POSITION for x in v)
 
 
 def _t_array_map(v: Any) -> bool:
@@ -122,7 +125,7 @@ _REQUESTS: dict[str, _Spec] = {
         # what the node measures them on: the end effector's position (m) and whether it carries something,
         # or the client's own measurement per axis.
         "setpoints": (False, _t_number_map, "a map of axis -> finite target"),
-        "ee_pos": (False, _t_point, "a list of 3 finite numbers (m)"),
+        "ee_pos": (False, _t_point, f"a list of 3 numbers (m), each within +-{MAX_POSITION:g}"),
         "ee_time": (False, _t_number, "a finite number (s)"),
         "carrying": (False, lambda v: isinstance(v, bool), "a bool"),
         "measured": (False, _t_number_map, "a map of axis -> finite number"),
